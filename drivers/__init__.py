@@ -1,0 +1,1 @@
+"""Serial transports, framing and protocols (installed as robot_mbrl.drivers)."""
