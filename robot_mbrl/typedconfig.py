@@ -94,7 +94,9 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(source, key, f"a list of {len(args)} items", value)
-            return tuple(_coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(
+                _coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         item = args[0] if args else Any
         return tuple(_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
