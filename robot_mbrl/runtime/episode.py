@@ -1,0 +1,199 @@
+"""One episode on a robot through the fixed-rate loop: read, decide, write, record.
+
+The loop reads at the start of each tick, so the transition (s_t, a_t, s_t+1) completes when the
+next tick reads s_t+1. Only transitions whose both observations are valid (finite, no fault bits)
+are handed to ``on_transition`` — the replay buffer never sees a corrupt reading.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from robot_mbrl.hal.robot import Fault, Observation, Robot
+from robot_mbrl.runtime.loop import RateLoop, Tick
+from robot_mbrl.runtime.rundir import Tally
+from robot_mbrl.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    """What a controller wants written this tick, and why."""
+
+    action: np.ndarray
+    source: str = "policy"  # "policy", "mpc" or "fallback"
+    plan_s: float | None = None  # planner time this tick, if it planned
+    events: list[dict] = field(default_factory=list)  # gate switches / alarms this tick
+
+
+@dataclass(frozen=True)
+class Transition:
+    obs: np.ndarray
+    act: np.ndarray
+    reward: float
+    next_obs: np.ndarray
+    terminated: bool
+    truncated: bool
+    stamp_s: float
+    episode: int
+
+
+class Controller(Protocol):
+    def reset(self, obs: Observation) -> None: ...
+
+    def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision: ...
+
+    def observe(self, transition: Transition) -> list[dict]:
+        """Called with every valid real transition (monitors update here); returns alarm events."""
+        ...
+
+
+class Judge(Protocol):
+    """Scores real transitions: the task's known reward, or the environment's own."""
+
+    def reward(self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> float: ...
+
+    def terminated(self, next_obs: np.ndarray) -> bool: ...
+
+
+class TaskJudge:
+    def __init__(self, task: Task):
+        self.task = task
+
+    def reward(self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> float:
+        return self.task.reward_np(obs, act, next_obs)
+
+    def terminated(self, next_obs: np.ndarray) -> bool:
+        return self.task.terminated_np(next_obs)
+
+
+class EnvJudge:
+    """For gymnasium backends: the env's reward and termination of the last step."""
+
+    def __init__(self, robot: Robot):
+        self.robot = robot
+
+    def reward(self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> float:
+        return float(self.robot.last_step["reward"])  # type: ignore[attr-defined]
+
+    def terminated(self, next_obs: np.ndarray) -> bool:
+        return bool(self.robot.last_step["terminated"])  # type: ignore[attr-defined]
+
+
+@dataclass
+class EpisodeResult:
+    episode: int
+    steps: int
+    ret: float
+    violations: int
+    fallback_ticks: int
+    deadline_misses: int
+    end_stop_hits: int
+    terminated: bool
+    plan_ms_p50: float
+
+
+def run_episode(
+    robot: Robot,
+    judge: Judge,
+    controller: Controller,
+    *,
+    episode: int,
+    max_steps: int,
+    seed: int | None,
+    paced: bool,
+    tally: Tally,
+    on_transition: Callable[[Transition], None] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    on_tick: Callable[[int], None] | None = None,
+) -> EpisodeResult:
+    """Run one episode; every tick is counted into ``tally`` and every event sent to ``on_event``."""
+    spec = robot.spec
+    obs = robot.reset(seed)
+    controller.reset(obs)
+    loop = RateLoop(spec.control_hz, paced=paced, max_ticks=max_steps)
+    ret, violations, fallback, misses, hits = 0.0, 0, 0, 0, 0
+    plan_s: list[float] = []
+    terminated = False
+    steps = 0
+
+    def emit(events: list[dict]) -> None:
+        for ev in events:
+            ev.setdefault("episode", episode)
+            if ev.get("kind") == "alarm":
+                tally.alarms.append({"tick": tally.ticks, "reason": ev.get("trigger", ev.get("reason"))})
+            if on_event is not None:
+                on_event(ev)
+
+    prev: tuple[Observation, np.ndarray] | None = None  # (s_t, a_t) waiting for s_t+1
+
+    def close(next_obs: Observation) -> bool:
+        """Complete the pending transition with the reading s_t+1; return True if terminal."""
+        nonlocal ret, violations, hits, steps, prev
+        obs_t, applied = prev  # type: ignore[misc]
+        prev = None
+        steps += 1
+        valid = obs_t.ok and next_obs.ok
+        r = judge.reward(obs_t.values, applied, next_obs.values) if valid else 0.0
+        term = bool(np.all(np.isfinite(next_obs.values)) and judge.terminated(next_obs.values))
+        g = spec.constraint_values(next_obs.values)
+        if (g.size and np.nanmax(g) > 0) or (next_obs.faults & Fault.LIMIT):
+            violations += 1
+        if next_obs.faults & Fault.LIMIT:
+            hits += 1
+        ret += r
+        if valid:
+            trunc = steps >= max_steps and not term
+            tr = Transition(obs_t.values, applied, r, next_obs.values, term, trunc, obs_t.stamp_s, episode)
+            if on_transition is not None:
+                on_transition(tr)
+            emit(controller.observe(tr))
+        if on_tick is not None:
+            on_tick(steps)
+        return term
+
+    # Read at the start of every tick (s_t+1 of the previous command), decide, write.
+    for tick in loop:
+        if prev is not None:
+            obs = robot.read()
+            terminated = close(obs)
+            if terminated:
+                break
+        decision = controller.act(obs, tick, loop)
+        if loop.late():
+            misses += 1
+        applied = robot.write(decision.action)
+        prev = (obs, applied)
+        if decision.source == "fallback":
+            fallback += 1
+        if decision.plan_s is not None:
+            plan_s.append(decision.plan_s)
+        emit(decision.events)
+    if prev is not None:
+        terminated = close(robot.read())
+
+    tally.real_steps += steps
+    tally.ticks += steps
+    tally.returns.append(ret)
+    tally.violations += violations
+    tally.fallback_ticks += fallback
+    tally.deadline_misses += misses
+    tally.end_stop_hits += hits
+    tally.plan_s += plan_s
+    return EpisodeResult(
+        episode=episode,
+        steps=steps,
+        ret=ret,
+        violations=violations,
+        fallback_ticks=fallback,
+        deadline_misses=misses,
+        end_stop_hits=hits,
+        terminated=terminated,
+        plan_ms_p50=float(np.median(plan_s) * 1e3) if plan_s else 0.0,
+    )

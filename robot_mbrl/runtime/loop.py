@@ -1,0 +1,149 @@
+"""A fixed-rate control loop on absolute deadlines (monotonic clock).
+
+upkie-style: observe, act, log slack, write, sleep — the loop only does the timing::
+
+    loop = RateLoop(50.0, paced=True)
+    for tick in loop:
+        obs = robot.read()
+        action = controller(obs, missed=loop.late())
+        robot.write(action)
+    print(loop.stats())
+
+Deadlines are absolute (``next = start + i * period``), so sleep jitter never accumulates into drift.
+A tick whose work ends after its deadline is an overrun; the loop counts it and the caller can ask
+``late()`` before writing (the safety gate acts on it). When a tick overruns by more than a whole
+period the schedule is re-anchored on the next future slot instead of bursting through the missed
+ticks (counted in ``skipped``); a smaller overrun just starts the next tick late. With ``paced=False`` (lockstep with a twin) the loop never sleeps but still measures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tick:
+    index: int
+    scheduled_s: float  # when this tick should have started
+    start_s: float  # when it did start
+    deadline_s: float  # when its work must be done (scheduled + period)
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    ticks: int
+    overruns: int  # ticks whose work ended after the deadline
+    skipped: int  # whole periods dropped after long overruns
+    step_ms: dict  # {"p50", "p99", "max"} of work time per tick
+    slack_ms: dict  # {"p50", "p1", "min"} of deadline - end of work (negative = overrun)
+    jitter_ms: dict  # {"p50", "p99", "max"} of |start - scheduled| (paced loops only)
+
+    def as_dict(self) -> dict:
+        return {
+            "ticks": self.ticks,
+            "overruns": self.overruns,
+            "skipped": self.skipped,
+            "step_ms": self.step_ms,
+            "slack_ms": self.slack_ms,
+            "jitter_ms": self.jitter_ms,
+        }
+
+
+def _pct(values: list[float], qs: dict[str, float], scale: float = 1e3) -> dict:
+    if not values:
+        return {k: 0.0 for k in qs}
+    a = np.asarray(values) * scale
+    return {
+        k: float(np.min(a) if q == 0 else np.max(a) if q == 100 else np.percentile(a, q))
+        for k, q in qs.items()
+    }
+
+
+class RateLoop:
+    """Yields :class:`Tick` objects at ``rate_hz``; the body of the ``for`` is the tick's work."""
+
+    def __init__(
+        self,
+        rate_hz: float,
+        paced: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        max_ticks: int | None = None,
+    ):
+        if rate_hz <= 0:
+            raise ValueError(f"rate_hz: expected > 0, got {rate_hz}")
+        self.period_s = 1.0 / rate_hz
+        self.paced = paced
+        self.max_ticks = max_ticks
+        self._clock, self._sleep = clock, sleep
+        self._current: Tick | None = None
+        self.overruns = 0
+        self.skipped = 0
+        self._step_s: list[float] = []
+        self._slack_s: list[float] = []
+        self._jitter_s: list[float] = []
+
+    def now(self) -> float:
+        return self._clock()
+
+    def elapsed_s(self) -> float:
+        """Time spent in the current tick so far."""
+        return 0.0 if self._current is None else self._clock() - self._current.start_s
+
+    def late(self, budget_fraction: float = 1.0) -> bool:
+        """True if the current tick can no longer finish within ``budget_fraction`` of its period
+        (measured to its deadline, so a tick that started late has less budget)."""
+        if self._current is None:
+            return False
+        budget_end = self._current.deadline_s - (1.0 - budget_fraction) * self.period_s
+        return self._clock() > budget_end
+
+    def __iter__(self) -> Iterator[Tick]:
+        t0 = self._clock()
+        i = 0  # schedule index (advances past skipped periods)
+        n = 0  # ticks executed
+        while self.max_ticks is None or n < self.max_ticks:
+            scheduled = t0 + i * self.period_s
+            if self.paced:
+                wait = scheduled - self._clock()
+                if wait > 0:
+                    self._sleep(wait)
+            start = self._clock()
+            if self.paced:
+                self._jitter_s.append(abs(start - scheduled))
+            # paced: absolute deadline on the schedule; lockstep: a work budget of one period
+            deadline = (scheduled if self.paced else start) + self.period_s
+            tick = Tick(index=n, scheduled_s=scheduled, start_s=start, deadline_s=deadline)
+            self._current = tick
+            try:
+                yield tick
+            finally:
+                end = self._clock()
+                self._step_s.append(end - start)
+                self._slack_s.append(tick.deadline_s - end)
+                if end > tick.deadline_s:
+                    self.overruns += 1
+                self._current = None
+            n += 1
+            i += 1
+            if self.paced:
+                lateness = self._clock() - (t0 + i * self.period_s)
+                if lateness >= self.period_s:  # re-anchor on the next future slot rather than burst
+                    behind = math.ceil(lateness / self.period_s)
+                    self.skipped += behind
+                    i += behind
+
+    def stats(self) -> LoopStats:
+        return LoopStats(
+            ticks=len(self._step_s),
+            overruns=self.overruns,
+            skipped=self.skipped,
+            step_ms=_pct(self._step_s, {"p50": 50, "p99": 99, "max": 100}),
+            slack_ms=_pct(self._slack_s, {"p50": 50, "p1": 1, "min": 0}),
+            jitter_ms=_pct(self._jitter_s, {"p50": 50, "p99": 99, "max": 100}),
+        )

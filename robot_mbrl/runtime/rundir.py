@@ -1,0 +1,127 @@
+"""Run directories: resolved config, per-episode metrics, events and the summary.
+
+Layout (DESIGN.md): ``config.yaml``, ``metrics.jsonl`` (one line per episode), ``events.jsonl``
+(every gate switch and alarm), ``summary.json``, ``checkpoint/``, ``buffer/``, ``plots/``.
+Every file is written atomically or appended line by line with fsync, so a killed run leaves
+readable files behind and ``--resume`` can continue it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from robot_mbrl.runtime.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+
+SUMMARY_KEYS = (
+    "real_steps",
+    "episodes",
+    "returns",
+    "final_return",
+    "solved_at_step",
+    "violations",
+    "fallback_ticks",
+    "ticks",
+    "alarms",
+    "plan_ms",
+    "deadline_misses",
+    "wall_s",
+)
+
+
+def default_run_path(command: str, root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{command}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{command}-{stamp}-{n}"
+    return path
+
+
+class RunDir:
+    """One run's folder. ``RunDir(path)`` creates it (or reopens it for ``--resume``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def buffer(self) -> Path:
+        return self.path / "buffer"
+
+    @property
+    def plots(self) -> Path:
+        p = self.path / "plots"
+        p.mkdir(exist_ok=True)
+        return p
+
+    def write_config(self, resolved: dict) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    def metric(self, record: dict) -> None:
+        append_jsonl(self.path / "metrics.jsonl", record)
+
+    def event(self, record: dict) -> None:
+        append_jsonl(self.path / "events.jsonl", record)
+
+    def metrics(self) -> list[dict]:
+        return read_jsonl(self.path / "metrics.jsonl")
+
+    def events(self) -> list[dict]:
+        return read_jsonl(self.path / "events.jsonl")
+
+    def write_summary(self, summary: dict) -> None:
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"summary.json: expected keys {missing}, got only {sorted(summary)}")
+        atomic_write_json(self.path / "summary.json", summary)
+
+
+@dataclass
+class Tally:
+    """Accumulates what summary.json reports, across episodes (and across a resume)."""
+
+    real_steps: int = 0
+    returns: list[float] = field(default_factory=list)
+    solved_at_step: int | None = None
+    violations: int = 0
+    fallback_ticks: int = 0
+    ticks: int = 0
+    alarms: list[dict] = field(default_factory=list)
+    plan_s: list[float] = field(default_factory=list)
+    deadline_misses: int = 0
+    end_stop_hits: int = 0
+    wall_s: float = 0.0
+
+    def summary(self, **extra) -> dict:
+        plan_ms = np.asarray(self.plan_s) * 1e3 if self.plan_s else np.zeros(1)
+        out = {
+            "real_steps": self.real_steps,
+            "episodes": len(self.returns),
+            "returns": [round(r, 4) for r in self.returns],
+            "final_return": self.returns[-1] if self.returns else None,
+            "solved_at_step": self.solved_at_step,
+            "violations": self.violations,
+            "fallback_ticks": self.fallback_ticks,
+            "ticks": self.ticks,
+            "alarms": self.alarms,
+            "plan_ms": {
+                "p50": float(np.percentile(plan_ms, 50)),
+                "p99": float(np.percentile(plan_ms, 99)),
+                "max": float(plan_ms.max()),
+            },
+            "deadline_misses": self.deadline_misses,
+            "end_stop_hits": self.end_stop_hits,
+            "wall_s": round(self.wall_s, 3),
+        }
+        out.update(extra)
+        return out

@@ -1,0 +1,84 @@
+"""The HAL base class: clamping, non-finite commands, constraints, close always safe-stops."""
+
+import numpy as np
+import pytest
+
+from robot_mbrl.hal import BoxConstraint, Channel, Observation, Robot, RobotSpec, stop_on_signals
+
+SPEC = RobotSpec(
+    obs=(Channel("x_m", "m", -1, 1), Channel("theta_rad", "rad", -np.pi, np.pi, angle=True)),
+    act=(Channel("u", "1", -1, 1), Channel("v", "1", -2, 2)),
+    control_hz=50.0,
+    act_rate_per_s=(10.0, 1000.0),  # u may change by 0.2 per tick
+    constraints=(BoxConstraint("track", "x_m", -0.5, 0.5),),
+)
+
+
+class Recorder(Robot):
+    """The smallest backend: records what reached the 'device'."""
+
+    def __init__(self):
+        super().__init__(SPEC)
+        self.sent, self.stops, self.disconnected = [], 0, False
+
+    def _connect(self):
+        pass
+
+    def _disconnect(self):
+        self.disconnected = True
+
+    def _reset(self, seed):
+        return Observation(np.zeros(2), 0.0)
+
+    def _read(self):
+        return Observation(np.zeros(2), 0.0)
+
+    def _send(self, action):
+        self.sent.append(action.copy())
+
+    def _safe_stop(self):
+        self.stops += 1
+
+
+def test_write_clamps_to_limits_and_rate_and_reports_applied():
+    r = Recorder().connect()
+    r.reset()
+    applied = r.write(np.array([5.0, -9.0]))
+    assert applied.tolist() == [1.0, -2.0]  # first command: only the box limits
+    applied = r.write(np.array([-1.0, 0.0]))
+    assert applied[0] == pytest.approx(0.8)  # rate limit: 10/s * 20 ms = 0.2 per tick
+    assert np.array_equal(r.sent[-1], applied)
+    assert r.clamp_count == 2
+    r.write(np.array([0.7, 0.0]))
+    assert r.clamp_count == 2  # within limits: untouched
+
+
+def test_non_finite_command_is_never_sent():
+    r = Recorder().connect()
+    r.reset()
+    applied = r.write(np.array([np.nan, np.inf]))
+    assert np.all(np.isfinite(applied)) and applied.tolist() == [0.0, 0.0]
+
+
+def test_constraints_and_range():
+    g = SPEC.constraint_values(np.array([[0.7, 0.0], [0.1, 0.0], [-0.6, 0.0]]))
+    assert g[:, 0] == pytest.approx([0.2, -0.4, 0.1])
+    assert SPEC.in_range([0.0, 0.0]) and not SPEC.in_range([0.0, np.nan]) and not SPEC.in_range([2.0, 0])
+
+
+def test_close_safe_stops_on_exception():
+    r = Recorder()
+    with pytest.raises(RuntimeError):
+        with stop_on_signals(r):
+            r.write(np.array([0.5, 0.5]))
+            raise RuntimeError("controller bug")
+    assert r.stops == 1 and r.disconnected and not r.connected
+    r.close()  # idempotent
+    assert r.stops == 1
+
+
+def test_context_manager_safe_stops_on_normal_exit():
+    r = Recorder()
+    with r:
+        r.write(np.array([0.1, 0.1]))
+    assert r.stops == 1

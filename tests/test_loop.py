@@ -1,0 +1,91 @@
+"""The fixed-rate loop: absolute deadlines, overrun accounting, re-anchoring, lockstep."""
+
+import time
+
+import pytest
+
+from robot_mbrl.runtime.loop import RateLoop
+
+
+class FakeClock:
+    """A manual clock: sleep() advances it exactly, work is simulated with advance()."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        self.t += dt
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+def test_deliberately_slow_steps_are_counted_as_overruns():
+    clock = FakeClock()
+    loop = RateLoop(50.0, paced=True, clock=clock, sleep=clock.sleep, max_ticks=10)
+    for tick in loop:
+        clock.advance(0.030 if tick.index in (3, 7) else 0.005)  # 30 ms > 20 ms period
+    st = loop.stats()
+    assert st.ticks == 10
+    assert st.overruns == 2
+    assert st.step_ms["max"] == pytest.approx(30.0)
+    assert st.slack_ms["min"] == pytest.approx(-10.0)
+
+
+def test_absolute_deadlines_do_not_drift():
+    clock = FakeClock()
+    loop = RateLoop(100.0, paced=True, clock=clock, sleep=clock.sleep, max_ticks=50)
+    starts = []
+    for tick in loop:
+        starts.append(tick.start_s)
+        clock.advance(0.004 + 0.001 * (tick.index % 3))  # variable work, always < period
+    assert loop.stats().overruns == 0
+    # tick i starts exactly at t0 + i * period: no accumulated drift
+    for i, s in enumerate(starts):
+        assert s == pytest.approx(starts[0] + i * 0.01)
+
+
+def test_long_overrun_reanchors_instead_of_bursting():
+    clock = FakeClock()
+    loop = RateLoop(50.0, paced=True, clock=clock, sleep=clock.sleep, max_ticks=6)
+    starts = []
+    for tick in loop:
+        starts.append(tick.start_s)
+        clock.advance(0.075 if tick.index == 1 else 0.001)  # a 75 ms stall
+    st = loop.stats()
+    assert st.overruns == 1
+    assert st.skipped == 3  # 75 ms stall covers 3 whole further periods
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) >= 0.02 - 1e-9  # never two ticks back to back after the stall
+
+
+def test_late_reports_a_missed_deadline_to_the_caller():
+    clock = FakeClock()
+    loop = RateLoop(50.0, paced=True, clock=clock, sleep=clock.sleep, max_ticks=2)
+    seen = []
+    for tick in loop:
+        clock.advance(0.012 if tick.index == 0 else 0.025)
+        seen.append((loop.late(0.5), loop.late()))
+    assert seen == [(True, False), (True, True)]
+
+
+def test_lockstep_never_sleeps_and_real_pacing_keeps_rate():
+    slept = []
+    loop = RateLoop(50.0, paced=False, sleep=slept.append, max_ticks=100)
+    for _ in loop:
+        pass
+    assert slept == [] and loop.stats().ticks == 100
+    loop = RateLoop(200.0, paced=True, max_ticks=40)
+    t0 = time.monotonic()
+    for _ in loop:
+        pass
+    elapsed = time.monotonic() - t0
+    assert 0.19 <= elapsed < 0.5  # 40 ticks at 200 Hz = 0.195 s after the first
+
+
+def test_bad_rate_is_rejected():
+    with pytest.raises(ValueError, match="rate_hz"):
+        RateLoop(0.0)
