@@ -1,0 +1,142 @@
+"""Replay buffer: columns, sampling, holdout split, persistence and crash recovery (kill -9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from robot_mbrl.data.buffer import BufferConfig, BufferFileError, ReplayBuffer
+
+
+def _fill(buf: ReplayBuffer, start: int, n: int) -> None:
+    """Row i carries i in every column, so any torn or shuffled row is detectable."""
+    for i in range(start, start + n):
+        buf.add(
+            np.full(3, i), np.full(1, -i), float(i), np.full(3, i + 0.5), i % 7 == 0, False, 0.01 * i, i // 10
+        )
+
+
+def _check_rows(buf: ReplayBuffer, n: int) -> None:
+    a = buf.arrays()
+    i = np.arange(n)
+    assert len(buf) == n
+    np.testing.assert_array_equal(a["obs"], np.repeat(i[:, None], 3, 1).astype(np.float32))
+    np.testing.assert_array_equal(a["act"][:, 0], -i.astype(np.float32))
+    np.testing.assert_array_equal(a["next_obs"][:, 2], (i + 0.5).astype(np.float32))
+    np.testing.assert_array_equal(a["terminated"], i % 7 == 0)
+    np.testing.assert_array_equal(a["episode_id"], i // 10)
+    np.testing.assert_allclose(a["stamp_s"], 0.01 * i)
+
+
+def test_columns_since_sample_split():
+    buf = ReplayBuffer(3, 1, cfg=BufferConfig(initial_capacity=4))  # forces growth
+    _fill(buf, 0, 50)
+    _check_rows(buf, 50)
+    fresh = buf.since(40)
+    assert fresh["obs"].shape == (10, 3) and fresh["reward"][0] == 40.0
+    with pytest.raises(ValueError):
+        fresh["obs"][0, 0] = 1.0  # read-only views
+    s1 = buf.sample(32, np.random.default_rng(0))
+    s2 = buf.sample(32, np.random.default_rng(0))
+    np.testing.assert_array_equal(s1["obs"], s2["obs"])
+    assert np.all(s1["next_obs"][:, 0] == s1["obs"][:, 0] + 0.5)  # rows stay aligned
+    tr, ho = buf.split_holdout(0.2, seed=1)
+    assert len(ho) == 10 and len(tr) == 40 and not set(tr) & set(ho)
+    tr2, ho2 = buf.split_holdout(0.2, seed=1, max_holdout=4)
+    assert len(ho2) == 4 and len(tr2) == 46
+
+
+def test_persist_reopen_and_append(tmp_path):
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d, BufferConfig(flush_interval_s=1e9)) as buf:
+        _fill(buf, 0, 25)
+        buf.flush()
+        _fill(buf, 25, 5)
+    assert len(json.loads((d / "manifest.json").read_text())["chunks"]) == 2
+    buf = ReplayBuffer.open(d)
+    _check_rows(buf, 30)
+    _fill(buf, 30, 10)
+    buf.close()
+    _check_rows(ReplayBuffer.open(d), 40)
+    with pytest.raises(FileExistsError):
+        ReplayBuffer(3, 1, d)
+
+
+def test_corrupt_truncated_foreign_files_give_one_line_errors(tmp_path):
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d) as buf:
+        _fill(buf, 0, 10)
+    chunk = d / "chunk_000000.npz"
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[: len(good) // 2])
+    with pytest.raises(BufferFileError, match="chunk_000000.npz: expected sha256") as err:
+        ReplayBuffer.open(d)
+    assert "\n" not in str(err.value)
+    chunk.write_bytes(good)
+    (d / "manifest.json").write_text('{"schema": "robot_mbrl.buff')
+    with pytest.raises(BufferFileError, match="manifest.json: expected a JSON buffer manifest"):
+        ReplayBuffer.open(d)
+    (d / "manifest.json").write_text('{"schema": "something/else"}')
+    with pytest.raises(BufferFileError, match="expected schema"):
+        ReplayBuffer.open(d)
+    with pytest.raises(BufferFileError, match="no such file"):
+        ReplayBuffer.open(tmp_path / "nowhere")
+
+
+def test_orphan_temp_and_chunk_files_are_ignored(tmp_path):
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d) as buf:
+        _fill(buf, 0, 10)
+    (d / ".chunk_000001.npz.abc.tmp").write_bytes(b"half a chunk")
+    (d / "chunk_000001.npz").write_bytes(b"written before the manifest was")
+    buf = ReplayBuffer.open(d)
+    _check_rows(buf, 10)
+    _fill(buf, 10, 3)
+    buf.close()  # the orphan chunk name is reused and atomically replaced
+    _check_rows(ReplayBuffer.open(d), 13)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from robot_mbrl.data.buffer import BufferConfig, ReplayBuffer
+    buf = ReplayBuffer(3, 1, sys.argv[1], BufferConfig(flush_interval_s=1e9))
+    i = 0
+    while True:
+        for _ in range(int(sys.argv[2])):
+            buf.add(np.full(3, i), np.full(1, -i), float(i), np.full(3, i + 0.5), i % 7 == 0, False, 0.01 * i, i // 10)
+            i += 1
+        buf.flush()
+        sys.stdout.write(f"{i}\\n")
+        sys.stdout.flush()
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_keeps_every_flushed_transition(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    d = tmp_path / "buf"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(d), str(int(rng.integers(1, 40)))],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    flushed = 0
+    try:
+        for _ in range(int(rng.integers(5, 60))):
+            flushed = int(child.stdout.readline())
+        time.sleep(float(rng.uniform(0, 0.02)))  # kill at a random point, likely mid-flush
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    buf = ReplayBuffer.open(d)
+    assert len(buf) >= flushed > 0
+    _check_rows(buf, len(buf))
