@@ -1,0 +1,220 @@
+"""Byte transport over pyserial's ``serial_for_url``: device paths, ptys, ``socket://``, ``loop://``.
+
+The transport owns the port and the link counters; it knows nothing about frames. Failures of the
+underlying port become :class:`LinkDown` (an ``OSError``) after the port is closed, and
+:meth:`Transport.try_reconnect` reopens it with exponential backoff without ever blocking longer
+than one open attempt — so a control loop can call it every tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import serial
+from robot_mbrl.drivers.config import SerialConfig
+
+log = logging.getLogger(__name__)
+
+
+class LinkDown(ConnectionError):
+    """The port is closed or failed; the caller may :meth:`Transport.try_reconnect`."""
+
+
+@dataclass
+class LinkStats:
+    """Counters of one link since it was created (they survive reconnects)."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    crc_errors: int = 0
+    framing_errors: int = 0  # COBS / header errors and overflows
+    message_errors: int = 0  # framed and checksummed, but not a valid message
+    frames_dropped: int = 0  # frames lost: sequence numbers skipped
+    frames_late: int = 0  # frames that arrived later than expected (interval > 1.5 periods)
+    seq_gaps: int = 0  # number of gap events (each may lose several frames)
+    timeouts: int = 0  # request/response exchanges that got no answer in time
+    retries: int = 0  # request/response re-sends
+    reconnects: int = 0  # successful reopen after a loss
+    reconnect_failures: int = 0
+    link_losses: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def frame_time_s(n_bytes: int, baud: int, bits_per_byte: int = 10) -> float:
+    """Seconds to clock ``n_bytes`` through a UART at ``baud`` (8N1: 10 bits per byte)."""
+    return n_bytes * bits_per_byte / baud
+
+
+Opener = Callable[..., Any]
+
+
+class Transport:
+    """One serial link. Not thread-safe: one owner (the robot or the bus) drives it."""
+
+    def __init__(
+        self,
+        url: str,
+        baud: int = 1_000_000,
+        *,
+        read_timeout_s: float | None = None,
+        write_timeout_s: float = 0.05,
+        max_frame_bytes: int = 256,
+        retries: int = 3,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+        opener: Opener = serial.serial_for_url,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.url = url
+        self.baud = baud
+        self.read_timeout_s = (
+            read_timeout_s if read_timeout_s is not None else 4 * frame_time_s(max_frame_bytes, baud) + 0.005
+        )
+        self.write_timeout_s = write_timeout_s
+        self.max_frame_bytes = max_frame_bytes
+        self.retries = retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.stats = LinkStats()
+        self._opener = opener
+        self._clock = clock
+        self._port: Any = None
+        self._timeout: float | None = None
+        self._backoff_s = backoff_initial_s
+        self._next_attempt_s = 0.0
+        self._ever_open = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self._port is not None
+
+    def open(self) -> Transport:
+        """Open the port now; raises :class:`LinkDown` when it cannot be opened."""
+        if self._port is not None:
+            return self
+        try:
+            port = self._opener(self.url, baudrate=self.baud, timeout=0, write_timeout=self.write_timeout_s)
+        except (OSError, ValueError) as err:  # SerialException is an OSError
+            raise LinkDown(f"cannot open {self.url}: {err}") from err
+        self._port, self._timeout = port, 0.0
+        if self._ever_open:
+            self.stats.reconnects += 1
+            log.info("link %s reconnected", self.url)
+        self._ever_open = True
+        self._backoff_s = self.backoff_initial_s
+        try:
+            port.reset_input_buffer()
+        except (OSError, AttributeError):
+            pass  # socket:// and some adapters cannot flush; stale bytes are resynced by the framing
+        return self
+
+    def close(self) -> None:
+        port, self._port = self._port, None
+        if port is not None:
+            try:
+                port.close()
+            except OSError as err:
+                log.debug("closing %s: %s", self.url, err)
+
+    def _lost(self, err: BaseException) -> LinkDown:
+        log.warning("link %s lost: %s", self.url, err)
+        self.stats.link_losses += 1
+        self.close()
+        self._next_attempt_s = self._clock() + self._backoff_s
+        return LinkDown(f"{self.url}: {err}")
+
+    def try_reconnect(self) -> bool:
+        """One reopen attempt if the backoff delay has passed; True when the link is open."""
+        if self._port is not None:
+            return True
+        now = self._clock()
+        if now < self._next_attempt_s:
+            return False
+        try:
+            self.open()
+            return True
+        except LinkDown as err:
+            self.stats.reconnect_failures += 1
+            self._backoff_s = min(self._backoff_s * 2.0, self.backoff_max_s)
+            self._next_attempt_s = now + self._backoff_s
+            log.debug("reconnect failed (next in %.3f s): %s", self._backoff_s, err)
+            return False
+
+    def reconnect_blocking(self, timeout_s: float) -> bool:
+        """Retry with backoff until open or ``timeout_s`` elapsed."""
+        deadline = self._clock() + timeout_s
+        while not self.try_reconnect():
+            left = deadline - self._clock()
+            if left <= 0:
+                return False
+            time.sleep(max(0.0, min(self._next_attempt_s - self._clock(), left)))
+        return True
+
+    # -- I/O -------------------------------------------------------------------------------
+    def _require(self) -> Any:
+        if self._port is None:
+            raise LinkDown(f"{self.url}: not open")
+        return self._port
+
+    def _set_timeout(self, timeout_s: float) -> None:
+        if self._timeout != timeout_s:
+            self._port.timeout = timeout_s
+            self._timeout = timeout_s
+
+    def write(self, data: bytes) -> None:
+        port = self._require()
+        try:
+            n = port.write(data)
+        except (OSError, ValueError) as err:  # SerialTimeoutException, EIO, closed socket
+            raise self._lost(err) from err
+        self.stats.bytes_out += n if n is not None else len(data)
+
+    def read_available(self, max_bytes: int = 4096) -> bytes:
+        """Whatever has arrived, without waiting. A hung-up port raises :class:`LinkDown`."""
+        port = self._require()
+        try:
+            self._set_timeout(0.0)
+            data = port.read(max_bytes)  # timeout 0: returns what is there (posix, socket://, loop://)
+        except (OSError, ValueError, TypeError) as err:
+            raise self._lost(err) from err
+        self.stats.bytes_in += len(data)
+        return bytes(data)
+
+    def read(self, n: int, timeout_s: float | None = None) -> bytes:
+        """Up to ``n`` bytes, waiting at most ``timeout_s`` (default: the derived read timeout)."""
+        port = self._require()
+        try:
+            self._set_timeout(self.read_timeout_s if timeout_s is None else timeout_s)
+            data = port.read(n)
+        except (OSError, ValueError, TypeError) as err:
+            raise self._lost(err) from err
+        self.stats.bytes_in += len(data)
+        return bytes(data)
+
+    def __enter__(self) -> Transport:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_transport(cfg: SerialConfig, opener: Opener = serial.serial_for_url) -> Transport:
+    """The edge factory: a (closed) :class:`Transport` from a :class:`SerialConfig`."""
+    return Transport(
+        cfg.port,
+        cfg.baud,
+        read_timeout_s=cfg.derived_read_timeout_s(),
+        write_timeout_s=cfg.write_timeout_s,
+        max_frame_bytes=cfg.max_frame_bytes,
+        retries=cfg.retries,
+        backoff_initial_s=cfg.backoff_initial_s,
+        backoff_max_s=cfg.backoff_max_s,
+        opener=opener,
+    )

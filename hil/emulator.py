@@ -1,0 +1,268 @@
+"""An MCU device behind protocol v1, served on a pty or a TCP socket on 127.0.0.1.
+
+The device runs in its own thread at real time: it reads commands as they arrive, clamps them to
+its actuator limits, brakes (and raises the WATCHDOG bit) when no valid COMMAND came within its
+watchdog timeout, steps the injected plant and streams STATE at ``control_hz``. Every command it
+received is logged (:attr:`McuEmulator.commands`) for assertions.
+
+The plant is any object with ``apply_command(u)``, ``advance(duration_s)``, ``read_sensors()`` and
+``brake()`` (see :class:`Plant`).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from robot_mbrl.drivers import mcu
+from robot_mbrl.drivers.mcu import DeviceFault
+from robot_mbrl.hil.faults import FaultConfig, FaultyLink, Link, PtyLink, SocketLink
+
+log = logging.getLogger(__name__)
+
+
+class Plant(Protocol):
+    def apply_command(self, u: np.ndarray) -> None: ...
+    def advance(self, duration_s: float) -> None: ...
+    def read_sensors(self) -> np.ndarray: ...
+    def brake(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """One COMMAND as the device received it: device monotonic time, seq, raw and applied values."""
+
+    t_s: float
+    seq: int
+    values: tuple[float, ...]
+    applied: tuple[float, ...]
+
+
+class McuEmulator:
+    """The device. ``start()`` runs it in a thread; ``stop()`` joins it. Also a context manager."""
+
+    def __init__(
+        self,
+        plant: Plant,
+        link: Link,
+        *,
+        sensor_limits: tuple[tuple[float, float], ...],
+        actuator_limits: tuple[tuple[float, float], ...],
+        control_hz: float = 100.0,
+        watchdog_ms: int = 100,
+        device_id: int = 0xC0FFEE,
+        version: int = mcu.PROTOCOL_VERSION,
+    ):
+        self.plant = plant
+        self.link = link
+        self.sensor_limits = tuple(sensor_limits)
+        self.actuator_limits = tuple(actuator_limits)
+        self.control_hz = control_hz
+        self.watchdog_ms = watchdog_ms
+        self.device_id = device_id
+        self.version = version
+        self.commands: list[CommandRecord] = []
+        self.received: list[mcu.Message] = []  # every decoded message (commands included)
+        self.decoder = mcu.McuDecoder()
+        self.ticks = 0
+        self.overruns = 0
+        self._lo = np.array([lo for lo, _ in actuator_limits], dtype=float)
+        self._hi = np.array([hi for _, hi in actuator_limits], dtype=float)
+        self._u = np.zeros(len(actuator_limits))
+        self._faults = DeviceFault.NONE
+        self._injected = DeviceFault.NONE
+        self._report_fault = False
+        self._seq = 0
+        self._cmd_seq = 0
+        self._last_cmd_s: float | None = None  # watchdog armed by the first command
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- control from the test / CLI -------------------------------------------------------
+    @property
+    def port(self) -> str:
+        return self.link.port
+
+    @property
+    def faults(self) -> DeviceFault:
+        with self._lock:
+            return self._faults | self._injected
+
+    def inject_fault(self, bits: DeviceFault) -> None:
+        """Raise device fault bits (e.g. LIMIT, SENSOR) until :meth:`clear_fault`."""
+        with self._lock:
+            self._injected |= bits
+            self._report_fault = True  # sent by the device thread (one writer on the link)
+
+    def clear_fault(self, bits: DeviceFault) -> None:
+        with self._lock:
+            self._injected &= ~bits
+
+    def command_log(self) -> list[CommandRecord]:
+        with self._lock:
+            return list(self.commands)
+
+    def start(self) -> McuEmulator:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mcu-emulator", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+        self.link.close()
+
+    def __enter__(self) -> McuEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- device behaviour ------------------------------------------------------------------
+    def _send(self, msg: mcu.Message) -> None:
+        self.link.write(mcu.encode(msg))
+
+    def _now_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _handle(self, msg: mcu.Message, now_s: float) -> None:
+        with self._lock:
+            self.received.append(msg)
+        if isinstance(msg, mcu.Command):
+            if len(msg.values) != len(self._u):
+                log.debug("command with %d values for %d actuators ignored", len(msg.values), len(self._u))
+                return
+            applied = np.clip(np.asarray(msg.values, dtype=float), self._lo, self._hi)
+            with self._lock:
+                self.commands.append(CommandRecord(now_s, msg.seq, msg.values, tuple(applied.tolist())))
+                clamped = not np.array_equal(applied, np.asarray(msg.values))
+                self._faults = (self._faults & ~DeviceFault.CLAMPED) | (
+                    DeviceFault.CLAMPED if clamped else DeviceFault.NONE
+                )
+                if self._faults & DeviceFault.ESTOP:
+                    return  # latched: commands are logged but not applied
+                self._faults &= ~DeviceFault.WATCHDOG
+                self._last_cmd_s, self._cmd_seq, self._u = now_s, msg.seq, applied
+        elif isinstance(msg, mcu.Hello):
+            self._send(mcu.HelloAck(self.version, self.device_id, self.sensor_limits, self.actuator_limits))
+        elif isinstance(msg, mcu.Heartbeat):
+            self._send(mcu.HeartbeatReply(msg.seq))
+        elif isinstance(msg, mcu.Estop):
+            with self._lock:
+                if msg.engage:
+                    self._faults |= DeviceFault.ESTOP
+                    self._u = np.zeros_like(self._u)
+                else:
+                    self._faults &= ~DeviceFault.ESTOP
+                    self._last_cmd_s = None  # re-armed by the next command
+            self._send(mcu.Ack(mcu.MsgType.ESTOP, 0))
+        elif isinstance(msg, mcu.WatchdogConfig):
+            ok = msg.timeout_ms > 0
+            if ok:
+                self.watchdog_ms = msg.timeout_ms
+            self._send(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG, 0 if ok else 1))
+
+    def _step(self, dt_s: float, now_s: float) -> None:
+        with self._lock:
+            if self._last_cmd_s is not None and now_s - self._last_cmd_s > self.watchdog_ms / 1000.0:
+                if not self._faults & DeviceFault.WATCHDOG:
+                    log.info("device watchdog: no command for %.0f ms, braking", self.watchdog_ms)
+                self._faults |= DeviceFault.WATCHDOG
+            braking = bool(self._faults & (DeviceFault.WATCHDOG | DeviceFault.ESTOP))
+            u = self._u.copy()
+        if braking:
+            self.plant.brake()
+        else:
+            self.plant.apply_command(u)
+        self.plant.advance(dt_s)
+        values = tuple(float(v) for v in np.asarray(self.plant.read_sensors(), dtype=float).ravel())
+        with self._lock:
+            self._seq = (self._seq + 1) % mcu.SEQ_MOD
+            faults = int(self._faults | self._injected)
+            report, self._report_fault = self._report_fault, False
+            state = mcu.State(self._seq, int(now_s * 1e6), self._cmd_seq, faults, values)
+        if report:
+            self._send(mcu.FaultReport(faults, 0))
+        self._send(state)
+
+    def _run(self) -> None:
+        period = 1.0 / self.control_hz
+        next_tick = time.monotonic() + period
+        while not self._stop.is_set():
+            # wait for bytes until the next tick so that commands are handled as they arrive
+            while True:
+                left = next_tick - time.monotonic()
+                fd = self.link.fileno()
+                if left > 0 and fd is not None:
+                    try:
+                        select.select([fd], [], [], left)
+                    except (OSError, ValueError):
+                        time.sleep(min(left, 0.001))  # the fd went away (unplugged) under us
+                elif left > 0:
+                    time.sleep(left)
+                data = self.link.read()
+                if data:
+                    now_s = self._now_s()
+                    for msg in self.decoder.feed(data):
+                        self._handle(msg, now_s)
+                elif left > 0:
+                    time.sleep(min(left, 0.0005))  # readable but nothing delivered (stall): don't spin
+                if time.monotonic() >= next_tick or self._stop.is_set():
+                    break
+            self._step(period, self._now_s())
+            self.ticks += 1
+            next_tick += period
+            if time.monotonic() > next_tick:
+                self.overruns += 1
+                next_tick = time.monotonic() + period  # do not burst to catch up
+
+
+def serve(
+    plant: Plant,
+    link: str = "pty",
+    *,
+    sensor_limits: tuple[tuple[float, float], ...],
+    actuator_limits: tuple[tuple[float, float], ...],
+    control_hz: float = 100.0,
+    watchdog_ms: int = 100,
+    tcp_port: int = 0,
+    faults: FaultConfig | None = None,
+    seed: int = 0,
+    start: bool = True,
+) -> tuple[McuEmulator, str]:
+    """Serve ``plant`` as a protocol-v1 device; returns (emulator, port string for pyserial).
+
+    ``link="pty"``: the port is a path (a stable symlink to a pty slave); ``link="socket"``: the
+    port is ``socket://127.0.0.1:PORT``. ``faults`` wraps the link in a seeded :class:`FaultyLink`
+    (``emulator.link`` then offers ``stall``/``set_config``). Stop it with ``emulator.stop()``.
+    """
+    if link == "pty":
+        dev_link: Link = PtyLink()
+    elif link == "socket":
+        dev_link = SocketLink(tcp_port)
+    else:
+        raise ValueError(f"serve: link must be 'pty' or 'socket', got {link!r}")
+    if faults is not None:
+        dev_link = FaultyLink(dev_link, faults, seed)
+    emu = McuEmulator(
+        plant,
+        dev_link,
+        sensor_limits=sensor_limits,
+        actuator_limits=actuator_limits,
+        control_hz=control_hz,
+        watchdog_ms=watchdog_ms,
+    )
+    if start:
+        emu.start()
+    log.info("emulated MCU serving at %s", emu.port)
+    return emu, emu.port
