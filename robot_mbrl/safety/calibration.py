@@ -1,0 +1,98 @@
+"""Thresholds calibrated on held-out, in-distribution data.
+
+The gate compares a score (worst-step plan disagreement, OOD distance) against a threshold. Both
+are calibrated the same way: compute the score on held-out data the model did not train on, then
+take an upper quantile so that an in-distribution score exceeds the threshold with probability at
+most the target false-alarm rate (the split-conformal quantile, see :func:`calibrate_threshold`).
+
+:func:`plan_disagreement_scores` computes, for held-out real segments, exactly the statistic the
+planner reports in ``PlanInfo.worst_disagreement``: every member rolls its own k-step trajectory
+with the actions that really followed, and the per-step ``Prediction.disagreement`` is maximized
+over the k steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from robot_mbrl.models.base import DynamicsModel
+
+log = logging.getLogger(__name__)
+
+
+def min_calibration_samples(target_false_alarm_rate: float) -> int:
+    """Fewest scores for which :func:`calibrate_threshold` gives a finite threshold."""
+    return math.ceil(1.0 / target_false_alarm_rate) - 1
+
+
+def calibrate_threshold(scores: np.ndarray, target_false_alarm_rate: float) -> float:
+    """Upper quantile of ``scores`` (shape N) with the finite-sample (conformal) correction.
+
+    With the scores sorted ``s_(1) <= ... <= s_(n)``, the threshold is ``s_(r)`` with
+    ``r = ceil((n + 1) (1 - alpha))``. If a new score is exchangeable with the calibration scores
+    (same distribution, i.i.d.), then ``alpha - 1/(n+1) < P(new > threshold) <= alpha`` (ties
+    aside): the plain empirical quantile ``ceil(n (1 - alpha))`` would exceed alpha by up to 1/n,
+    which matters for the small held-out sets and small alpha we use.
+
+    Raises ``ValueError`` when a score is not finite or when ``n`` is too small for ``alpha``
+    (``r > n``): a threshold of +inf would make the trigger silently never fire (fail open).
+    """
+    alpha = float(target_false_alarm_rate)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"target false-alarm rate must be in (0, 1), got {alpha}")
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"calibration scores must be finite ({int(np.sum(~np.isfinite(s)))} are not)")
+    n = s.size
+    r = math.ceil((n + 1) * (1.0 - alpha))
+    if r > n:
+        raise ValueError(
+            f"{n} calibration scores cannot certify a false-alarm rate of {alpha}: "
+            f"need at least {min_calibration_samples(alpha)}"
+        )
+    threshold = float(np.partition(s, r - 1)[r - 1])
+    log.debug("calibrated threshold %.4g from %d scores (alpha=%g, rank %d)", threshold, n, alpha, r)
+    return threshold
+
+
+@torch.no_grad()
+def plan_disagreement_scores(
+    model: DynamicsModel,
+    obs0: np.ndarray | torch.Tensor,
+    actions: np.ndarray | torch.Tensor,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """Worst-step ensemble disagreement along real action sequences.
+
+    ``obs0``: N x S real observations at the start of each held-out segment; ``actions``:
+    N x k x A, the k actions that really followed. Every member propagates its own trajectory
+    (E x N x S inputs to ``model.predict``), the disagreement of step t is the model's own
+    ``Prediction.disagreement`` (N), and the score is its maximum over the k steps, the same
+    statistic as ``PlanInfo.worst_disagreement``. Returns N scores (numpy, float64). Batched over
+    segments in chunks of ``batch_size``.
+    """
+    obs0_t = torch.as_tensor(obs0, dtype=torch.float32)
+    act_t = torch.as_tensor(actions, dtype=torch.float32)
+    if obs0_t.ndim != 2 or act_t.ndim != 3 or act_t.shape[0] != obs0_t.shape[0]:
+        raise ValueError(f"expected obs0 N x S and actions N x k x A, got {tuple(obs0_t.shape)}, "
+                         f"{tuple(act_t.shape)}")
+    n, k = act_t.shape[0], act_t.shape[1]
+    if k < 1:
+        raise ValueError("segments need at least one action")
+    num_members = model.num_members
+    out = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        obs = obs0_t[start:stop].unsqueeze(0).expand(num_members, -1, -1).contiguous()  # E x B x S
+        worst = torch.full((stop - start,), float("-inf"), dtype=torch.float64)
+        for t in range(k):
+            act = act_t[start:stop, t].unsqueeze(0).expand(num_members, -1, -1)  # E x B x A
+            pred = model.predict(obs, act)
+            worst = torch.maximum(worst, pred.disagreement.to(torch.float64))
+            obs = pred.mean
+        out[start:stop] = worst
+    return out.numpy()

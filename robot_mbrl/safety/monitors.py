@@ -1,0 +1,366 @@
+"""Distribution-shift monitors: residual CUSUM, input OOD score and the retrain val-loss signal.
+
+:class:`ShiftMonitor` combines three detectors and turns their states into debounced alarm events:
+
+* :class:`CusumMonitor` - two-sided CUSUM on one-step residuals ``z = (real next obs - ensemble
+  mean) / predicted std``; detects the dynamics drifting away from the model.
+* :class:`OODMonitor` - how far the current input (s, a) lies from the training inputs
+  (k-NN or Mahalanobis distance in normalized units), thresholded at a calibrated quantile.
+* :class:`ValLossMonitor` - the trainer's "loss on fresh data / loss on holdout" ratio.
+
+Alarms clear on :meth:`ShiftMonitor.on_retrain` (the model has seen the new data).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from robot_mbrl.hal.robot import Observation, RobotSpec
+from robot_mbrl.safety.calibration import calibrate_threshold
+from robot_mbrl.typedconfig import param
+
+log = logging.getLogger(__name__)
+
+SIEGMUND_OFFSET = 1.166  # b = h + 1.166: Siegmund's correction for the overshoot of the boundary
+
+
+def siegmund_arl(h: float, k: float, mu: float) -> float:
+    """Average run length of a one-sided upper CUSUM ``S = max(0, S + z - k)``, alarm ``S > h``,
+    for ``z ~ N(mu, 1)`` (Siegmund 1985, *Sequential Analysis*, eq. 2.57)::
+
+        ARL ~= (exp(-2 D b) + 2 D b - 1) / (2 D^2),   D = mu - k,  b = h + 1.166
+        ARL ~= b^2                                     (D = 0)
+    """
+    d = mu - k
+    b = h + SIEGMUND_OFFSET
+    if abs(d) < 1e-9:
+        return b * b
+    return (math.exp(-2.0 * d * b) + 2.0 * d * b - 1.0) / (2.0 * d * d)
+
+
+def solve_cusum_h(k: float, one_sided_arl0: float) -> float:
+    """The alarm level h for which one side's in-control ARL (mu = 0) equals ``one_sided_arl0``.
+
+    The ARL grows monotonically in h, so bisection on [0, 1000] converges.
+    """
+    lo, hi = 0.0, 1000.0
+    if siegmund_arl(lo, k, 0.0) >= one_sided_arl0:
+        return lo
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if siegmund_arl(mid, k, 0.0) < one_sided_arl0:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    """Shift monitors (section ``safety.monitors``)."""
+
+    arl0_ticks: float = param(10_000.0, "target in-control average run length of the residual CUSUM", gt=1)
+    shift_sigma: float = param(1.0, "residual mean shift (in predicted std) the CUSUM is tuned for", gt=0)
+    aggregate: str = param("max", "per-dim CUSUMs (max) or one on sum(z)/sqrt(S) (mean)",
+                           choices=("max", "mean"))
+    z_clip: float = param(6.0, "clip |z| per tick so one sensor glitch cannot alarm alone", gt=0)
+    cap_factor: float = param(2.0, "CUSUM statistics are capped at cap_factor*h (bounded recovery)", gt=1)
+    min_std: float = param(1e-3, "floor on the predicted std used to normalize residuals", gt=0)
+    ood_method: str = param("knn", "input OOD score", choices=("knn", "mahalanobis"))
+    knn_k: int = param(5, "k of the k-NN distance", ge=1)
+    ood_max_reference: int = param(20_000, "training inputs kept as k-NN reference (seeded subsample)",
+                                   ge=10)
+    ood_false_alarm_rate: float = param(1e-3, "per-tick false-alarm rate of the OOD threshold", gt=0, lt=1)
+    ood_persist_ticks: int = param(3, "OOD score must exceed its threshold this many ticks in a row", ge=1)
+    val_loss_factor: float = param(2.0, "alarm when fresh loss / holdout loss exceeds this", gt=1)
+    debounce_ticks: int = param(100, "an alarm re-fires only after it stayed clear this long", ge=0)
+    seed: int = param(0, "seed of the k-NN reference subsample")
+
+
+class CusumMonitor:
+    """Two-sided CUSUM on standardized residuals ``z`` (D per tick).
+
+    Per dimension: ``S+ = max(0, S+ + z - k)``, ``S- = max(0, S- - z - k)``; alarm while
+    ``max(S+, S-) > h`` in any dimension. ``k = shift_sigma / 2`` (optimal for detecting a mean
+    shift of ``shift_sigma``); ``h`` is solved from Siegmund's approximation so that the whole
+    monitor's in-control ARL is ``arl0_ticks``: with ``2 D`` independent one-sided detectors
+    (two sides, D dims with ``aggregate="max"``, D = 1 with ``"mean"``) the first false alarm comes
+    at ``ARL_one / (2 D)``, so each one-sided detector gets ``ARL_one = 2 D arl0_ticks``. This
+    assumes the residuals are N(0, 1) in control, i.e. a calibrated predicted std.
+
+    Statistics are capped at ``cap_factor * h`` so that after a shift ends the alarm clears within
+    about ``(cap_factor - 1) h / k`` ticks. The statistic is not restarted on alarm: the alarm
+    holds while the shift persists and is cleared by :meth:`reset` (after a retrain).
+    """
+
+    def __init__(self, num_dims: int, arl0_ticks: float = 10_000.0, shift_sigma: float = 1.0,
+                 aggregate: str = "max", z_clip: float = 6.0, cap_factor: float = 2.0):
+        if aggregate not in ("max", "mean"):
+            raise ValueError(f"aggregate must be max or mean, got {aggregate!r}")
+        self.num_dims = num_dims
+        self.aggregate = aggregate
+        self.detectors = num_dims if aggregate == "max" else 1
+        self.k = shift_sigma / 2.0
+        self.h = solve_cusum_h(self.k, 2.0 * self.detectors * arl0_ticks)
+        self.z_clip = z_clip
+        self.cap = cap_factor * self.h
+        self.s_pos = np.zeros(self.detectors)
+        self.s_neg = np.zeros(self.detectors)
+
+    @property
+    def threshold(self) -> float:
+        return self.h
+
+    @property
+    def score(self) -> float:
+        return float(max(self.s_pos.max(), self.s_neg.max()))
+
+    @property
+    def alarm(self) -> bool:
+        return self.score > self.h
+
+    def expected_delay(self, shift: float) -> float:
+        """Siegmund ARL for a mean shift ``shift`` (in std) in ONE residual dimension.
+
+        With ``aggregate="mean"`` the aggregated residual sees ``shift / sqrt(D)``.
+        """
+        mu = shift if self.aggregate == "max" else shift / math.sqrt(self.num_dims)
+        rate = 1.0 / siegmund_arl(self.h, self.k, mu) + 1.0 / siegmund_arl(self.h, self.k, -mu)
+        rate += 2.0 * (self.detectors - 1) / siegmund_arl(self.h, self.k, 0.0)
+        return 1.0 / rate
+
+    def update(self, z: np.ndarray) -> bool:
+        """Add one tick of standardized residuals (D); returns whether the monitor is in alarm."""
+        z = np.clip(np.asarray(z, dtype=float).reshape(self.num_dims), -self.z_clip, self.z_clip)
+        if self.aggregate == "mean":
+            z = np.array([z.sum() / math.sqrt(self.num_dims)])
+        self.s_pos = np.clip(self.s_pos + z - self.k, 0.0, self.cap)
+        self.s_neg = np.clip(self.s_neg - z - self.k, 0.0, self.cap)
+        return self.alarm
+
+    def reset(self) -> None:
+        self.s_pos[:] = 0.0
+        self.s_neg[:] = 0.0
+
+
+class OODMonitor:
+    """Out-of-distribution score of model inputs relative to the training inputs.
+
+    Inputs are normalized by the training mean and std. ``knn``: distance to the k-th nearest
+    training input (a seeded subsample of at most ``max_reference`` points); ``mahalanobis``:
+    ``sqrt(d^T Sigma^-1 d)`` with a slightly regularized covariance. The threshold is the
+    calibrated quantile (:func:`calibrate_threshold`) of the scores of held-out training inputs.
+    """
+
+    def __init__(self, method: str = "knn", k: int = 5, max_reference: int = 20_000, seed: int = 0):
+        if method not in ("knn", "mahalanobis"):
+            raise ValueError(f"OOD method must be knn or mahalanobis, got {method!r}")
+        self.method, self.k, self.max_reference, self.seed = method, k, max_reference, seed
+        self.threshold: float | None = None
+        self._mean = self._std = self._precision = self._reference = None
+
+    @property
+    def fitted(self) -> bool:
+        return self._mean is not None
+
+    def fit(self, train_inputs: np.ndarray, holdout_inputs: np.ndarray, false_alarm_rate: float) -> float:
+        """Fit on N x D training inputs, calibrate on M x D held-out inputs; returns the threshold."""
+        x = np.asarray(train_inputs, dtype=float)
+        if x.ndim != 2 or x.shape[0] < max(self.k + 1, 2):
+            raise ValueError(f"need a 2-D array of at least {max(self.k + 1, 2)} training inputs")
+        self._mean = x.mean(axis=0)
+        self._std = np.maximum(x.std(axis=0), 1e-6)
+        xn = (x - self._mean) / self._std
+        if self.method == "mahalanobis":
+            cov = np.cov(xn, rowvar=False).reshape(xn.shape[1], xn.shape[1])
+            self._precision = np.linalg.inv(cov + 1e-6 * np.eye(xn.shape[1]))
+        else:
+            if xn.shape[0] > self.max_reference:
+                rng = np.random.default_rng(self.seed)
+                xn = xn[rng.choice(xn.shape[0], self.max_reference, replace=False)]
+            self._reference = xn
+        self.threshold = calibrate_threshold(self.score(holdout_inputs), false_alarm_rate)
+        return self.threshold
+
+    def score(self, x: np.ndarray, chunk: int = 1024) -> np.ndarray:
+        """Scores of ``... x D`` inputs (shape ``...``); larger means farther from the data."""
+        if not self.fitted:
+            raise RuntimeError("OODMonitor.score before fit")
+        x = np.asarray(x, dtype=float)
+        flat = ((x - self._mean) / self._std).reshape(-1, x.shape[-1])
+        if self.method == "mahalanobis":
+            out = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", flat, self._precision, flat), 0.0))
+        else:
+            ref = self._reference
+            ref_sq = np.sum(ref * ref, axis=1)
+            out = np.empty(flat.shape[0])
+            for i in range(0, flat.shape[0], chunk):
+                q = flat[i:i + chunk]
+                d2 = np.sum(q * q, axis=1)[:, None] - 2.0 * q @ ref.T + ref_sq[None, :]
+                kth = np.partition(d2, self.k - 1, axis=1)[:, self.k - 1]
+                out[i:i + chunk] = np.sqrt(np.maximum(kth, 0.0))
+        return out.reshape(x.shape[:-1])
+
+
+class ValLossMonitor:
+    """Alarms when the trainer reports fresh-data loss above ``factor`` x its holdout loss."""
+
+    def __init__(self, factor: float = 2.0):
+        self.factor = factor
+        self.ratio = 0.0
+        self.alarm = False
+
+    @property
+    def threshold(self) -> float:
+        return self.factor
+
+    @property
+    def score(self) -> float:
+        return self.ratio
+
+    def update(self, fresh_loss: float, holdout_loss: float) -> bool:
+        ratio = fresh_loss / max(holdout_loss, 1e-12)
+        self.ratio = ratio if math.isfinite(ratio) else math.inf
+        self.alarm = self.ratio > self.factor
+        return self.alarm
+
+    def reset(self) -> None:
+        self.ratio, self.alarm = 0.0, False
+
+
+class _Debounce:
+    """Rising-edge alarm events; an alarm re-fires only after it stayed clear ``ticks`` long."""
+
+    def __init__(self, ticks: int):
+        self.ticks = ticks
+        self.latched = False
+        self.clear_since: int | None = None
+
+    def update(self, active: bool, tick: int) -> bool:
+        if active:
+            self.clear_since = None
+            if not self.latched:
+                self.latched = True
+                return True
+            return False
+        if self.latched:
+            self.clear_since = tick if self.clear_since is None else self.clear_since
+            if tick - self.clear_since >= self.ticks:
+                self.latched = False
+        return False
+
+
+def _values(x: Observation | np.ndarray) -> np.ndarray:
+    return np.asarray(x.values if isinstance(x, Observation) else x, dtype=float).reshape(-1)
+
+
+class ShiftMonitor:
+    """The three shift detectors behind one per-tick call, with debounced alarm events.
+
+    Event records: ``{"tick", "kind": "alarm", "trigger": "cusum"|"ood"|"val_loss", "reason",
+    "score", "threshold"}``. :meth:`active_alarms` is what the gate reads before each write.
+    """
+
+    NAMES = ("cusum", "ood", "val_loss")
+
+    def __init__(self, spec: RobotSpec, cfg: ShiftConfig | None = None):
+        self.spec = spec
+        self.cfg = cfg = cfg or ShiftConfig()
+        self.cusum = CusumMonitor(spec.obs_dim, cfg.arl0_ticks, cfg.shift_sigma, cfg.aggregate,
+                                  cfg.z_clip, cfg.cap_factor)
+        self.ood = OODMonitor(cfg.ood_method, cfg.knn_k, cfg.ood_max_reference, cfg.seed)
+        self.val_loss = ValLossMonitor(cfg.val_loss_factor)
+        self.ood_score = 0.0
+        self._ood_streak = 0
+        self._debounce = {name: _Debounce(cfg.debounce_ticks) for name in self.NAMES}
+
+    # -- inputs ----------------------------------------------------------------------------
+    def features(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """Model input (s, a) with angle channels as (sin, cos): ``... x S``, ``... x A`` ->
+        ``... x (S + n_angles + A)``."""
+        obs, act = np.asarray(obs, dtype=float), np.asarray(act, dtype=float)
+        mask = self.spec.angle_mask
+        parts = [obs[..., ~mask], np.sin(obs[..., mask]), np.cos(obs[..., mask]), act]
+        return np.concatenate(parts, axis=-1)
+
+    def fit_ood(self, train_obs: np.ndarray, train_act: np.ndarray, holdout_obs: np.ndarray,
+                holdout_act: np.ndarray, false_alarm_rate: float | None = None) -> float:
+        """Fit the OOD monitor on the model's training inputs; returns the calibrated threshold."""
+        rate = self.cfg.ood_false_alarm_rate if false_alarm_rate is None else false_alarm_rate
+        return self.ood.fit(self.features(train_obs, train_act),
+                            self.features(holdout_obs, holdout_act), rate)
+
+    def set_ood_threshold(self, threshold: float) -> None:
+        if not math.isfinite(threshold):
+            raise ValueError(f"OOD threshold must be finite, got {threshold}")
+        self.ood.threshold = float(threshold)
+
+    def residual_z(self, next_obs: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        """Standardized one-step residual (S), angle channels wrapped to (-pi, pi]."""
+        r = np.asarray(next_obs, dtype=float) - np.asarray(mean, dtype=float)
+        mask = self.spec.angle_mask
+        r[mask] = np.pi - np.mod(np.pi - r[mask], 2.0 * np.pi)
+        return r / np.maximum(np.asarray(std, dtype=float), self.cfg.min_std)
+
+    # -- per tick --------------------------------------------------------------------------
+    def observe(self, obs: Observation | np.ndarray, act: np.ndarray, next_obs: Observation | np.ndarray,
+                prediction_mean: np.ndarray, prediction_std: np.ndarray, tick: int) -> list[dict]:
+        """One real transition and the model's prediction for it (ensemble mean and predictive
+        std, S each). Returns the alarm events that fire on this tick."""
+        s, s_next = _values(obs), _values(next_obs)
+        a = np.asarray(act, dtype=float).reshape(-1)
+        z = self.residual_z(s_next, prediction_mean, prediction_std)
+        if np.all(np.isfinite(z)):
+            self.cusum.update(z)
+        else:
+            log.debug("tick %d: non-finite residual, CUSUM not updated", tick)
+        if self.ood.fitted and self.ood.threshold is not None and np.all(np.isfinite(s)) \
+                and np.all(np.isfinite(a)):
+            self.ood_score = float(self.ood.score(self.features(s, a)))
+            self._ood_streak = self._ood_streak + 1 if self.ood_score > self.ood.threshold else 0
+        return self._events(tick, ("cusum", "ood"))
+
+    def report_val_loss(self, fresh_loss: float, holdout_loss: float, tick: int) -> list[dict]:
+        """The trainer's shift signal (loss of the current model on fresh data vs holdout)."""
+        self.val_loss.update(fresh_loss, holdout_loss)
+        return self._events(tick, ("val_loss",))
+
+    def on_retrain(self) -> None:
+        """The model was retrained on the new data: clear every alarm and debounce state.
+
+        Refit the OOD monitor (:meth:`fit_ood`) with the new training inputs as well."""
+        self.cusum.reset()
+        self.val_loss.reset()
+        self._ood_streak, self.ood_score = 0, 0.0
+        self._debounce = {name: _Debounce(self.cfg.debounce_ticks) for name in self.NAMES}
+
+    # -- state -----------------------------------------------------------------------------
+    def state(self, name: str) -> tuple[bool, float, float]:
+        """(in alarm, score, threshold) of one monitor."""
+        if name == "cusum":
+            return self.cusum.alarm, self.cusum.score, self.cusum.threshold
+        if name == "ood":
+            thr = self.ood.threshold if self.ood.threshold is not None else math.inf
+            return self._ood_streak >= self.cfg.ood_persist_ticks, self.ood_score, thr
+        if name == "val_loss":
+            return self.val_loss.alarm, self.val_loss.score, self.val_loss.threshold
+        raise KeyError(name)
+
+    def active_alarms(self) -> list[tuple[str, float, float]]:
+        """(name, score, threshold) of every monitor in alarm now."""
+        return [(n, s, t) for n in self.NAMES for a, s, t in [self.state(n)] if a]
+
+    def _events(self, tick: int, names: tuple[str, ...]) -> list[dict]:
+        events = []
+        for name in names:
+            alarm, score, threshold = self.state(name)
+            if self._debounce[name].update(alarm, tick):
+                log.info("tick %d: %s alarm (score %.3g > %.3g)", tick, name, score, threshold)
+                events.append({"tick": tick, "kind": "alarm", "trigger": name,
+                               "reason": f"{name} score {score:.3g} > threshold {threshold:.3g}",
+                               "score": float(score), "threshold": float(threshold)})
+        return events
