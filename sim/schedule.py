@@ -25,6 +25,9 @@ from robot_mbrl.sim.params import ACTUATOR_KINDS, PARAM_KINDS, ScheduleEvent
 
 log = logging.getLogger(__name__)
 
+#: times within this many seconds of an event boundary count as on it (0.4 + 0.2 != 0.6 in floats)
+TIME_EPS_S = 1e-9
+
 
 class Schedule:
     """Active effects of a tuple of events as a function of (episode time, total time) in seconds."""
@@ -48,9 +51,9 @@ class Schedule:
         """True if event ``i`` is in its window ``[at_s, at_s + duration_s)`` now."""
         e = self.events[i]
         t = self._clock(e, episode_s, total_s)
-        if t < e.at_s:
+        if t < e.at_s - TIME_EPS_S:
             return False
-        return e.duration_s is None or t < e.at_s + e.duration_s
+        return e.duration_s is None or t < e.at_s + e.duration_s - TIME_EPS_S
 
     def active(self, episode_s: float, total_s: float) -> list[ScheduleEvent]:
         """The events whose window contains the current time (sorted by ``at_s``)."""

@@ -10,14 +10,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium
 import numpy as np
 from gymnasium import spaces
 
 from robot_mbrl.hal.robot import BoxConstraint, Channel, Fault, Observation, Robot, RobotSpec, monotonic_s
-from robot_mbrl.tasks.base import Task
+
+if TYPE_CHECKING:  # tasks import torch; the adapter itself does not need it
+    from robot_mbrl.tasks.base import Task
 
 log = logging.getLogger(__name__)
 

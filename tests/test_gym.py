@@ -1,0 +1,133 @@
+"""Gymnasium adapters both ways: registered twin envs and GymRobot over InvertedPendulum-v5."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from robot_mbrl.sim.cartpole import CartpoleTwin
+from robot_mbrl.sim.params import TwinConfig
+
+import robot_mbrl
+from robot_mbrl.hal import Fault
+from robot_mbrl.hal.gym_backend import GymRobot, RobotEnv
+from robot_mbrl.tasks import CartpoleTask
+
+
+@pytest.mark.parametrize("env_id", sorted(robot_mbrl.GYM_ENV_IDS))
+def test_registered_envs_pass_check_env(env_id):
+    env = gymnasium.make(env_id)
+    check_env(env.unwrapped, skip_render_check=True)
+    assert env.observation_space.dtype == np.float32 and env.action_space.dtype == np.float32
+    assert env.observation_space.shape == (5,) and env.action_space.shape == (1,)
+    env.close()
+
+
+def test_import_robot_mbrl_does_not_import_mujoco():
+    code = (
+        "import sys, gymnasium, robot_mbrl, robot_mbrl.hal.gym_backend\n"
+        "assert 'robot_mbrl/CartpoleSwingup-v0' in gymnasium.registry\n"
+        "assert 'mujoco' not in sys.modules, 'mujoco imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_robot_env_rewards_truncation_and_info():
+    cfg = TwinConfig(task="balance")
+    env = RobotEnv(CartpoleTwin(cfg, seed=0), CartpoleTask("balance"), episode_steps=5)
+    obs, info = env.reset(seed=4)
+    assert env.observation_space.contains(obs)
+    assert info["faults"] == 0 and info["constraint_values"].shape == (1,)
+    flags = []
+    for _ in range(5):
+        obs, reward, terminated, truncated, info = env.step(np.array([2.0], dtype=np.float32))
+        assert 0.5 < reward <= 1.0  # near upright: high reward
+        flags.append((terminated, truncated))
+    assert flags[-1] == (False, True) and not any(t for t, _ in flags[:-1])
+    np.testing.assert_allclose(info["applied_action"], [1.0])  # clamped by the HAL
+    assert env.robot.connected
+    env.close()
+    assert not env.robot.connected
+
+
+def test_robot_env_terminates_at_end_stop():
+    env = gymnasium.make("robot_mbrl/CartpoleSwingup-v0")
+    env.reset(seed=0)
+    steps, terminated = 0, False
+    while not terminated and steps < 200:
+        _, _, terminated, truncated, info = env.step(np.array([1.0], dtype=np.float32))
+        steps += 1
+    assert terminated and not truncated and steps < 100
+    assert info["faults"] & Fault.LIMIT and info["violation"]
+    env.close()
+
+
+def test_env_seeding_is_deterministic():
+    def run(seed):
+        env = gymnasium.make("robot_mbrl/CartpoleSwingup-v0")
+        obs = [env.reset(seed=seed)[0]]
+        rng = np.random.default_rng(0)
+        for _ in range(30):
+            obs.append(env.step(rng.uniform(-1, 1, size=1).astype(np.float32))[0])
+        env.close()
+        return np.array(obs)
+
+    np.testing.assert_array_equal(run(11), run(11))
+    assert not np.allclose(run(11), run(12))
+
+
+# -- GymRobot ------------------------------------------------------------------------------------------
+@pytest.fixture
+def pendulum_robot():
+    robot = GymRobot(gymnasium.make("InvertedPendulum-v5"), control_hz=25.0)
+    yield robot
+    robot.close()
+
+
+def test_gym_robot_spec_from_spaces(pendulum_robot):
+    spec = pendulum_robot.spec
+    assert spec.obs_dim == 4 and spec.act_dim == 1
+    assert spec.obs_names == ("obs_0", "obs_1", "obs_2", "obs_3")
+    assert np.all(np.isinf(spec.obs_low)) and np.all(np.isinf(spec.obs_high))
+    np.testing.assert_allclose(spec.act_low, [-3.0])
+    np.testing.assert_allclose(spec.act_high, [3.0])
+    assert spec.control_hz == 25.0
+
+
+def test_gym_robot_clamps_and_exposes_reward(pendulum_robot):
+    with pendulum_robot as robot:
+        robot.reset(seed=0)
+        np.testing.assert_allclose(robot.write(np.array([10.0])), [3.0])
+        assert robot.clamp_count == 1
+        assert robot.last_step["reward"] == 1.0 and not robot.last_step["terminated"]
+        steps = 1
+        while not (robot.last_step["terminated"] or robot.last_step["truncated"]):
+            robot.write(np.array([3.0]))  # pushing one way topples the pole
+            steps += 1
+            assert steps < 200
+        assert robot.last_step["terminated"]
+        assert robot.episode_return == pytest.approx(steps - 1)  # v5: reward 0 on the failing step
+        obs = robot.read()
+        assert obs.values.shape == (4,) and abs(obs.values[1]) > 0.2
+
+
+def test_gym_robot_rate_limit_and_determinism():
+    def run():
+        robot = GymRobot(gymnasium.make("InvertedPendulum-v5"), control_hz=25.0, act_rate_per_s=(25.0,))
+        with robot:
+            robot.reset(seed=3)
+            applied = [robot.write(np.array([a]))[0] for a in (0.0, 3.0, 3.0, -3.0)]
+            return applied, robot.read().values
+
+    applied, values = run()
+    np.testing.assert_allclose(applied, [0.0, 1.0, 2.0, 1.0])  # at most 1.0 per 40 ms tick
+    np.testing.assert_array_equal(values, run()[1])
+
+
+def test_gym_robot_rejects_non_box_spaces():
+    with pytest.raises(TypeError):
+        GymRobot(gymnasium.make("CartPole-v1"), control_hz=50.0)
