@@ -103,7 +103,8 @@ def wrap_angle(theta_rad: float) -> float:
 
 
 def _quantize(value: float, step: float) -> float:
-    return step * round(value / step) if step > 0 else value
+    """Nearest multiple of ``step`` (an encoder count); exact when ``step`` is 0. Python floats only."""
+    return step * math.floor(value / step + 0.5) if step > 0 else value
 
 
 @dataclass(frozen=True)
@@ -216,9 +217,10 @@ class CartpoleTwin(Robot):
         """``n`` MuJoCo steps; the device samples its encoders after each one."""
         noise = self._rng.standard_normal((n, 2)) * (self.cfg.cart_noise_std_m, self.cfg.pole_noise_std_rad)
         m, d, dt, alpha = self.model, self.data, self.cfg.physics_dt_s, self._alpha
+        qpos, ctrl, x_step, th_step = d.qpos, d.ctrl, self.cfg.cart_encoder_m, self._theta_step
         for nx, nth in noise.tolist():
             self._activate_due()
-            d.ctrl[0] = self._u_acting * self._gain
+            ctrl[0] = self._u_acting * self._gain
             mujoco.mj_step(m, d)
             self._total_steps += 1
             self._episode_steps += 1
@@ -230,8 +232,9 @@ class CartpoleTwin(Robot):
                 self.end_stop_hits += not self._in_contact
                 self._limit_latched = True
             self._in_contact = contact
-            x = _quantize(d.qpos[0] + nx, self.cfg.cart_encoder_m)
-            th = _quantize(d.qpos[1] + nth, self._theta_step)
+            px, pth = qpos.tolist()
+            x = _quantize(px + nx, x_step)
+            th = _quantize(pth + nth, th_step)
             self._vel[0] += alpha * ((x - self._enc[0]) / dt - self._vel[0])
             self._vel[1] += alpha * ((th - self._enc[1]) / dt - self._vel[1])
             self._enc = [x, th]
