@@ -1,0 +1,91 @@
+"""Ensemble checkpoints: state_dicts + config + schema, written atomically, loaded with weights_only.
+
+A checkpoint is one file holding plain data only (tensors, numbers, strings, lists, dicts)::
+
+    {"schema": SCHEMA, "config": {...EnsembleConfig...}, "obs_dim", "act_dim", "angle_mask", "seed",
+     "model": state_dict (weights, logvar bounds, normalizers, elites), "extra": {name: state_dict}}
+
+``extra`` carries other components' state (e.g. ``{"value": value_fn.state_dict(),
+"trainer": trainer.state_dict()}``), returned as-is by :func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robot_mbrl.models.ensemble import EnsembleConfig, ProbabilisticEnsemble
+from robot_mbrl.runtime.files import atomic_write_bytes
+from robot_mbrl.typedconfig import ConfigError, build, to_dict
+
+SCHEMA = "robot_mbrl.ensemble_checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, foreign or inconsistent. ``str(err)`` is one line."""
+
+    def __init__(self, path: str | os.PathLike, expected: str, got: str):
+        super().__init__(f"{path}: expected {expected}, got {got}")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: ProbabilisticEnsemble,
+    extra: dict[str, dict[str, Any]] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model`` (+ ``extra`` state_dicts, + plain-data ``meta``) to ``path`` atomically."""
+    payload = {
+        "schema": SCHEMA,
+        "config": to_dict(model.cfg),
+        "obs_dim": model.obs_dim,
+        "act_dim": model.act_dim,
+        "angle_mask": [bool(b) for b in model.angle_mask.tolist()],
+        "seed": model.seed,
+        "model": model.state_dict(),
+        "extra": dict(extra or {}),
+        "meta": dict(meta or {}),
+    }
+    mem = io.BytesIO()
+    torch.save(payload, mem)
+    atomic_write_bytes(path, mem.getvalue())
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[ProbabilisticEnsemble, dict[str, dict[str, Any]], dict[str, Any]]:
+    """Rebuild the ensemble saved at ``path``; returns ``(model, extra, meta)``.
+
+    Raises :class:`CheckpointError` (a ``ValueError``, one line naming the file) for a missing,
+    truncated, foreign or inconsistent file.
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(path, "an ensemble checkpoint", "no such file") from None
+    except (RuntimeError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(path, "a torch checkpoint file", f"unreadable data ({first[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("schema") != SCHEMA:
+        got = payload.get("schema") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(path, f"schema {SCHEMA!r}", repr(got))
+    try:
+        cfg = build(EnsembleConfig, payload["config"], source=str(path), prefix="config")
+        model = ProbabilisticEnsemble(
+            payload["obs_dim"], payload["act_dim"], payload["angle_mask"], cfg, seed=payload["seed"]
+        )
+        model.load_state_dict(payload["model"])
+    except ConfigError:
+        raise
+    except (KeyError, RuntimeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(path, "a consistent ensemble checkpoint", first[:160]) from None
+    model.eval()
+    return model, payload.get("extra", {}), payload.get("meta", {})

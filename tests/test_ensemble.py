@@ -1,0 +1,143 @@
+"""Probabilistic ensemble: contract shapes, batched == per-member, angle handling, fit, disagreement OOD."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from robot_mbrl.models.base import DynamicsModel, Prediction
+from robot_mbrl.models.ensemble import EnsembleConfig, ProbabilisticEnsemble, wrap_angle
+from robot_mbrl.models.trainer import EnsembleTrainer, TrainerConfig
+
+ANGLE = np.array([True, False])
+
+
+def pendulum(
+    rng: np.random.Generator, n: int, omega_max: float = 6.0, g: float = 9.81
+) -> dict[str, np.ndarray]:
+    """Damped torque pendulum, semi-implicit Euler at 20 Hz; theta wrapped to (-pi, pi]."""
+    th, om, u = rng.uniform(-np.pi, np.pi, n), rng.uniform(-omega_max, omega_max, n), rng.uniform(-2, 2, n)
+    om2 = om + 0.05 * (-g * np.sin(th) + 3.0 * u - 0.1 * om)
+    th2 = np.pi - np.mod(np.pi - (th + 0.05 * om2), 2 * np.pi)
+    obs, nxt = np.stack([th, om], 1), np.stack([th2, om2], 1)
+    return dict(obs=obs, act=u[:, None], next_obs=nxt, reward=np.cos(th) - 0.01 * om**2)
+
+
+def small_cfg(**kw) -> EnsembleConfig:
+    return EnsembleConfig(**{"members": 5, "elites": 3, "hidden": 64, "layers": 3, **kw})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small nets train fastest on one thread (and CI's two cores are shared with other tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread) -> ProbabilisticEnsemble:
+    model = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(learn_reward=True), seed=0)
+    EnsembleTrainer(model, TrainerConfig(max_epochs=60, patience=8), seed=0).train(
+        pendulum(np.random.default_rng(0), 3000, omega_max=4.0)
+    )
+    return model
+
+
+def test_contract_shapes_and_wrapped_angles():
+    model = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(), seed=1)
+    as_protocol: DynamicsModel = model  # the planner and gate only see this contract
+    assert as_protocol.num_members == 5 and as_protocol.elites == (0, 1, 2)
+    obs = torch.tensor([[math.pi - 1e-3, 30.0]]).repeat(20, 1)  # a large velocity pushes theta across pi
+    model.out_norm.mean.copy_(torch.tensor([0.5, 0.0]))  # predicted delta theta ~ +0.5 rad
+    p = model.predict(obs, torch.zeros(20, 1))
+    assert isinstance(p, Prediction) and p.reward is None
+    assert p.mean.shape == p.var.shape == (5, 20, 2)
+    assert p.disagreement.shape == p.max_pairwise.shape == (20,)
+    assert torch.all(p.mean[..., 0] <= math.pi) and torch.all(p.mean[..., 0] > -math.pi)
+    assert torch.all(p.mean[..., 0] < 0)  # wrapped: pi + ~0.5 -> ~ -pi + 0.5
+    assert torch.all(p.var > 0)
+    assert wrap_angle(torch.tensor(-math.pi)) == pytest.approx(math.pi)
+    assert model.state_scale.shape == (2,) and model.num_members == 5 and len(model.elites) == 3
+
+
+def test_batched_forward_equals_member_by_member():
+    model = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(learn_reward=True), seed=2)
+    shared = torch.randn(33, model.in_dim)
+    per_member = torch.randn(5, 33, model.in_dim)
+    mu_s, lv_s = model(shared)
+    mu_p, lv_p = model(per_member)
+    for e in range(5):
+        m, lv = model.forward_member(shared, e)
+        torch.testing.assert_close(mu_s[e], m, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lv_s[e], lv, rtol=1e-5, atol=1e-6)
+        m, lv = model.forward_member(per_member[e], e)
+        torch.testing.assert_close(mu_p[e], m, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lv_p[e], lv, rtol=1e-5, atol=1e-6)
+
+
+def test_per_member_input_matches_shared_rows(trained):
+    obs = torch.tensor(pendulum(np.random.default_rng(3), 5 * 40)["obs"], dtype=torch.float32).view(5, 40, 2)
+    act = torch.rand(5, 40, 1, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    p = trained.predict(obs, act)
+    for e in range(5):
+        q = trained.predict(obs[e], act[e])
+        torch.testing.assert_close(p.mean[e], q.mean[e], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p.reward[e], q.reward[e], rtol=1e-5, atol=1e-5)
+
+
+def test_disagreement_definition(trained):
+    d = pendulum(np.random.default_rng(4), 50)
+    p = trained.predict(torch.tensor(d["obs"]), torch.tensor(d["act"]))
+    x = trained.encode(torch.tensor(d["obs"]).float(), torch.tensor(d["act"]).float())
+    z = trained(trained.in_norm.normalize(x))[0][..., :2]  # normalized delta means, E x N x S
+    torch.testing.assert_close(p.disagreement, z.std(0, correction=0).mean(-1), rtol=1e-3, atol=1e-5)
+    pair = torch.stack([torch.linalg.vector_norm(z[i] - z[j], dim=-1) for i in range(5) for j in range(5)])
+    pair = pair.amax(0)
+    torch.testing.assert_close(p.max_pairwise, pair, rtol=1e-3, atol=1e-5)
+
+
+def test_fits_pendulum_with_angle_wrap(trained):
+    """Held-out one-step error of the elite mean: < 0.01 rad and < 0.03 rad/s (deltas span ~0.1-0.5)."""
+    d = pendulum(np.random.default_rng(5), 2000, omega_max=4.0)
+    p = trained.predict(torch.tensor(d["obs"]), torch.tensor(d["act"]))
+    pred = p.mean[list(trained.elites)].mean(0).numpy()
+    err = pred - d["next_obs"]
+    err[:, 0] = np.pi - np.mod(np.pi - err[:, 0], 2 * np.pi)
+    rmse = np.sqrt((err**2).mean(0))
+    assert rmse[0] < 0.01 and rmse[1] < 0.03, rmse
+    reward_rmse = np.sqrt(((p.reward[list(trained.elites)].mean(0).numpy() - d["reward"]) ** 2).mean())
+    assert reward_rmse < 0.1 * d["reward"].std(), reward_rmse
+    # crossing the wrap: states near +pi with positive velocity land near -pi, and the model agrees
+    near = np.abs(np.abs(d["next_obs"][:, 0]) - np.pi) < 0.3
+    assert near.sum() > 10 and np.abs(err[near, 0]).max() < 0.05
+
+
+def test_disagreement_flags_far_out_of_distribution(trained):
+    """Trained on |omega| <= 4: disagreement ranks |omega| in [12, 20] above in-distribution (AUROC >= 0.9)."""
+    rng = np.random.default_rng(6)
+    inside = pendulum(rng, 500, omega_max=4.0)
+    far = pendulum(rng, 500, omega_max=20.0)
+    far_obs = far["obs"].copy()
+    far_obs[:, 1] = np.sign(far_obs[:, 1]) * rng.uniform(12, 20, 500)
+    s_in = trained.predict(torch.tensor(inside["obs"]), torch.tensor(inside["act"])).disagreement.numpy()
+    s_out = trained.predict(torch.tensor(far_obs), torch.tensor(far["act"])).disagreement.numpy()
+    auroc = (s_out[:, None] > s_in[None, :]).mean()
+    assert auroc >= 0.9, auroc
+
+
+def test_same_seed_same_model_and_config_validation():
+    a = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(), seed=7)
+    b = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(), seed=7)
+    c = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(), seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.weights[0], c.weights[0])
+    assert not torch.equal(a.weights[0][0], a.weights[0][1])  # members differ from each other
+    with pytest.raises(ValueError):
+        EnsembleConfig(members=3, elites=5).validate()
+    with pytest.raises(ValueError, match="angle_mask"):
+        ProbabilisticEnsemble(3, 1, ANGLE)
