@@ -292,3 +292,39 @@ def test_truth_is_not_the_observation():
     obs, truth = twin.read(), twin.truth()
     assert not np.array_equal(obs.values[:4], truth.state)
     np.testing.assert_allclose(obs.values[:2], truth.state[:2], atol=0.01)
+
+
+def _pendulum_period_s(twin: CartpoleTwin) -> float:
+    """Small-oscillation period of the hanging pole from upward zero crossings over 4 s."""
+    twin.reset(seed=0)
+    twin.data.qpos[1] = math.pi - 0.05
+    crossings, prev = [], -1.0
+    for _ in range(2000):
+        twin.advance(twin.cfg.physics_dt_s)
+        dev = wrap_angle(twin.truth().state[1] - math.pi)
+        if prev < 0 <= dev:
+            crossings.append(twin.episode_time_s)
+        prev = dev
+    return float(np.mean(np.diff(crossings)))
+
+
+@pytest.mark.parametrize("length_m", [0.64, 0.32])
+def test_pendulum_period_matches_closed_form(length_m):
+    """Heavy frictionless cart ~ fixed pivot: T = 2 pi sqrt(2 L / (3 g)) for a uniform rod."""
+    frictionless = dict(QUIET, rail_coulomb_n=0.0, rail_viscous_n_s_m=0.0, hinge_damping_nm_s_rad=0.0)
+    frictionless.update(cart_mass_kg=50.0, cart_noise_std_m=0.0, pole_noise_std_rad=0.0)
+    # the length comes from a param_set at t = 0: exercises the runtime geometry update too
+    shift = ScheduleEvent(at_s=0.0, kind="param_set", target="pole_length_m", value=length_m)
+    twin = CartpoleTwin(TwinConfig(**frictionless, schedule=(shift,)), seed=0)
+    expected = 2 * math.pi * math.sqrt(2 * length_m / (3 * 9.81))
+    assert _pendulum_period_s(twin) == pytest.approx(expected, rel=0.01)
+
+
+def test_realtime_write_does_not_outrun_the_wall_clock():
+    twin = CartpoleTwin(TwinConfig(realtime=True), seed=0)
+    with twin:
+        twin.reset(seed=0)
+        t0 = time.monotonic()
+        for _ in range(5):
+            twin.write(np.zeros(1))
+        assert time.monotonic() - t0 >= 0.09  # 5 periods of 20 ms
