@@ -101,6 +101,7 @@ class TrainReport:
     reference_mse: float | None = None  # the holdout MSE the model had after the last retrain
     n_train: int = 0
     n_holdout: int = 0
+    holdout_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows held out
     wall_s: float = 0.0
 
 
@@ -122,7 +123,7 @@ class EnsembleTrainer:
     # -- losses ----------------------------------------------------------------------------
     def _tensors(self, data: Arrays) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw inputs ``N x I`` and targets ``N x D``."""
-        t = lambda k: torch.as_tensor(np.asarray(data[k]), dtype=torch.float32)  # noqa: E731
+        t = lambda k: torch.from_numpy(np.array(data[k], dtype=np.float32))  # noqa: E731
         obs = t("obs")
         return self.model.encode(obs, t("act")), self.model.target(obs, t("next_obs"), t("reward"))
 
@@ -227,6 +228,7 @@ class EnsembleTrainer:
         report.member_holdout_mse = best.tolist()
         report.fresh_mse, report.reference_mse = fresh_mse, self.reference_mse
         report.n_train, report.n_holdout = n_tr, n_hold
+        report.holdout_idx = np.sort(hold.numpy())  # in-distribution rows never trained on (calibration)
         self.reference_mse, self.trained_upto = report.holdout_mse, n
         report.wall_s = time.perf_counter() - start
         log.info(
