@@ -82,6 +82,8 @@ class SerialRobot(Robot):
         self._acks: list[mcu.Ack] = []
         self._state: mcu.State | None = None
         self._state_rx_s: float | None = None
+        self._clock_offset_s: float | None = None  # host time - device time, lowest latency seen
+        self._offset_at_s = 0.0
         self._prev_rx_s: float | None = None
         self._cmd_seq = 0
         self._cmds_since_read = 0
@@ -154,7 +156,10 @@ class SerialRobot(Robot):
             values = np.full(self.spec.obs_dim, np.nan)
             self._prev_obs_ok = False
             return Observation(values, now, faults | Fault.STALE, {"age_s": float("inf"), "vouched": False})
-        age = now - self._state_rx_s
+        # A state can sit in an OS buffer: judge freshness by when the device sampled it (device
+        # clock mapped to ours), never better than the receipt time.
+        sampled_s = min(self._state_rx_s, st.t_us * 1e-6 + (self._clock_offset_s or 0.0))
+        age = now - sampled_s
         if age > self.cfg.stale_periods * self.spec.dt_s:
             faults |= Fault.STALE
         faults |= device_faults_to_hal(st.faults)
@@ -250,6 +255,14 @@ class SerialRobot(Robot):
             st.frames_late += 1
         self._prev_rx_s = now
         self._state, self._state_rx_s = msg, now
+        # min-latency clock offset; it may grow 1 ms per s so device clock drift cannot pin it
+        offset = now - msg.t_us * 1e-6
+        if self._clock_offset_s is None:
+            self._clock_offset_s = offset
+        else:
+            leak = 1e-3 * max(0.0, now - self._offset_at_s)
+            self._clock_offset_s = min(self._clock_offset_s + leak, offset)
+        self._offset_at_s = now
 
     def _check_device(self, ack: mcu.HelloAck) -> None:
         if ack.version != mcu.PROTOCOL_VERSION:
@@ -281,6 +294,7 @@ class SerialRobot(Robot):
 
     def _start_handshake(self) -> None:
         self.active = False  # no commands until the device is known again
+        self._clock_offset_s = None  # the device may have rebooted: its clock restarted
         self._handshake_due = self._clock() + self.cfg.handshake_timeout_s
         try:
             self.transport.write(mcu.encode(mcu.Hello()))
