@@ -6,8 +6,11 @@ the robot spec injected, and clips its output to the spec's command limits:
 * ``brake`` - stop the cart and keep it inside the safe zone, ignoring the pole:
   ``u = -kv * xdot - kx * barrier(x)``, where ``barrier`` is 0 inside ``|x| <= safe_x_m -
   barrier_width_m`` and grows linearly (1 per ``barrier_width_m``) beyond, pointing outward.
-  A large ``kv`` saturates the command at full braking force while moving fast, which is the
-  time-optimal stop (stopping distance ``v^2 / (2 a_max)``).
+  While moving fast the command saturates at full braking force, the time-optimal stop (stopping
+  distance ``v^2 / (2 a_max)``). ``kv`` is bounded by the loop latency: the velocity loop's
+  crossover ``kv * max_force / mass`` times the latency (actuation delay + velocity filter + hold,
+  ~40 ms on the twin) must stay well below 1 rad, or the cart limit-cycles (kv = 5 does on the
+  twin's defaults; kv = 2 settles).
 * ``hold`` - the spec's stop command (zero effort / hold position, whatever the device defines).
 * ``pd`` / ``lqr`` - linear state feedback ``u = -K (x[channels] - target)`` on named observation
   channels (angle errors wrapped), with gains from config (LQR gains computed offline).
@@ -36,7 +39,7 @@ class FallbackConfig:
     position_channel: str = param("x_m", "brake: observation channel of the cart position")
     velocity_channel: str = param("xdot_m_s", "brake: observation channel of the cart velocity")
     action_index: int = param(0, "brake: which action channel drives the cart", ge=0)
-    kv: float = param(5.0, "brake: command per unit of velocity (large = saturated braking)", ge=0)
+    kv: float = param(2.0, "brake: command per m/s of cart velocity (saturates at full braking)", ge=0)
     kx: float = param(1.0, "brake: command per barrier_width_m beyond the barrier start", ge=0)
     safe_x_m: float = param(0.35, "brake: edge of the safe zone |x| <= safe_x_m", gt=0)
     barrier_width_m: float = param(0.05, "brake: the barrier starts this far inside the safe edge", gt=0)
@@ -55,6 +58,12 @@ class FallbackConfig:
                 raise ValueError("targets must have one value per channel")
         if self.barrier_width_m >= self.safe_x_m:
             raise ValueError("barrier_width_m must be smaller than safe_x_m")
+
+
+def _channel(spec: RobotSpec, name: str) -> int:
+    if name not in spec.obs_names:
+        raise ValueError(f"fallback: no observation channel {name!r} (known: {', '.join(spec.obs_names)})")
+    return spec.index(name)
 
 
 class FallbackPolicy(Protocol):
@@ -82,8 +91,8 @@ class BrakePolicy:
 
     def __init__(self, spec: RobotSpec, cfg: FallbackConfig):
         self.spec, self.cfg = spec, cfg
-        self._ix = spec.index(cfg.position_channel)
-        self._iv = spec.index(cfg.velocity_channel)
+        self._ix = _channel(spec, cfg.position_channel)
+        self._iv = _channel(spec, cfg.velocity_channel)
         if cfg.action_index >= spec.act_dim:
             raise ValueError(f"action_index {cfg.action_index} >= act_dim {spec.act_dim}")
 
@@ -105,7 +114,7 @@ class LinearFeedbackPolicy:
 
     def __init__(self, spec: RobotSpec, cfg: FallbackConfig):
         self.spec = spec
-        self._idx = np.array([spec.index(c) for c in cfg.channels], dtype=int)
+        self._idx = np.array([_channel(spec, c) for c in cfg.channels], dtype=int)
         self._angle = spec.angle_mask[self._idx]
         n = len(cfg.channels)
         if len(cfg.gains) != spec.act_dim * n:
