@@ -186,9 +186,10 @@ class McuEmulator:
             self.plant.apply_command(u)
         self.plant.advance(dt_s)
         values = tuple(float(v) for v in np.asarray(self.plant.read_sensors(), dtype=float).ravel())
+        plant_faults = getattr(self.plant, "device_faults", None)  # optional: end stops, sensor faults
         with self._lock:
             self._seq = (self._seq + 1) % mcu.SEQ_MOD
-            faults = int(self._faults | self._injected)
+            faults = int(self._faults | self._injected) | (int(plant_faults()) if plant_faults else 0)
             report, self._report_fault = self._report_fault, False
             state = mcu.State(self._seq, int(now_s * 1e6), self._cmd_seq, faults, values)
         if report:
@@ -266,3 +267,44 @@ def serve(
         emu.start()
     log.info("emulated MCU serving at %s", emu.port)
     return emu, emu.port
+
+
+class TwinPlant:
+    """Adapts :class:`robot_mbrl.sim.cartpole.CartpoleTwin` (or any twin :class:`Robot` with
+    ``apply_command(float)``/``advance``) to the :class:`Plant` interface; end-stop contact → LIMIT."""
+
+    def __init__(self, twin):
+        self.twin = twin
+        self._last: np.ndarray | None = None
+        self._limit = False
+
+    def apply_command(self, u: np.ndarray) -> None:
+        self.twin.apply_command(float(np.asarray(u).ravel()[0]))
+
+    def advance(self, duration_s: float) -> None:
+        self.twin.advance(duration_s)
+
+    def read_sensors(self) -> np.ndarray:
+        obs = self.twin.read()
+        self._limit = bool(obs.faults & obs.faults.LIMIT)
+        return obs.values
+
+    def brake(self) -> None:
+        self.twin.safe_stop()  # motor command 0 now, bypassing the actuation delay
+
+    def device_faults(self) -> DeviceFault:
+        return DeviceFault.LIMIT if self._limit else DeviceFault.NONE
+
+
+def serve_twin(twin, link: str = "pty", **kw) -> tuple[McuEmulator, str]:
+    """:func:`serve` a twin :class:`Robot`: device limits are the twin spec's channel ranges and the
+    device streams at the spec's control rate (override with ``control_hz=``)."""
+    spec = twin.spec
+    kw.setdefault("control_hz", spec.control_hz)
+    return serve(
+        TwinPlant(twin),
+        link,
+        sensor_limits=tuple((c.low, c.high) for c in spec.obs),
+        actuator_limits=tuple((c.low, c.high) for c in spec.act),
+        **kw,
+    )
