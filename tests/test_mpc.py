@@ -63,6 +63,7 @@ def planner(model=None, task=None, low=-1.0, high=1.0, value_fn=None, **cfg) -> 
     cfg.setdefault("population", 128)
     cfg.setdefault("iterations", 4)
     cfg.setdefault("elites", 8)
+    cfg.setdefault("init_std", 0.5)
     return MPCPlanner(
         model or Integrator(),
         task or Quadratic(),
