@@ -1,0 +1,224 @@
+"""Calibration, residual CUSUM, input OOD, val-loss monitor and the combined ShiftMonitor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from robot_mbrl.hal.robot import Channel, Observation, RobotSpec
+from robot_mbrl.models.base import Prediction
+from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores
+from robot_mbrl.safety.fallback import FallbackConfig, make_fallback
+from robot_mbrl.safety.gate import GateConfig, SafetyGate
+from robot_mbrl.safety.monitors import (
+    CusumMonitor,
+    OODMonitor,
+    ShiftConfig,
+    ShiftMonitor,
+    ValLossMonitor,
+    siegmund_arl,
+)
+
+SPEC = RobotSpec(
+    obs=(Channel("x_m", "m", -1.0, 1.0), Channel("theta_rad", "rad", -math.pi, math.pi, angle=True),
+         Channel("xdot_m_s", "m/s", -5.0, 5.0)),
+    act=(Channel("u", "1", -1.0, 1.0),),
+    control_hz=50.0,
+)
+
+
+# -- calibration ---------------------------------------------------------------------------------
+def test_calibrated_threshold_hits_the_target_false_alarm_rate():
+    rng = np.random.default_rng(0)
+    alpha, n = 0.1, 99  # r = ceil(100 * 0.9) = 90: the expected false-alarm rate is exactly 0.10
+    rates = []
+    for _ in range(400):
+        thr = calibrate_threshold(rng.standard_normal(n), alpha)
+        rates.append(0.5 * math.erfc(thr / math.sqrt(2)))  # P(N(0,1) > thr)
+    assert np.mean(rates) == pytest.approx(alpha, abs=0.006)
+    # a large calibration set: every single threshold is close to the target
+    thr = calibrate_threshold(rng.exponential(size=20_000), 0.01)
+    fresh = rng.exponential(size=200_000)
+    assert np.mean(fresh > thr) == pytest.approx(0.01, abs=0.0015)
+
+
+def test_calibration_refuses_to_fail_open():
+    with pytest.raises(ValueError, match="at least 999"):
+        calibrate_threshold(np.arange(500.0), 1e-3)
+    with pytest.raises(ValueError, match="finite"):
+        calibrate_threshold(np.array([1.0] * 50 + [np.nan]), 0.1)
+
+
+class ShiftedMembers:
+    """E members with x' = x + b_e * a (S = 2, second dim copies the first): disagreement is the
+    std over members of the means, averaged over dims, so after t equal actions it is t*|a|*std(b)."""
+
+    def __init__(self, b=(0.9, 1.0, 1.1, 1.2)):
+        self.b = torch.tensor(b)
+        self.num_members = len(b)
+        self.elites = tuple(range(len(b)))
+        self.calls = 0
+
+    def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
+        self.calls += 1
+        assert obs.shape[0] == self.num_members and obs.ndim == 3  # each member its own trajectory
+        mean = obs + self.b[:, None, None] * act[..., :1]
+        n = obs.shape[1]
+        return Prediction(mean=mean, var=torch.ones_like(mean), reward=None,
+                          disagreement=mean.std(dim=0, unbiased=False).mean(-1),
+                          max_pairwise=torch.zeros(n))
+
+
+def test_plan_disagreement_scores_is_the_worst_step_of_each_member_rollout():
+    model = ShiftedMembers()
+    k, n = 5, 7
+    rng = np.random.default_rng(0)
+    obs0 = rng.standard_normal((n, 2))
+    amp = rng.uniform(0.1, 1.0, n)
+    actions = np.repeat(amp[:, None, None], k, axis=1)  # constant action per segment
+    actions[:, k - 1] *= -1  # the last step reverses: the worst step is k - 1, not k
+    scores = plan_disagreement_scores(model, obs0, actions, batch_size=3)
+    expected = (k - 1) * amp * float(model.b.std(unbiased=False))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    assert model.calls == k * 3  # batched: ceil(7 / 3) chunks of k steps
+    np.testing.assert_allclose(plan_disagreement_scores(model, obs0, actions), scores, rtol=1e-6)
+
+
+# -- CUSUM ---------------------------------------------------------------------------------------
+def test_siegmund_matches_the_textbook_cusum_table():
+    # k = 0.5, h = 5 (Montgomery, SQC, two-sided ARL0 ~ 465, ARL1 ~ 10.4 for a 1-sigma shift)
+    assert siegmund_arl(5.0, 0.5, 0.0) / 2 == pytest.approx(465, rel=0.02)
+    assert siegmund_arl(5.0, 0.5, 1.0) == pytest.approx(10.4, rel=0.03)
+
+
+def run_lengths(cusum: CusumMonitor, z: np.ndarray) -> list[int]:
+    """Ticks to each alarm, restarting the statistic after every alarm (the ARL's definition)."""
+    lengths, since = [], 0
+    for zt in z:
+        since += 1
+        if cusum.update(zt):
+            lengths.append(since)
+            cusum.reset()
+            since = 0
+    return lengths
+
+
+def test_cusum_in_control_false_alarms_match_arl0():
+    rng = np.random.default_rng(1)
+    quiet = CusumMonitor(1, arl0_ticks=10_000)
+    assert len(run_lengths(quiet, rng.standard_normal((20_000, 1)))) <= 8  # Poisson(2): P(>8) < 3e-4
+    cusum = CusumMonitor(1, arl0_ticks=500)
+    lengths = run_lengths(cusum, rng.standard_normal((60_000, 1)))
+    assert len(lengths) > 60 and np.mean(lengths) == pytest.approx(500, rel=0.25)
+
+
+@pytest.mark.parametrize("dims,aggregate", [(1, "max"), (4, "max"), (4, "mean")])
+def test_cusum_detects_a_unit_shift_within_its_promised_delay(dims, aggregate):
+    rng = np.random.default_rng(2)
+    cusum = CusumMonitor(dims, arl0_ticks=10_000, shift_sigma=1.0, aggregate=aggregate)
+    delays = []
+    for _ in range(150):
+        cusum.reset()
+        z = rng.standard_normal((2000, dims))
+        z[:, 0] += 1.0  # a unit shift in one residual dimension
+        delays.append(next(t + 1 for t, zt in enumerate(z) if cusum.update(zt)))
+    assert np.mean(delays) == pytest.approx(cusum.expected_delay(1.0), rel=0.2)
+    assert cusum.expected_delay(0.0) == pytest.approx(10_000, rel=1e-6)
+
+
+def test_cusum_one_glitch_does_not_alarm_and_the_alarm_clears_after_the_shift():
+    cusum = CusumMonitor(1, arl0_ticks=10_000, z_clip=6.0, cap_factor=2.0)
+    assert not cusum.update(np.array([1e6]))  # clipped to 6 < h ~ 8
+    cusum.reset()
+    for _ in range(200):
+        cusum.update(np.array([3.0]))
+    assert cusum.alarm and cusum.score == pytest.approx(2 * cusum.threshold)  # capped
+    ticks = next(t for t in range(1, 100) if not cusum.update(np.array([0.0])))
+    assert ticks <= cusum.threshold / cusum.k + 1
+
+
+# -- OOD and val loss ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["knn", "mahalanobis"])
+def test_ood_threshold_rate_and_separation(method):
+    rng = np.random.default_rng(3)
+    cov = np.array([[1.0, 0.8, 0.0], [0.8, 1.0, 0.0], [0.0, 0.0, 4.0]])
+    draw = lambda n: rng.multivariate_normal(np.zeros(3), cov, size=n)  # noqa: E731
+    ood = OODMonitor(method, k=5, max_reference=3000, seed=0)
+    thr = ood.fit(draw(5000), draw(2000), false_alarm_rate=0.05)
+    assert ood.threshold == thr and np.isfinite(thr)
+    assert np.mean(ood.score(draw(4000)) > thr) == pytest.approx(0.05, abs=0.02)
+    far = np.array([[6.0, 6.0, 0.0], [3.0, -3.0, 0.0], [0.0, 0.0, 20.0]])  # (3,-3) breaks correlation
+    assert np.all(ood.score(far) > thr)
+    assert ood.score(np.zeros(3)).shape == ()
+
+
+def test_val_loss_alarms_above_its_factor():
+    val = ValLossMonitor(factor=2.0)
+    assert not val.update(fresh_loss=1.5, holdout_loss=1.0)
+    assert val.update(fresh_loss=2.5, holdout_loss=1.0) and val.score == 2.5
+    assert val.update(fresh_loss=float("nan"), holdout_loss=1.0)  # a broken loss is not "fine"
+
+
+# -- ShiftMonitor --------------------------------------------------------------------------------
+def feed(monitor: ShiftMonitor, z_shift: float, ticks: range, rng) -> list[dict]:
+    events = []
+    for t in ticks:
+        mean = rng.uniform(-0.5, 0.5, 3)
+        std = np.array([0.01, 0.02, 0.1])
+        nxt = mean + std * (rng.standard_normal(3) + np.array([z_shift, 0.0, 0.0]))
+        events += monitor.observe(mean, np.zeros(1), nxt, mean, std, t)
+    return events
+
+
+def test_shift_monitor_alarms_once_then_debounces_and_resets_on_retrain():
+    rng = np.random.default_rng(4)
+    mon = ShiftMonitor(SPEC, ShiftConfig(arl0_ticks=100_000, debounce_ticks=100))
+    assert feed(mon, 0.0, range(0, 2000), rng) == [] and mon.active_alarms() == []  # P(alarm) ~ 2 %
+    events = feed(mon, 2.0, range(2000, 2300), rng)
+    assert [e["trigger"] for e in events] == ["cusum"] and events[0]["kind"] == "alarm"
+    assert 2000 < events[0]["tick"] < 2000 + 4 * mon.cusum.expected_delay(2.0)
+    assert [name for name, _, _ in mon.active_alarms()] == ["cusum"]
+    # clears briefly, comes back within the debounce time: no second event
+    assert feed(mon, 0.0, range(2300, 2360), rng) == [] and mon.active_alarms() == []
+    assert feed(mon, 2.0, range(2360, 2400), rng) == [] and mon.active_alarms() != []
+    mon.on_retrain()
+    assert mon.active_alarms() == [] and mon.cusum.score == 0.0
+    assert [e["trigger"] for e in feed(mon, 2.0, range(2400, 2600), rng)] == ["cusum"]
+
+
+def test_shift_monitor_wraps_angle_residuals_and_accepts_observations():
+    mon = ShiftMonitor(SPEC)
+    z = mon.residual_z(np.array([0.0, -math.pi + 0.01, 0.0]), np.array([0.0, math.pi - 0.01, 0.0]),
+                       np.array([1.0, 0.01, 1.0]))
+    assert z[1] == pytest.approx(2.0)
+    obs = Observation(np.zeros(3), 0.0)
+    nxt = Observation(np.array([np.nan, 0.0, 0.0]), 0.02)
+    assert mon.observe(obs, np.zeros(1), nxt, np.zeros(3), np.ones(3), 0) == []  # skipped, no crash
+    assert mon.cusum.score == 0.0
+
+
+def test_shift_monitor_ood_needs_persistence_and_feeds_the_gate():
+    rng = np.random.default_rng(5)
+    mon = ShiftMonitor(SPEC, ShiftConfig(ood_persist_ticks=3, ood_false_alarm_rate=0.01))
+    train_obs = rng.uniform([-0.3, -math.pi, -1.0], [0.3, math.pi, 1.0], (3000, 3))
+    thr = mon.fit_ood(train_obs, rng.uniform(-1, 1, (3000, 1)), train_obs[:1000] * 0.99,
+                      rng.uniform(-1, 1, (1000, 1)))
+    far = np.array([0.9, 0.0, 4.0])
+    events = []
+    for t in range(3):
+        events += mon.observe(far, np.zeros(1), far, far, np.ones(3), t)
+        assert (mon.ood_score > thr) and (len(events) == (1 if t == 2 else 0))
+    assert events[0]["trigger"] == "ood"
+    gate = SafetyGate(SPEC, GateConfig(disagreement_threshold=1.0), make_fallback(
+        FallbackConfig(kind="hold"), SPEC), mon)
+    gate.set_thresholds(ood=thr * 2)  # the gate forwards the stored OOD threshold
+    assert mon.ood.threshold == thr * 2
+    assert "monitor:val_loss" not in [name for name, _, _ in mon.active_alarms()]
+    (event,) = mon.report_val_loss(5.0, 1.0, tick=3)
+    assert event["trigger"] == "val_loss" and event["score"] == 5.0
+    assert [name for name, _, _ in mon.active_alarms()] == ["ood", "val_loss"]
+    d = gate.decide(4, 0.0, Observation(np.zeros(3), 0.0), None, None, False)
+    assert {"monitor:ood", "monitor:val_loss"} <= {t.name for t in d.triggers}
