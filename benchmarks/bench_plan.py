@@ -1,0 +1,203 @@
+"""Plan-time benchmark of the onboard MPC on one thread; prints a markdown report.
+
+    python benchmarks/bench_plan.py [--plans 300] [--population N] [--iterations I] [--sweep]
+
+Model: the real ``robot_mbrl.models.ensemble`` when it exists, else a stand-in with the same
+shapes (stacked ``E x in x out`` weights, ``baddbmm`` per layer, SiLU, 4 hidden layers of 200,
+obs_dim 5, act_dim 1, 7 members). FLOPs count only the matmuls: ``2 * E * N * in * out`` per layer
+per model call. The reference rate is a plain ``torch.baddbmm`` loop over the same shapes and the
+same number of calls, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from robot_mbrl.models.base import Prediction
+from robot_mbrl.planning.mpc import MPCPlanner, PlannerConfig
+from robot_mbrl.tasks.base import Task
+
+E, S, A, HIDDEN, LAYERS = 7, 5, 1, 200, 4
+
+
+class StandInEnsemble:
+    """Same shapes and per-call work as a PETS-style ensemble (means only, no grads)."""
+
+    def __init__(self, members: int = E, obs_dim: int = S, act_dim: int = A, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.num_members, self.elites = members, tuple(range(members))
+        self.dims = [obs_dim + act_dim] + [HIDDEN] * LAYERS + [2 * obs_dim]  # mean delta + logvar
+        self.w = [
+            torch.randn(members, i, o, generator=g) / i**0.5
+            for i, o in zip(self.dims, self.dims[1:], strict=False)
+        ]
+        self.b = [torch.zeros(members, 1, o) for o in self.dims[1:]]
+        self.in_mu, self.in_sd = torch.zeros(obs_dim + act_dim), torch.ones(obs_dim + act_dim)
+        self.out_sd = torch.full((obs_dim,), 0.01)
+        self.obs_dim = obs_dim
+
+    def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
+        x = (torch.cat([obs, act], -1) - self.in_mu) / self.in_sd
+        for w, b in zip(self.w[:-1], self.b[:-1], strict=False):
+            x = F.silu(torch.baddbmm(b, x, w))
+        out = torch.baddbmm(self.b[-1], x, self.w[-1])
+        delta, logvar = out[..., : self.obs_dim], out[..., self.obs_dim :]
+        nm = delta.transpose(0, 1)  # N x E x S normalized means
+        return Prediction(
+            mean=obs + delta * self.out_sd,
+            var=logvar.exp(),
+            reward=None,
+            disagreement=delta.std(0).mean(-1),
+            max_pairwise=torch.cdist(nm, nm).amax((1, 2)),
+        )
+
+
+class NullModel:
+    """Zero-cost model (x' = x + a, no network): measures the planner's own overhead."""
+
+    def __init__(self, members: int = E):
+        self.num_members, self.elites = members, tuple(range(members))
+
+    def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
+        mean = obs + act
+        dis = mean[..., 0].std(0)
+        return Prediction(mean, mean, None, dis, dis)
+
+
+class QuadraticTask(Task):
+    """Regulate to 0 with one track-like constraint (same cost profile as a real task)."""
+
+    def reward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        return -(next_obs**2).sum(-1) - 0.01 * (act**2).sum(-1)
+
+    def terminated(self, next_obs: torch.Tensor) -> torch.Tensor:
+        return next_obs[..., 0].abs() > 5.0
+
+    def constraints(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs[..., 0].abs() - 3.0).unsqueeze(-1)
+
+
+def make_model(which: str = "auto") -> tuple[object, str]:
+    """The real ensemble (``ProbabilisticEnsemble``) when importable, else the stand-in."""
+    if which == "null":
+        return NullModel(), "zero-cost (planner overhead only)"
+    if which != "stand-in":
+        try:
+            from robot_mbrl.models.ensemble import EnsembleConfig, ProbabilisticEnsemble
+        except ImportError:
+            if which == "real":
+                raise
+        else:
+            cfg = EnsembleConfig(members=E, hidden=HIDDEN, layers=LAYERS)
+            model = ProbabilisticEnsemble(S, A, cfg=cfg).eval()
+            return model, "robot_mbrl.models.ensemble.ProbabilisticEnsemble"
+    return StandInEnsemble(), "stand-in (stacked baddbmm + SiLU)"
+
+
+def flops_per_call(n: int) -> int:
+    dims = [S + A] + [HIDDEN] * LAYERS + [2 * S]
+    return sum(2 * E * n * i * o for i, o in zip(dims, dims[1:], strict=False))
+
+
+def bmm_reference(n: int, calls: int, repeats: int = 20) -> float:
+    """Seconds for ``calls`` model-shaped baddbmm chains at batch ``n`` (best of ``repeats``)."""
+    dims = [S + A] + [HIDDEN] * LAYERS + [2 * S]
+    ws = [torch.randn(E, i, o) / i**0.5 for i, o in zip(dims, dims[1:], strict=False)]
+    bs = [torch.zeros(E, 1, o) for o in dims[1:]]
+    x0 = torch.randn(E, n, dims[0])
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(calls):
+                x = x0
+                for w, b in zip(ws, bs, strict=False):
+                    x = torch.baddbmm(b, x, w)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench(cfg: PlannerConfig, plans: int, which: str) -> dict[str, float]:
+    model, _ = make_model(which)
+    planner = MPCPlanner(model, QuadraticTask(), -np.ones(A), np.ones(A), config=cfg)  # type: ignore[arg-type]
+    value = lambda s: -(s**2).sum(-1)  # noqa: E731  (cheap stand-in for V)
+    planner.value_fn = value
+    rng = np.random.default_rng(0)
+    warm = None
+    for _ in range(20):  # warm-up (allocator, dispatch caches)
+        warm = planner.shift(planner.plan(rng.normal(size=S) * 0.3, warm, 1.0).actions)
+    times = []
+    for _ in range(plans):
+        info = planner.plan(rng.normal(size=S) * 0.3, warm, 1.0)
+        warm = planner.shift(info.actions)
+        times.append(info.solve_time_s)
+    t = np.asarray(times) * 1e3
+    calls = cfg.iterations * cfg.horizon * cfg.action_repeat
+    flops = calls * flops_per_call(cfg.population)
+    ref_s = bmm_reference(cfg.population, calls)
+    p50 = float(np.percentile(t, 50))
+    return {
+        "p50_ms": p50,
+        "p99_ms": float(np.percentile(t, 99)),
+        "max_ms": float(t.max()),
+        "mflop": flops / 1e6,
+        "gflops_plan": flops / (p50 / 1e3) / 1e9,
+        "gflops_bmm": flops / ref_s / 1e9,
+        "bmm_ms": ref_s * 1e3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plans", type=int, default=300)
+    parser.add_argument("--population", type=int, default=None)
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--model", choices=("auto", "real", "stand-in", "null"), default="auto")
+    parser.add_argument("--sweep", action="store_true", help="also time other population/iterations")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base = PlannerConfig()
+    over = {k: v for k, v in (("population", args.population), ("iterations", args.iterations)) if v}
+    base = dataclasses.replace(base, **over)
+    configs = [base]
+    if args.sweep:
+        configs += [
+            dataclasses.replace(base, population=p, iterations=i)
+            for p, i in ((16, 3), (64, 2), (128, 3), (256, 4), (500, 5))
+        ]
+    load0 = f"{os.getloadavg()[0]:.2f}"
+    _, model_name = make_model(args.model)
+    print(f"## MPC plan time (1 thread, torch {torch.__version__}, model: {model_name})\n")
+    print(
+        f"E={E} members x {LAYERS} x {HIDDEN} hidden, obs {S}, act {A}, horizon {base.horizon}, "
+        f"method {base.method}, {args.plans} plans\n"
+    )
+    print(
+        "| population | iterations | p50 ms | p99 ms | max ms | MFLOP/plan | GFLOP/s plan "
+        "| GFLOP/s bmm loop | plan/bmm |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for cfg in configs:
+        r = bench(cfg, args.plans if cfg is base else max(30, args.plans // 10), args.model)
+        print(
+            f"| {cfg.population} | {cfg.iterations} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['max_ms']:.2f} | {r['mflop']:.0f} | {r['gflops_plan']:.1f} | {r['gflops_bmm']:.1f} | "
+            f"{r['gflops_plan'] / r['gflops_bmm']:.0%} |"
+        )
+    null = bench(base, max(30, args.plans // 3), "null")
+    print(
+        f"\nPlanner overhead (zero-cost model, first config): p50 {null['p50_ms']:.2f} ms, "
+        f"p99 {null['p99_ms']:.2f} ms. Load average before/after: {load0} / {os.getloadavg()[0]:.2f} "
+        f"on {os.cpu_count()} cores (other processes inflate p99)."
+    )
+
+
+if __name__ == "__main__":
+    main()
