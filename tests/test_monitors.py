@@ -224,3 +224,20 @@ def test_shift_monitor_ood_needs_persistence_and_feeds_the_gate():
     assert [name for name, _, _ in mon.active_alarms()] == ["ood", "val_loss"]
     d = gate.decide(4, 0.0, Observation(np.zeros(3), 0.0), None, None, False)
     assert {"monitor:ood", "monitor:val_loss"} <= {t.name for t in d.triggers}
+
+
+def test_calibration_statistic_equals_what_the_planner_reports():
+    """The real ensemble and planner: scoring a plan's own actions from its start state reproduces
+    PlanInfo.worst_disagreement, so the gate compares like with like."""
+    from robot_mbrl.models.ensemble import EnsembleConfig, ProbabilisticEnsemble
+    from robot_mbrl.planning.mpc import MPCPlanner, PlannerConfig
+    from robot_mbrl.tasks.cartpole import CartpoleTask
+
+    angle = np.array([False, True, False, False])
+    model = ProbabilisticEnsemble(4, 1, angle, EnsembleConfig(members=4, elites=2, hidden=16), seed=0)
+    mpc = MPCPlanner(model, CartpoleTask(), np.array([-1.0]), np.array([1.0]),
+                     config=PlannerConfig(horizon=5, population=8, iterations=1, elites=2))
+    s0 = np.array([0.1, 3.0, 0.2, -0.5], dtype=np.float32)
+    info = mpc.plan(s0)
+    score = plan_disagreement_scores(model, s0[None], info.actions.numpy()[None])
+    assert score[0] == pytest.approx(info.worst_disagreement, rel=1e-5)

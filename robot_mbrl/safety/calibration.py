@@ -72,8 +72,9 @@ def plan_disagreement_scores(
     N x k x A, the k actions that really followed. Every member propagates its own trajectory
     (E x N x S inputs to ``model.predict``), the disagreement of step t is the model's own
     ``Prediction.disagreement`` (N), and the score is its maximum over the k steps, the same
-    statistic as ``PlanInfo.worst_disagreement``. Returns N scores (numpy, float64). Batched over
-    segments in chunks of ``batch_size``.
+    statistic as ``PlanInfo.worst_disagreement``. With the planner's ``action_repeat`` r > 1, pass
+    the ``k * r`` real per-tick actions (the planner maximizes over all ticks as well). Returns N
+    scores (numpy, float64). Batched over segments in chunks of ``batch_size``.
     """
     obs0_t = torch.as_tensor(obs0, dtype=torch.float32)
     act_t = torch.as_tensor(actions, dtype=torch.float32)
