@@ -232,3 +232,18 @@ def test_no_gate_never_writes_non_finite_values():
     np.testing.assert_array_equal(d.action, BRAKE_ACTION)
     d = decide(gate, 1, p=None, err=RuntimeError("x"))
     np.testing.assert_array_equal(d.action, BRAKE_ACTION)
+
+
+def test_final_check_catches_a_non_finite_decision_from_any_path():
+    from robot_mbrl.safety.gate import GateDecision
+
+    gate = make_gate()
+
+    def broken(*args):
+        gate.ticks += 1  # a path that already counted the tick
+        return GateDecision(np.array([np.nan]), "mpc", (), False, [])
+
+    gate._decide = broken  # noqa: SLF001
+    d = decide(gate)
+    np.testing.assert_array_equal(d.action, SPEC.stop_action())
+    assert d.events[0]["kind"] == "gate_error" and gate.ticks == 1 and gate.fallback_ticks == 1

@@ -126,7 +126,12 @@ class SafetyGate:
     # -- the decision ----------------------------------------------------------------------
     def decide(self, tick: int, time_s: float, obs: Observation, plan: PlanInfo | None,
                plan_error: BaseException | None, deadline_missed: bool) -> GateDecision:
-        """The action to write on this tick. Never raises (``Exception``), never non-finite."""
+        """The action to write on this tick. Never raises (``Exception``), never non-finite.
+
+        ``time_s`` is the tick time on the clock of ``obs.stamp_s`` (monotonic seconds); a plan that
+        raised is passed as ``plan=None, plan_error=err``.
+        """
+        counts = (self.ticks, self.fallback_ticks, self.switches)
         try:
             decision = self._decide(tick, time_s, obs, plan, plan_error, deadline_missed)
             action = np.asarray(decision.action, dtype=float)
@@ -135,6 +140,7 @@ class SafetyGate:
             return decision
         except Exception as err:  # noqa: BLE001 - the gate must never fail open
             log.exception("tick %d: gate error, commanding the stop action", tick)
+            self.ticks, self.fallback_ticks, self.switches = counts  # count this tick once
             return self._fail_safe(tick, time_s, err, plan)
 
     def _fail_safe(self, tick: int, time_s: float, err: Exception, plan: PlanInfo | None) -> GateDecision:
@@ -185,6 +191,9 @@ class SafetyGate:
         self.ticks += 1
         self.fallback_ticks += int(source == "fallback")
         self.switches += int(switched)
+        if switched:
+            log.info("tick %d: %s%s -> %s (%s)", tick, "[no_gate, would switch] " if self.cfg.no_gate else "",
+                     previous, self.mode, "; ".join(map(str, triggers)) or "re-entry")
         events = []
         if switched and not self.cfg.no_gate:
             events.append(self._event(tick, time_s, "switch", triggers, worst, proposed, action))
