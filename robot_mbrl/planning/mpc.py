@@ -137,7 +137,7 @@ class MPCPlanner:
         last = actions[-1:] if self.cfg.shift_fill == "last" else torch.zeros_like(actions[-1:])
         return torch.cat([actions[1:], last.clamp(self.low, self.high)])
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: PlanInfo tensors stay ordinary (editable) tensors
     def plan(
         self,
         obs: np.ndarray,
