@@ -23,7 +23,13 @@ from robot_mbrl.models.base import Prediction
 from robot_mbrl.models.normalizer import Normalizer
 from robot_mbrl.typedconfig import param
 
-ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "tanh": torch.tanh, "elu": F.elu}
+# name -> f(x, inplace); in-place variants save an allocation per layer on the no-grad planning path
+ACTIVATIONS = {
+    "silu": lambda x, inplace: F.silu(x, inplace=inplace),
+    "relu": lambda x, inplace: F.relu(x, inplace=inplace),
+    "tanh": lambda x, inplace: x.tanh_() if inplace else torch.tanh(x),
+    "elu": lambda x, inplace: F.elu(x, inplace=inplace),
+}
 
 
 @dataclass(frozen=True)
@@ -142,11 +148,11 @@ class ProbabilisticEnsemble(torch.nn.Module):
     # -- network ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized input ``N x I`` (shared) or ``E x N x I`` -> normalized mean, log-variance ``E x N x D``."""
-        n = len(self.weights)
+        n, inplace = len(self.weights), not torch.is_grad_enabled()
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.matmul(x, w) + b if x.dim() == 2 else torch.baddbmm(b, x, w)
             if i < n - 1:
-                x = self._act(x)
+                x = self._act(x, inplace)
         return self._split(x, self.max_logvar, self.min_logvar)
 
     def forward_member(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +161,7 @@ class ProbabilisticEnsemble(torch.nn.Module):
         for i in range(n):
             x = x @ self.weights[i][e] + self.biases[i][e]
             if i < n - 1:
-                x = self._act(x)
+                x = self._act(x, False)
         return self._split(x, self.max_logvar[e], self.min_logvar[e])
 
     def _split(

@@ -116,7 +116,7 @@ class EnsembleTrainer:
             for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True))
         ]
         groups.append({"params": [model.max_logvar, model.min_logvar], "weight_decay": 0.0})
-        self.optimizer = torch.optim.Adam(groups, lr=model.cfg.lr)
+        self.optimizer = torch.optim.Adam(groups, lr=model.cfg.lr, fused=True)
         self.trained_upto = 0  # rows of the data seen by the last retrain
         self.reference_mse: float | None = None
 
