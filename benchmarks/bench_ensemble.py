@@ -136,8 +136,9 @@ def main() -> None:
     print("| layers x hidden | batch | ensemble predict ms (1 thread) | member loop ms | speed-up |")
     print("|---|---|---|---|---|")
     for layers in (3, 4):
-        ens, loop = forward_ms(layers)
-        print(f"| {layers} x {HIDDEN} | 3500 | {ens:.1f} | {loop:.1f} | {loop / ens:.1f}x |")
+        for n in (500, 3500):
+            ens, loop = forward_ms(layers, n)
+            print(f"| {layers} x {HIDDEN} | {n} | {ens:.1f} | {loop:.1f} | {loop / ens:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -149,8 +149,11 @@ class ProbabilisticEnsemble(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized input ``N x I`` (shared) or ``E x N x I`` -> normalized mean, log-variance ``E x N x D``."""
         n, inplace = len(self.weights), not torch.is_grad_enabled()
+        if x.dim() == 2:  # shared input: expand (no copy); faster than broadcasting matmul on CPU
+            x = x.expand(self.num_members, *x.shape)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            x = torch.matmul(x, w) + b if x.dim() == 2 else torch.baddbmm(b, x, w)
+            # planning path: bmm + in-place bias add measured faster than baddbmm at N=3500
+            x = torch.bmm(x, w).add_(b) if inplace else torch.baddbmm(b, x, w)
             if i < n - 1:
                 x = self._act(x, inplace)
         return self._split(x, self.max_logvar, self.min_logvar)
