@@ -44,12 +44,12 @@ def test_write_clamps_to_limits_and_rate_and_reports_applied():
     r = Recorder().connect()
     r.reset()
     applied = r.write(np.array([5.0, -9.0]))
-    assert applied.tolist() == [1.0, -2.0]  # first command: only the box limits
+    assert applied.tolist() == pytest.approx([0.2, -2.0])  # rate limit from rest: 10/s * 20 ms; box
     applied = r.write(np.array([-1.0, 0.0]))
-    assert applied[0] == pytest.approx(0.8)  # rate limit: 10/s * 20 ms = 0.2 per tick
+    assert applied[0] == pytest.approx(0.0)  # 0.2 - 0.2 per tick
     assert np.array_equal(r.sent[-1], applied)
     assert r.clamp_count == 2
-    r.write(np.array([0.7, 0.0]))
+    r.write(np.array([0.1, 0.0]))
     assert r.clamp_count == 2  # within limits: untouched
 
 

@@ -221,7 +221,7 @@ class Robot(ABC):
             self._disconnect()
 
     def reset(self, seed: int | None = None) -> Observation:
-        self._last_applied = None
+        self._last_applied = self._spec.stop_action()  # the actuator rests at the stop command
         return self._reset(seed)
 
     def read(self) -> Observation:
