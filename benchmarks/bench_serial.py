@@ -16,13 +16,13 @@ import os
 import time
 
 import numpy as np
+
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
 from robot_mbrl.drivers.serial_robot import SerialRobot
 from robot_mbrl.drivers.transport import Transport, frame_time_s, make_transport
-from robot_mbrl.hil.emulator import serve
-
 from robot_mbrl.hal.robot import Channel, RobotSpec
+from robot_mbrl.hil.emulator import serve
 
 
 class Plant:

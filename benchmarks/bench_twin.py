@@ -20,10 +20,10 @@ import time
 import gymnasium
 import mujoco
 import numpy as np
-from robot_mbrl.sim.cartpole import CartpoleTwin
-from robot_mbrl.sim.params import ScheduleEvent, TwinConfig
 
 import robot_mbrl  # noqa: F401  (registers the gym ids)
+from robot_mbrl.sim.cartpole import CartpoleTwin
+from robot_mbrl.sim.params import ScheduleEvent, TwinConfig
 
 
 def twin_rate(steps: int) -> float:

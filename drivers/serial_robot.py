@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
 from robot_mbrl.drivers.transport import LinkDown, Transport
-
 from robot_mbrl.hal.robot import Fault, Observation, Robot, RobotSpec
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import serial
+
 from robot_mbrl.drivers.config import SerialConfig
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.mcu import DeviceFault
 from robot_mbrl.hil.faults import FaultConfig, FaultyLink, Link, PtyLink, SocketLink

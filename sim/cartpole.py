@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import mujoco
 import numpy as np
-from robot_mbrl.sim.params import OBS_CHANNELS, TwinConfig
-from robot_mbrl.sim.schedule import Schedule
 
 from robot_mbrl.hal.robot import BoxConstraint, Channel, Fault, Observation, Robot, RobotSpec
+from robot_mbrl.sim.params import OBS_CHANNELS, TwinConfig
+from robot_mbrl.sim.schedule import Schedule
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from robot_mbrl.hal.gym_backend import RobotEnv
 from robot_mbrl.sim.cartpole import CartpoleTwin
 from robot_mbrl.sim.params import TwinConfig
-
-from robot_mbrl.hal.gym_backend import RobotEnv
 from robot_mbrl.tasks.cartpole import CartpoleTask
 
 EPISODE_STEPS = 500  # 10 s at the default 50 Hz

@@ -6,6 +6,7 @@ import struct
 import time
 
 import pytest
+
 from robot_mbrl.drivers import dynamixel as dxl
 from robot_mbrl.drivers.framing import CrcError
 from robot_mbrl.drivers.transport import Transport

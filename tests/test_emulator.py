@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import serial
+
 from robot_mbrl.drivers import mcu
 from robot_mbrl.hil.emulator import McuEmulator, serve
 from robot_mbrl.hil.faults import FaultConfig, FaultyLink, PtyLink

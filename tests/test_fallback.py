@@ -7,11 +7,11 @@ import math
 import mujoco
 import numpy as np
 import pytest
-from robot_mbrl.sim.cartpole import CartpoleTwin
-from robot_mbrl.sim.params import TwinConfig
 
 from robot_mbrl.hal.robot import Fault
 from robot_mbrl.safety.fallback import FallbackConfig, make_fallback
+from robot_mbrl.sim.cartpole import CartpoleTwin
+from robot_mbrl.sim.params import TwinConfig
 from robot_mbrl.typedconfig import ConfigError, build
 
 TWIN_CFG = TwinConfig()
@@ -33,8 +33,9 @@ def test_brake_opposes_velocity_saturates_and_ignores_the_pole():
 
 
 def test_brake_barrier_pushes_back_only_near_the_safe_edge():
-    brake = make_fallback(FallbackConfig(kind="brake", kv=0.0, kx=1.0, safe_x_m=0.35,
-                                         barrier_width_m=0.05), SPEC)
+    brake = make_fallback(
+        FallbackConfig(kind="brake", kv=0.0, kx=1.0, safe_x_m=0.35, barrier_width_m=0.05), SPEC
+    )
     assert brake.act(values(x=0.29))[0] == 0.0
     assert brake.act(values(x=0.325))[0] == pytest.approx(-0.5)
     assert brake.act(values(x=-0.325))[0] == pytest.approx(0.5)
@@ -48,8 +49,9 @@ def test_hold_returns_the_stop_command():
 
 @pytest.mark.parametrize("kind", ["pd", "lqr"])
 def test_linear_feedback_on_named_channels_wraps_angle_errors(kind):
-    cfg = FallbackConfig(kind=kind, channels=("x_m", "theta_rad", "xdot_m_s"), gains=(1.0, 2.0, 0.5),
-                         targets=(0.1, 0.0, 0.0))
+    cfg = FallbackConfig(
+        kind=kind, channels=("x_m", "theta_rad", "xdot_m_s"), gains=(1.0, 2.0, 0.5), targets=(0.1, 0.0, 0.0)
+    )
     policy = make_fallback(cfg, SPEC)
     u = policy.act(values(x=0.2, theta=0.05, xdot=0.2))
     assert u[0] == pytest.approx(-(1.0 * 0.1 + 2.0 * 0.05 + 0.5 * 0.2))
@@ -87,8 +89,12 @@ def best_case_stopping_distance_m(v: float, cfg: TwinConfig) -> float:
     """A lower bound on the distance any controller needs to stop from speed ``v``: full motor
     force from t = 0 with no latency, plus all the help friction and the pole could give (the
     pole's coupling at most lowers the effective mass to m_c + m_p / 4 and adds 3/8 m_p g)."""
-    force = cfg.max_force_n + cfg.rail_coulomb_n + cfg.rail_viscous_n_s_m * abs(v) \
+    force = (
+        cfg.max_force_n
+        + cfg.rail_coulomb_n
+        + cfg.rail_viscous_n_s_m * abs(v)
         + 0.375 * cfg.pole_mass_kg * cfg.gravity_m_s2
+    )
     a_max = force / (cfg.cart_mass_kg + cfg.pole_mass_kg / 4)
     return v * v / (2 * a_max)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from robot_mbrl.drivers import dynamixel as dxl
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.framing import ProtocolError, cobs_decode, decode_frame, encode_frame

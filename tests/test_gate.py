@@ -15,9 +15,13 @@ from robot_mbrl.safety.fallback import FallbackConfig, make_fallback
 from robot_mbrl.safety.gate import GateConfig, SafetyGate
 
 SPEC = RobotSpec(
-    obs=(Channel("x_m", "m", -0.5, 0.5), Channel("theta_rad", "rad", -math.pi, math.pi, angle=True),
-         Channel("xdot_m_s", "m/s", -5.0, 5.0), Channel("thetadot_rad_s", "rad/s", -40.0, 40.0),
-         Channel("u_applied", "1", -1.0, 1.0)),
+    obs=(
+        Channel("x_m", "m", -0.5, 0.5),
+        Channel("theta_rad", "rad", -math.pi, math.pi, angle=True),
+        Channel("xdot_m_s", "m/s", -5.0, 5.0),
+        Channel("thetadot_rad_s", "rad/s", -40.0, 40.0),
+        Channel("u_applied", "1", -1.0, 1.0),
+    ),
     act=(Channel("motor_u", "1", -1.0, 1.0),),
     control_hz=50.0,
     constraints=(BoxConstraint("track", "x_m", -0.35, 0.35),),
@@ -36,7 +40,10 @@ def plan(action=MPC_ACTION, disagreement=0.1, margin=-0.2) -> PlanInfo:
         predicted_obs=torch.zeros(K + 1, E, 5),
         disagreement=torch.full((K,), float(disagreement)),
         constraint_margins=torch.full((K, E, 1), float(margin)),
-        value_tail=0.0, expected_return=1.0, truncated_at=None, solve_time_s=0.001,
+        value_tail=0.0,
+        expected_return=1.0,
+        truncated_at=None,
+        solve_time_s=0.001,
     )
 
 
@@ -221,7 +228,9 @@ def test_no_gate_passes_the_mpc_action_but_records_alarms():
         events += d.events
     assert sources == ["mpc"] * 7
     assert [(e["tick"], e["kind"], e["trigger"]) for e in events] == [
-        (1, "alarm", "disagreement"), (6, "alarm", "disagreement")]
+        (1, "alarm", "disagreement"),
+        (6, "alarm", "disagreement"),
+    ]
     assert events[0]["applied"] == MPC_ACTION.tolist() and gate.fallback_ticks == 0
 
 

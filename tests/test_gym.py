@@ -9,12 +9,12 @@ import gymnasium
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
-from robot_mbrl.sim.cartpole import CartpoleTwin
-from robot_mbrl.sim.params import TwinConfig
 
 import robot_mbrl
 from robot_mbrl.hal import Fault
 from robot_mbrl.hal.gym_backend import GymRobot, RobotEnv
+from robot_mbrl.sim.cartpole import CartpoleTwin
+from robot_mbrl.sim.params import TwinConfig
 from robot_mbrl.tasks import CartpoleTask
 
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.framing import MessageError, ProtocolError, decode_frame, encode_frame
 

@@ -23,8 +23,11 @@ from robot_mbrl.safety.monitors import (
 )
 
 SPEC = RobotSpec(
-    obs=(Channel("x_m", "m", -1.0, 1.0), Channel("theta_rad", "rad", -math.pi, math.pi, angle=True),
-         Channel("xdot_m_s", "m/s", -5.0, 5.0)),
+    obs=(
+        Channel("x_m", "m", -1.0, 1.0),
+        Channel("theta_rad", "rad", -math.pi, math.pi, angle=True),
+        Channel("xdot_m_s", "m/s", -5.0, 5.0),
+    ),
     act=(Channel("u", "1", -1.0, 1.0),),
     control_hz=50.0,
 )
@@ -69,9 +72,13 @@ class ShiftedMembers:
         assert obs.shape[0] == self.num_members and obs.ndim == 3  # each member its own trajectory
         mean = obs + self.b[:, None, None] * act[..., :1]
         n = obs.shape[1]
-        return Prediction(mean=mean, var=torch.ones_like(mean), reward=None,
-                          disagreement=mean.std(dim=0, unbiased=False).mean(-1),
-                          max_pairwise=torch.zeros(n))
+        return Prediction(
+            mean=mean,
+            var=torch.ones_like(mean),
+            reward=None,
+            disagreement=mean.std(dim=0, unbiased=False).mean(-1),
+            max_pairwise=torch.zeros(n),
+        )
 
 
 def test_plan_disagreement_scores_is_the_worst_step_of_each_member_rollout():
@@ -193,8 +200,11 @@ def test_shift_monitor_alarms_once_then_debounces_and_resets_on_retrain():
 
 def test_shift_monitor_wraps_angle_residuals_and_accepts_observations():
     mon = ShiftMonitor(SPEC)
-    z = mon.residual_z(np.array([0.0, -math.pi + 0.01, 0.0]), np.array([0.0, math.pi - 0.01, 0.0]),
-                       np.array([1.0, 0.01, 1.0]))
+    z = mon.residual_z(
+        np.array([0.0, -math.pi + 0.01, 0.0]),
+        np.array([0.0, math.pi - 0.01, 0.0]),
+        np.array([1.0, 0.01, 1.0]),
+    )
     assert z[1] == pytest.approx(2.0)
     obs = Observation(np.zeros(3), 0.0)
     nxt = Observation(np.array([np.nan, 0.0, 0.0]), 0.02)
@@ -206,16 +216,18 @@ def test_shift_monitor_ood_needs_persistence_and_feeds_the_gate():
     rng = np.random.default_rng(5)
     mon = ShiftMonitor(SPEC, ShiftConfig(ood_persist_ticks=3, ood_false_alarm_rate=0.01))
     train_obs = rng.uniform([-0.3, -math.pi, -1.0], [0.3, math.pi, 1.0], (3000, 3))
-    thr = mon.fit_ood(train_obs, rng.uniform(-1, 1, (3000, 1)), train_obs[:1000] * 0.99,
-                      rng.uniform(-1, 1, (1000, 1)))
+    thr = mon.fit_ood(
+        train_obs, rng.uniform(-1, 1, (3000, 1)), train_obs[:1000] * 0.99, rng.uniform(-1, 1, (1000, 1))
+    )
     far = np.array([0.9, 0.0, 4.0])
     events = []
     for t in range(3):
         events += mon.observe(far, np.zeros(1), far, far, np.ones(3), t)
         assert (mon.ood_score > thr) and (len(events) == (1 if t == 2 else 0))
     assert events[0]["trigger"] == "ood"
-    gate = SafetyGate(SPEC, GateConfig(disagreement_threshold=1.0), make_fallback(
-        FallbackConfig(kind="hold"), SPEC), mon)
+    gate = SafetyGate(
+        SPEC, GateConfig(disagreement_threshold=1.0), make_fallback(FallbackConfig(kind="hold"), SPEC), mon
+    )
     gate.set_thresholds(ood=thr * 2)  # the gate forwards the stored OOD threshold
     assert mon.ood.threshold == thr * 2
     assert "monitor:val_loss" not in [name for name, _, _ in mon.active_alarms()]
@@ -235,8 +247,13 @@ def test_calibration_statistic_equals_what_the_planner_reports():
 
     angle = np.array([False, True, False, False])
     model = ProbabilisticEnsemble(4, 1, angle, EnsembleConfig(members=4, elites=2, hidden=16), seed=0)
-    mpc = MPCPlanner(model, CartpoleTask(), np.array([-1.0]), np.array([1.0]),
-                     config=PlannerConfig(horizon=5, population=8, iterations=1, elites=2))
+    mpc = MPCPlanner(
+        model,
+        CartpoleTask(),
+        np.array([-1.0]),
+        np.array([1.0]),
+        config=PlannerConfig(horizon=5, population=8, iterations=1, elites=2),
+    )
     s0 = np.array([0.1, 3.0, 0.2, -0.5], dtype=np.float32)
     info = mpc.plan(s0)
     score = plan_disagreement_scores(model, s0[None], info.actions.numpy()[None])

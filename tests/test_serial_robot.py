@@ -6,14 +6,14 @@ import time
 
 import numpy as np
 import pytest
+
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
 from robot_mbrl.drivers.serial_robot import HandshakeError, NotActive, SerialRobot
 from robot_mbrl.drivers.transport import make_transport
+from robot_mbrl.hal.robot import Channel, Fault, RobotSpec
 from robot_mbrl.hil.emulator import serve
 from robot_mbrl.hil.faults import FaultConfig
-
-from robot_mbrl.hal.robot import Channel, Fault, RobotSpec
 
 HZ = 100.0
 SPEC = RobotSpec(

@@ -8,10 +8,10 @@ import time
 import tty
 
 import pytest
+
 from robot_mbrl.drivers.config import SerialConfig
 from robot_mbrl.drivers.framing import encode_frame
 from robot_mbrl.drivers.transport import LinkDown, Transport, frame_time_s, make_transport
-
 from robot_mbrl.typedconfig import ConfigError, build
 
 

@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import pytest
+
+from robot_mbrl.hal import Fault, stop_on_signals
 from robot_mbrl.sim.cartpole import CartpoleTwin, wrap_angle
 from robot_mbrl.sim.params import ScheduleEvent, TwinConfig
 from robot_mbrl.sim.schedule import Schedule
-
-from robot_mbrl.hal import Fault, stop_on_signals
 from robot_mbrl.typedconfig import ConfigError, build
 
 QUIET = dict(init_x_std_m=0.0, init_theta_std_rad=0.0, init_xdot_std_m_s=0.0, init_thetadot_std_rad_s=0.0)

@@ -79,8 +79,9 @@ def plan_disagreement_scores(
     obs0_t = torch.as_tensor(obs0, dtype=torch.float32)
     act_t = torch.as_tensor(actions, dtype=torch.float32)
     if obs0_t.ndim != 2 or act_t.ndim != 3 or act_t.shape[0] != obs0_t.shape[0]:
-        raise ValueError(f"expected obs0 N x S and actions N x k x A, got {tuple(obs0_t.shape)}, "
-                         f"{tuple(act_t.shape)}")
+        raise ValueError(
+            f"expected obs0 N x S and actions N x k x A, got {tuple(obs0_t.shape)}, {tuple(act_t.shape)}"
+        )
     n, k = act_t.shape[0], act_t.shape[1]
     if k < 1:
         raise ValueError("segments need at least one action")

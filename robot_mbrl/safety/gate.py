@@ -43,8 +43,8 @@ class GateConfig:
 
     no_gate: bool = param(False, "pass the MPC action through, only record what would have triggered")
     disagreement_threshold: float | None = param(
-        None, "worst-step plan disagreement threshold; None = uncalibrated (the MPC is never trusted)",
-        gt=0)
+        None, "worst-step plan disagreement threshold; None = uncalibrated (the MPC is never trusted)", gt=0
+    )
     reentry_fraction: float = param(0.8, "re-entry needs disagreement below this x threshold", gt=0, le=1)
     dwell_ticks: int = param(25, "ticks every trigger must stay clear before returning to the MPC", ge=1)
     constraint_margin: float = param(0.0, "trigger when some member predicts g(x) > -margin", ge=0)
@@ -91,8 +91,9 @@ class SafetyGate:
     ``switches`` (source changes, or would-be switches in ``no_gate`` mode).
     """
 
-    def __init__(self, spec: RobotSpec, cfg: GateConfig, fallback: FallbackPolicy,
-                 monitor: ShiftMonitor | None = None):
+    def __init__(
+        self, spec: RobotSpec, cfg: GateConfig, fallback: FallbackPolicy, monitor: ShiftMonitor | None = None
+    ):
         self.spec, self.fallback, self.monitor = spec, fallback, monitor
         self.cfg = cfg
         self._stop = np.clip(np.array(spec.stop_action(), dtype=float), spec.act_low, spec.act_high)
@@ -124,8 +125,15 @@ class SafetyGate:
             self.monitor.set_ood_threshold(ood)
 
     # -- the decision ----------------------------------------------------------------------
-    def decide(self, tick: int, time_s: float, obs: Observation, plan: PlanInfo | None,
-               plan_error: BaseException | None, deadline_missed: bool) -> GateDecision:
+    def decide(
+        self,
+        tick: int,
+        time_s: float,
+        obs: Observation,
+        plan: PlanInfo | None,
+        plan_error: BaseException | None,
+        deadline_missed: bool,
+    ) -> GateDecision:
         """The action to write on this tick. Never raises (``Exception``), never non-finite.
 
         ``time_s`` is the tick time on the clock of ``obs.stamp_s`` (monotonic seconds); a plan that
@@ -155,14 +163,29 @@ class SafetyGate:
         except Exception:  # noqa: BLE001 - a broken plan must not block the stop
             log.exception("tick %d: unreadable proposed action", tick)
             proposed = None
-        event = {"tick": tick, "time_s": time_s, "kind": "gate_error", "trigger": "gate_error",
-                 "reason": f"{type(err).__name__}: {err}", "score": None, "threshold": None,
-                 "proposed": proposed, "applied": self._stop.tolist()}
+        event = {
+            "tick": tick,
+            "time_s": time_s,
+            "kind": "gate_error",
+            "trigger": "gate_error",
+            "reason": f"{type(err).__name__}: {err}",
+            "score": None,
+            "threshold": None,
+            "proposed": proposed,
+            "applied": self._stop.tolist(),
+        }
         trig = (Trigger("gate_error", 1.0, 0.0),)
         return GateDecision(self._stop.copy(), "fallback", trig, switched, [event])
 
-    def _decide(self, tick: int, time_s: float, obs: Observation, plan: PlanInfo | None,
-                plan_error: BaseException | None, deadline_missed: bool) -> GateDecision:
+    def _decide(
+        self,
+        tick: int,
+        time_s: float,
+        obs: Observation,
+        plan: PlanInfo | None,
+        plan_error: BaseException | None,
+        deadline_missed: bool,
+    ) -> GateDecision:
         triggers = self._obs_triggers(time_s, obs)
         triggers += self._plan_triggers(plan, plan_error, deadline_missed)
         if self.monitor is not None:
@@ -182,8 +205,11 @@ class SafetyGate:
         switched = self.mode != previous
 
         proposed = None if plan is None else np.asarray(plan.action, dtype=float).reshape(-1)
-        mpc_ok = proposed is not None and proposed.shape == (self.spec.act_dim,) \
+        mpc_ok = (
+            proposed is not None
+            and proposed.shape == (self.spec.act_dim,)
             and bool(np.all(np.isfinite(proposed)))
+        )
         use_mpc = mpc_ok and (self.cfg.no_gate or self.mode == "mpc")
         action = proposed.copy() if use_mpc else self._fallback_action(obs)
         source = "mpc" if use_mpc else "fallback"
@@ -192,8 +218,14 @@ class SafetyGate:
         self.fallback_ticks += int(source == "fallback")
         self.switches += int(switched)
         if switched:
-            log.info("tick %d: %s%s -> %s (%s)", tick, "[no_gate, would switch] " if self.cfg.no_gate else "",
-                     previous, self.mode, "; ".join(map(str, triggers)) or "re-entry")
+            log.info(
+                "tick %d: %s%s -> %s (%s)",
+                tick,
+                "[no_gate, would switch] " if self.cfg.no_gate else "",
+                previous,
+                self.mode,
+                "; ".join(map(str, triggers)) or "re-entry",
+            )
         events = []
         if switched and not self.cfg.no_gate:
             events.append(self._event(tick, time_s, "switch", triggers, worst, proposed, action))
@@ -220,8 +252,9 @@ class SafetyGate:
             out.append(Trigger("obs_fault", float(int(obs.faults)), 0.0))
         return out
 
-    def _plan_triggers(self, plan: PlanInfo | None, plan_error: BaseException | None,
-                       deadline_missed: bool) -> list[Trigger]:
+    def _plan_triggers(
+        self, plan: PlanInfo | None, plan_error: BaseException | None, deadline_missed: bool
+    ) -> list[Trigger]:
         out = []
         if plan_error is not None:
             out.append(Trigger("plan_error", 1.0, 0.0))
@@ -229,9 +262,11 @@ class SafetyGate:
             out.append(Trigger("deadline_missed", 1.0, 0.0))
         if plan is None:
             return out + ([] if plan_error is not None else [Trigger("plan_missing", 1.0, 0.0)])
-        parts = (np.asarray(plan.action, dtype=float).reshape(-1),
-                 plan.disagreement.detach().cpu().double().numpy().reshape(-1),
-                 plan.constraint_margins.detach().cpu().double().numpy().reshape(-1))
+        parts = (
+            np.asarray(plan.action, dtype=float).reshape(-1),
+            plan.disagreement.detach().cpu().double().numpy().reshape(-1),
+            plan.constraint_margins.detach().cpu().double().numpy().reshape(-1),
+        )
         bad = sum(int(np.sum(~np.isfinite(p))) for p in parts)
         if bad or parts[0].shape != (self.spec.act_dim,):
             return out + [Trigger("plan_nonfinite", float(bad), 0.0)]
@@ -256,8 +291,16 @@ class SafetyGate:
             raise FloatingPointError(f"fallback returned {a!r}")
         return a
 
-    def _event(self, tick: int, time_s: float, kind: str, triggers: tuple[Trigger, ...], worst: float,
-               proposed: np.ndarray | None, applied: np.ndarray) -> dict:
+    def _event(
+        self,
+        tick: int,
+        time_s: float,
+        kind: str,
+        triggers: tuple[Trigger, ...],
+        worst: float,
+        proposed: np.ndarray | None,
+        applied: np.ndarray,
+    ) -> dict:
         if triggers:
             first = triggers[0]
             trigger, score, threshold = first.name, _finite(first.score), _finite(first.threshold)
@@ -266,6 +309,15 @@ class SafetyGate:
             trigger, score = "reentry", _finite(worst)
             threshold = _finite(self.reentry_threshold)
             reason = f"all triggers clear for {self.cfg.dwell_ticks} ticks, disagreement below re-entry"
-        return {"tick": tick, "time_s": time_s, "kind": kind, "trigger": trigger, "reason": reason,
-                "score": score, "threshold": threshold, "to": self.mode,
-                "proposed": _jsonable(proposed), "applied": _jsonable(applied)}
+        return {
+            "tick": tick,
+            "time_s": time_s,
+            "kind": kind,
+            "trigger": trigger,
+            "reason": reason,
+            "score": score,
+            "threshold": threshold,
+            "to": self.mode,
+            "proposed": _jsonable(proposed),
+            "applied": _jsonable(applied),
+        }

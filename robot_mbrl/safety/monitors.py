@@ -65,15 +65,15 @@ class ShiftConfig:
 
     arl0_ticks: float = param(10_000.0, "target in-control average run length of the residual CUSUM", gt=1)
     shift_sigma: float = param(1.0, "residual mean shift (in predicted std) the CUSUM is tuned for", gt=0)
-    aggregate: str = param("max", "per-dim CUSUMs (max) or one on sum(z)/sqrt(S) (mean)",
-                           choices=("max", "mean"))
+    aggregate: str = param(
+        "max", "per-dim CUSUMs (max) or one on sum(z)/sqrt(S) (mean)", choices=("max", "mean")
+    )
     z_clip: float = param(6.0, "clip |z| per tick so one sensor glitch cannot alarm alone", gt=0)
     cap_factor: float = param(2.0, "CUSUM statistics are capped at cap_factor*h (bounded recovery)", gt=1)
     min_std: float = param(1e-3, "floor on the predicted std used to normalize residuals", gt=0)
     ood_method: str = param("knn", "input OOD score", choices=("knn", "mahalanobis"))
     knn_k: int = param(5, "k of the k-NN distance", ge=1)
-    ood_max_reference: int = param(20_000, "training inputs kept as k-NN reference (seeded subsample)",
-                                   ge=10)
+    ood_max_reference: int = param(20_000, "training inputs kept as k-NN reference (seeded subsample)", ge=10)
     ood_false_alarm_rate: float = param(1e-3, "per-tick false-alarm rate of the OOD threshold", gt=0, lt=1)
     ood_persist_ticks: int = param(3, "OOD score must exceed its threshold this many ticks in a row", ge=1)
     val_loss_factor: float = param(2.0, "alarm when fresh loss / holdout loss exceeds this", gt=1)
@@ -97,8 +97,15 @@ class CusumMonitor:
     holds while the shift persists and is cleared by :meth:`reset` (after a retrain).
     """
 
-    def __init__(self, num_dims: int, arl0_ticks: float = 10_000.0, shift_sigma: float = 1.0,
-                 aggregate: str = "max", z_clip: float = 6.0, cap_factor: float = 2.0):
+    def __init__(
+        self,
+        num_dims: int,
+        arl0_ticks: float = 10_000.0,
+        shift_sigma: float = 1.0,
+        aggregate: str = "max",
+        z_clip: float = 6.0,
+        cap_factor: float = 2.0,
+    ):
         if aggregate not in ("max", "mean"):
             raise ValueError(f"aggregate must be max or mean, got {aggregate!r}")
         self.num_dims = num_dims
@@ -199,10 +206,10 @@ class OODMonitor:
             ref_sq = np.sum(ref * ref, axis=1)
             out = np.empty(flat.shape[0])
             for i in range(0, flat.shape[0], chunk):
-                q = flat[i:i + chunk]
+                q = flat[i : i + chunk]
                 d2 = np.sum(q * q, axis=1)[:, None] - 2.0 * q @ ref.T + ref_sq[None, :]
                 kth = np.partition(d2, self.k - 1, axis=1)[:, self.k - 1]
-                out[i:i + chunk] = np.sqrt(np.maximum(kth, 0.0))
+                out[i : i + chunk] = np.sqrt(np.maximum(kth, 0.0))
         return out.reshape(x.shape[:-1])
 
 
@@ -270,8 +277,9 @@ class ShiftMonitor:
     def __init__(self, spec: RobotSpec, cfg: ShiftConfig | None = None):
         self.spec = spec
         self.cfg = cfg = cfg or ShiftConfig()
-        self.cusum = CusumMonitor(spec.obs_dim, cfg.arl0_ticks, cfg.shift_sigma, cfg.aggregate,
-                                  cfg.z_clip, cfg.cap_factor)
+        self.cusum = CusumMonitor(
+            spec.obs_dim, cfg.arl0_ticks, cfg.shift_sigma, cfg.aggregate, cfg.z_clip, cfg.cap_factor
+        )
         self.ood = OODMonitor(cfg.ood_method, cfg.knn_k, cfg.ood_max_reference, cfg.seed)
         self.val_loss = ValLossMonitor(cfg.val_loss_factor)
         self.ood_score = 0.0
@@ -287,12 +295,19 @@ class ShiftMonitor:
         parts = [obs[..., ~mask], np.sin(obs[..., mask]), np.cos(obs[..., mask]), act]
         return np.concatenate(parts, axis=-1)
 
-    def fit_ood(self, train_obs: np.ndarray, train_act: np.ndarray, holdout_obs: np.ndarray,
-                holdout_act: np.ndarray, false_alarm_rate: float | None = None) -> float:
+    def fit_ood(
+        self,
+        train_obs: np.ndarray,
+        train_act: np.ndarray,
+        holdout_obs: np.ndarray,
+        holdout_act: np.ndarray,
+        false_alarm_rate: float | None = None,
+    ) -> float:
         """Fit the OOD monitor on the model's training inputs; returns the calibrated threshold."""
         rate = self.cfg.ood_false_alarm_rate if false_alarm_rate is None else false_alarm_rate
-        return self.ood.fit(self.features(train_obs, train_act),
-                            self.features(holdout_obs, holdout_act), rate)
+        return self.ood.fit(
+            self.features(train_obs, train_act), self.features(holdout_obs, holdout_act), rate
+        )
 
     def set_ood_threshold(self, threshold: float) -> None:
         if not math.isfinite(threshold):
@@ -307,8 +322,15 @@ class ShiftMonitor:
         return r / np.maximum(np.asarray(std, dtype=float), self.cfg.min_std)
 
     # -- per tick --------------------------------------------------------------------------
-    def observe(self, obs: Observation | np.ndarray, act: np.ndarray, next_obs: Observation | np.ndarray,
-                prediction_mean: np.ndarray, prediction_std: np.ndarray, tick: int) -> list[dict]:
+    def observe(
+        self,
+        obs: Observation | np.ndarray,
+        act: np.ndarray,
+        next_obs: Observation | np.ndarray,
+        prediction_mean: np.ndarray,
+        prediction_std: np.ndarray,
+        tick: int,
+    ) -> list[dict]:
         """One real transition and the model's prediction for it (ensemble mean and predictive
         std, S each). Returns the alarm events that fire on this tick."""
         s, s_next = _values(obs), _values(next_obs)
@@ -318,8 +340,12 @@ class ShiftMonitor:
             self.cusum.update(z)
         else:
             log.debug("tick %d: non-finite residual, CUSUM not updated", tick)
-        if self.ood.fitted and self.ood.threshold is not None and np.all(np.isfinite(s)) \
-                and np.all(np.isfinite(a)):
+        if (
+            self.ood.fitted
+            and self.ood.threshold is not None
+            and np.all(np.isfinite(s))
+            and np.all(np.isfinite(a))
+        ):
             self.ood_score = float(self.ood.score(self.features(s, a)))
             self._ood_streak = self._ood_streak + 1 if self.ood_score > self.ood.threshold else 0
         return self._events(tick, ("cusum", "ood"))
@@ -360,7 +386,14 @@ class ShiftMonitor:
             alarm, score, threshold = self.state(name)
             if self._debounce[name].update(alarm, tick):
                 log.info("tick %d: %s alarm (score %.3g > %.3g)", tick, name, score, threshold)
-                events.append({"tick": tick, "kind": "alarm", "trigger": name,
-                               "reason": f"{name} score {score:.3g} > threshold {threshold:.3g}",
-                               "score": float(score), "threshold": float(threshold)})
+                events.append(
+                    {
+                        "tick": tick,
+                        "kind": "alarm",
+                        "trigger": name,
+                        "reason": f"{name} score {score:.3g} > threshold {threshold:.3g}",
+                        "score": float(score),
+                        "threshold": float(threshold),
+                    }
+                )
         return events
