@@ -1,0 +1,198 @@
+"""HIL suite: the full host stack drives the emulated cart-pole over a real pty at 50 Hz (wall clock)
+while faults are injected. Every scenario asserts the common invariants (:func:`check_common`):
+
+* no command outside the spec's command and rate limits reached the device (its command log);
+* the host never crashed: every tick ran and the final safe stop reached the device;
+* the gate fell back on every tick whose observation was invalid;
+* every transition the robot vouched for is in the replay buffer, and the buffer holds no NaN.
+
+ROBOT_MBRL_REDUCED=1 runs the same scenarios shorter (CI: the whole suite < 90 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from robot_mbrl.drivers.serial_robot import NotActive
+from robot_mbrl.hal.robot import Fault
+from robot_mbrl.hil.faults import FaultConfig
+from robot_mbrl.hil.scenarios import Injection, Scenario, ScenarioResult, run_scenario
+from robot_mbrl.sim.params import ScheduleEvent
+
+log = logging.getLogger(__name__)
+
+pytestmark = pytest.mark.hil
+
+REDUCED = os.environ.get("ROBOT_MBRL_REDUCED") == "1"
+T = 150 if REDUCED else 400  # ticks per scenario at 50 Hz (3 s / 8 s)
+DT = 0.02
+WATCHDOG_S = 0.1
+NOISY = FaultConfig(corrupt_rate=0.01, chunk_drop_rate=0.05)  # 1 % of bytes, 5 % of frames
+# a loaded 2-core machine delays the device thread: allow two device periods and 60 ms of jitter
+BRAKE_SLACK_S = 2 * DT + 0.06
+
+
+def check_common(res: ScenarioResult, min_vouched_fraction: float = 0.2) -> None:
+    sc = res.scenario
+    log.info(
+        "%s: %.1f s, %d ticks, %d invalid, %d fallback, %d vouched, %d in buffer, loop %s, link %s",
+        sc.name, res.wall_s, res.episode.steps, len(res.invalid_ticks()), res.episode.fallback_ticks,
+        len(res.vouched_keys()), len(res.buffer), res.loop_stats.as_dict() if res.loop_stats else None,
+        res.link_stats,
+    )  # fmt: skip
+    assert res.episode.steps == sc.ticks, "the host stopped early"
+    assert res.commands_outside_limits() == []
+    assert res.commands and res.commands[-1].values == tuple(res.spec.stop_action()), "no final safe stop"
+    assert res.invalid_ticks_not_fallback() == []
+    assert res.vouched_missing_from_buffer() == set()
+    assert res.buffer_rows_not_finite() == 0
+    # data keeps flowing: not a vacuous pass because nothing was vouched
+    assert len(res.vouched_keys()) >= min_vouched_fraction * sc.ticks
+
+
+def vouched_after(res: ScenarioResult, t_s: float) -> int:
+    return sum(1 for o in res.reads if o.info.get("vouched") and o.stamp_s > t_s)
+
+
+def test_clean_link_baseline():
+    res = run_scenario(Scenario("clean", ticks=T))
+    check_common(res, min_vouched_fraction=0.8)
+    assert res.device_crc_errors == 0 and res.link_stats["crc_errors"] == 0
+
+
+def test_corrupted_and_dropped_frames():
+    inj = (Injection(5, "link_faults", config=NOISY),)
+    res = run_scenario(Scenario("noisy_link", ticks=T, injections=inj, seed=1))
+    check_common(res)
+    assert res.link_stats["crc_errors"] > 0, "host saw no corrupted frame"
+    assert res.device_crc_errors > 0, "device saw no corrupted command"
+    assert res.link_stats["frames_dropped"] > 0
+    assert res.invalid_ticks(), "lost frames never made an observation stale"
+
+
+def test_host_stall_device_watchdog_brakes():
+    k = T // 2
+    res = run_scenario(Scenario("host_stall", ticks=T, injections=(Injection(k, "host_stall", 0.2),)))
+    check_common(res)
+    stall_at = res.injected_at["host_stall"][0]
+    latency = res.brake_latency_s(stall_at)
+    assert WATCHDOG_S - 0.002 < latency <= WATCHDOG_S + BRAKE_SLACK_S, (
+        f"braked {latency * 1e3:.0f} ms after silence"
+    )
+    # it kept braking while the host was silent and let go once commands came back
+    braked = [t for t in res.brake_times_s if t > stall_at]
+    assert len(braked) >= 2, f"braked only {len(braked)} device steps during a 200 ms silence"
+    assert braked[-1] < stall_at + 0.2 + BRAKE_SLACK_S, "still braking after the host came back"
+    assert vouched_after(res, stall_at + 0.5) > 0, "control did not resume after the stall"
+
+
+@pytest.mark.xfail(
+    raises=NotActive,
+    strict=True,
+    reason="SerialRobot._send raises NotActive while it re-handshakes after a reconnect, so "
+    "run_episode's write crashes the host (drivers/serial_robot.py; reported)",
+)
+def test_unplug_and_replug():
+    k = T // 3
+    inj = (Injection(k, "unplug"), Injection(k + 15, "replug"))
+    res = run_scenario(Scenario("unplug", ticks=T, injections=inj))
+    check_common(res)
+    assert res.link_stats["link_losses"] >= 1 and res.link_stats["reconnects"] >= 1
+    unplug_at, replug_at = res.injected_at["unplug"][0], res.injected_at["replug"][0]
+    latency = res.brake_latency_s(unplug_at)
+    assert latency <= WATCHDOG_S + DT + BRAKE_SLACK_S, f"braked {latency * 1e3:.0f} ms after unplug"
+    down = [r for r in res.ticks if unplug_at < r.t_s < replug_at]
+    assert down and all(r.obs.faults & (Fault.COMM | Fault.STALE) for r in down)
+    assert vouched_after(res, replug_at) > 0, "no valid transition after the replug"
+
+
+def test_sensor_spike_and_nan():
+    spike_s, nan_s = T // 3 * DT, 2 * T // 3 * DT
+    schedule = (
+        ScheduleEvent(
+            at_s=spike_s, kind="sensor_spike", target="thetadot_rad_s", value=100.0, duration_s=0.1
+        ),
+        ScheduleEvent(at_s=nan_s, kind="sensor_nan", target="theta_rad", duration_s=0.1),
+    )
+    res = run_scenario(Scenario("sensors", ticks=T, schedule=schedule))
+    check_common(res)
+    seen = [r.obs.values for r in res.ticks]
+    assert any(np.isnan(v[1]) for v in seen), "the NaN reading never reached the host"
+    assert any(abs(v[3]) > 30.0 for v in seen if np.isfinite(v[3])), "the spike never reached the host"
+
+
+def test_actuator_saturation():
+    schedule = (ScheduleEvent(at_s=0.4, kind="actuator_gain", target="motor_u", value=0.5),)
+    res = run_scenario(Scenario("saturation", ticks=T, schedule=schedule, proposer_gain=8.0))
+    check_common(res)
+    assert res.clamp_count > 0.3 * T, "the proposer did not ask for saturated commands"
+    assert any(abs(c.values[0]) == 1.0 for c in res.commands), "no command reached the limit"
+
+
+def test_dynamics_shift():
+    at = T // 2 * DT
+    schedule = (
+        ScheduleEvent(at_s=at, kind="param_scale", target="pole_mass_kg", value=2.0),
+        ScheduleEvent(at_s=at, kind="param_scale", target="rail_viscous_n_s_m", value=3.0),
+    )
+    res = run_scenario(Scenario("shift", ticks=T, schedule=schedule))
+    check_common(res)
+    assert res.twin_params["pole_mass_kg"] == pytest.approx(0.46)
+    assert res.twin_params["rail_viscous_n_s_m"] == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_everything_at_once():
+    n = T + 100
+    schedule = (
+        ScheduleEvent(
+            at_s=n // 5 * DT, kind="sensor_spike", target="thetadot_rad_s", value=100.0, duration_s=0.1
+        ),
+        ScheduleEvent(at_s=2 * n // 5 * DT, kind="sensor_nan", target="theta_rad", duration_s=0.1),
+        ScheduleEvent(at_s=n // 2 * DT, kind="param_scale", target="pole_mass_kg", value=2.0),
+        ScheduleEvent(at_s=0.4, kind="actuator_gain", target="motor_u", value=0.5),
+    )
+    inj = (
+        Injection(5, "link_faults", config=NOISY),
+        Injection(n // 4, "host_stall", 0.2),
+        Injection(3 * n // 5, "link_stall", 0.2),  # unplug/replug: see the xfail above
+    )
+    res = run_scenario(Scenario("everything", ticks=n, schedule=schedule, injections=inj, proposer_gain=3.0))
+    check_common(res, min_vouched_fraction=0.1)
+    assert res.link_stats["crc_errors"] > 0
+    # with corruption a command may be lost just before the stall: bound from the host side only
+    assert res.brake_latency_s(res.injected_at["host_stall"][0]) <= WATCHDOG_S + BRAKE_SLACK_S
+
+
+def test_cli_run_against_the_emulator(tmp_path):
+    """`robot-mbrl run --backend serial` as a subprocess against an emulator served in-process."""
+    import json
+    import subprocess
+    import sys
+
+    from robot_mbrl.hil.emulator import serve_twin
+    from robot_mbrl.sim.cartpole import CartpoleTwin
+    from robot_mbrl.sim.params import TwinConfig
+
+    emu, port = serve_twin(CartpoleTwin(TwinConfig(), seed=0), "pty")
+    try:
+        cmd = [
+            sys.executable, "-m", "robot_mbrl.cli", "run", "--backend", "serial", "--port", port,
+            "--policy", "safe", "--episodes", "1", "--set", "task.episode_steps=50",
+            "--out", str(tmp_path / "run"), "--quiet",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        log.info("cli stdout: %s\nstderr: %s", proc.stdout[-2000:], proc.stderr[-2000:])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["real_steps"] == 50
+        log_ = emu.command_log()
+        assert len(log_) >= 50, f"the device received {len(log_)} commands"
+        assert all(abs(c.values[0]) <= 1.0 and c.applied == c.values for c in log_)
+        assert log_[-1].values == (0.0,), "the CLI did not end with a safe stop"
+    finally:
+        emu.stop()
