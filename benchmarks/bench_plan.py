@@ -1,12 +1,15 @@
 """Plan-time benchmark of the onboard MPC on one thread; prints a markdown report.
 
     python benchmarks/bench_plan.py [--plans 300] [--population N] [--iterations I] [--sweep]
+        [--members E] [--hidden H] [--layers L] [--net-sweep] [--rounds R]
 
-Model: the real ``robot_mbrl.models.ensemble`` when it exists, else a stand-in with the same
-shapes (stacked ``E x in x out`` weights, ``baddbmm`` per layer, SiLU, 4 hidden layers of 200,
-obs_dim 5, act_dim 1, 7 members). FLOPs count only the matmuls: ``2 * E * N * in * out`` per layer
-per model call. The reference rate is a plain ``torch.baddbmm`` loop over the same shapes and the
-same number of calls, measured in the same run.
+Model: the real ``robot_mbrl.models.ensemble`` (its ``EnsembleConfig`` defaults unless overridden;
+the planner then uses the lean ``ProbabilisticEnsemble.step``), else a stand-in with the same
+shapes (stacked ``E x in x out`` weights, ``baddbmm`` per layer, SiLU), obs_dim 5, act_dim 1.
+FLOPs count only the matmuls: ``2 * E * N * in * out`` per layer per model call (the real model
+skips the log-variance half of the output layer; the count keeps it, as the reference does). The
+reference rate is a plain ``torch.baddbmm`` loop over the same shapes and the same number of calls,
+measured in the same run. ``--rounds`` repeats the first config to show the spread on a shared machine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from robot_mbrl.models.base import Prediction
 from robot_mbrl.planning.mpc import MPCPlanner, PlannerConfig
 from robot_mbrl.tasks.base import Task
 
-E, S, A, HIDDEN, LAYERS = 7, 5, 1, 200, 4
+S, A = 5, 1
+try:
+    from robot_mbrl.models.ensemble import EnsembleConfig as _Cfg
+
+    E, HIDDEN, LAYERS = _Cfg().members, _Cfg().hidden, _Cfg().layers
+except ImportError:
+    E, HIDDEN, LAYERS = 7, 128, 4
 
 
 class StandInEnsemble:
@@ -87,7 +96,7 @@ class QuadraticTask(Task):
 def make_model(which: str = "auto") -> tuple[object, str]:
     """The real ensemble (``ProbabilisticEnsemble``) when importable, else the stand-in."""
     if which == "null":
-        return NullModel(), "zero-cost (planner overhead only)"
+        return NullModel(E), "zero-cost (planner overhead only)"
     if which != "stand-in":
         try:
             from robot_mbrl.models.ensemble import EnsembleConfig, ProbabilisticEnsemble
@@ -154,6 +163,12 @@ def bench(cfg: PlannerConfig, plans: int, which: str) -> dict[str, float]:
     }
 
 
+def set_net(members: int | None, hidden: int | None, layers: int | None) -> None:
+    """Override the module-level network shape (used by the model factories and FLOP counts)."""
+    global E, HIDDEN, LAYERS
+    E, HIDDEN, LAYERS = members or E, hidden or HIDDEN, layers or LAYERS
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plans", type=int, default=300)
@@ -161,12 +176,18 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--model", choices=("auto", "real", "stand-in", "null"), default="auto")
     parser.add_argument("--sweep", action="store_true", help="also time other population/iterations")
+    parser.add_argument("--members", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="time the first config this many times")
+    parser.add_argument("--net-sweep", action="store_true", help="first config on other E x L x H nets")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    set_net(args.members, args.hidden, args.layers)
     base = PlannerConfig()
     over = {k: v for k, v in (("population", args.population), ("iterations", args.iterations)) if v}
     base = dataclasses.replace(base, **over)
-    configs = [base]
+    configs = [base] * args.rounds
     if args.sweep:
         configs += [
             dataclasses.replace(base, population=p, iterations=i)
@@ -180,22 +201,32 @@ def main() -> None:
         f"method {base.method}, {args.plans} plans\n"
     )
     print(
-        "| population | iterations | p50 ms | p99 ms | max ms | MFLOP/plan | GFLOP/s plan "
+        "| E x L x H | population | iterations | p50 ms | p99 ms | max ms | MFLOP/plan | GFLOP/s plan "
         "| GFLOP/s bmm loop | plan/bmm |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for cfg in configs:
-        r = bench(cfg, args.plans if cfg is base else max(30, args.plans // 10), args.model)
-        print(
-            f"| {cfg.population} | {cfg.iterations} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-            f"{r['max_ms']:.2f} | {r['mflop']:.0f} | {r['gflops_plan']:.1f} | {r['gflops_bmm']:.1f} | "
-            f"{r['gflops_plan'] / r['gflops_bmm']:.0%} |"
-        )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    nets = [(E, LAYERS, HIDDEN)]
+    if args.net_sweep:
+        nets += [(7, 4, 200), (5, 4, 200), (7, 3, 200), (7, 4, 128), (7, 3, 128), (5, 4, 128)]
+    for net in dict.fromkeys(nets):
+        set_net(net[0], net[2], net[1])
+        for cfg in configs if net == nets[0] else [base]:
+            row(cfg, args.plans if cfg is base else max(30, args.plans // 10), args.model)
+    set_net(nets[0][0], nets[0][2], nets[0][1])
     null = bench(base, max(30, args.plans // 3), "null")
     print(
         f"\nPlanner overhead (zero-cost model, first config): p50 {null['p50_ms']:.2f} ms, "
         f"p99 {null['p99_ms']:.2f} ms. Load average before/after: {load0} / {os.getloadavg()[0]:.2f} "
         f"on {os.cpu_count()} cores (other processes inflate p99)."
+    )
+
+
+def row(cfg: PlannerConfig, plans: int, which: str) -> None:
+    r = bench(cfg, plans, which)
+    print(
+        f"| {E} x {LAYERS} x {HIDDEN} | {cfg.population} | {cfg.iterations} | {r['p50_ms']:.2f} "
+        f"| {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {r['mflop']:.0f} | {r['gflops_plan']:.1f} "
+        f"| {r['gflops_bmm']:.1f} | {r['gflops_plan'] / r['gflops_bmm']:.0%} |"
     )
 
 

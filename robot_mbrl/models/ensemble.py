@@ -23,6 +23,8 @@ from robot_mbrl.models.base import Prediction
 from robot_mbrl.models.normalizer import Normalizer
 from robot_mbrl.typedconfig import param
 
+_CHUNK = 256  # rows per chunk for large-batch inference (see ProbabilisticEnsemble._trunk)
+
 # name -> f(x, inplace); in-place variants save an allocation per layer on the no-grad planning path
 ACTIVATIONS = {
     "silu": lambda x, inplace: F.silu(x, inplace=inplace),
@@ -36,8 +38,8 @@ ACTIVATIONS = {
 class EnsembleConfig:
     members: int = param(7, "ensemble members E, each trained on its own bootstrap resample", ge=1)
     elites: int = param(5, "members with the best holdout loss (the planner may use only these)", ge=1)
-    hidden: int = param(200, "units per hidden layer", ge=1)
-    layers: int = param(4, "hidden layers per member", ge=1)
+    hidden: int = param(128, "units per hidden layer (128 x 3 keeps the onboard plan p99 < 5 ms)", ge=1)
+    layers: int = param(3, "hidden layers per member", ge=1)
     activation: str = param("silu", "hidden activation", choices=tuple(ACTIVATIONS))
     learn_reward: bool = param(False, "also predict the reward (Prediction.reward)")
     lr: float = param(1e-3, "Adam learning rate", gt=0)
@@ -85,6 +87,9 @@ class ProbabilisticEnsemble(torch.nn.Module):
         if mask.shape != (obs_dim,):
             raise ValueError(f"angle_mask: expected shape ({obs_dim},), got {mask.shape}")
         self.register_buffer("angle_mask", torch.as_tensor(mask))
+        self._has_angles = bool(mask.any())  # the mask is fixed at construction
+        self._angle_idx = torch.as_tensor(np.flatnonzero(mask))
+        self._plain_idx = torch.as_tensor(np.flatnonzero(~mask))
         self.in_dim = obs_dim + int(mask.sum()) + act_dim
         self.out_dim = obs_dim + int(cfg.learn_reward)
         self._act = ACTIVATIONS[cfg.activation]
@@ -126,9 +131,10 @@ class ProbabilisticEnsemble(torch.nn.Module):
     # -- encoding --------------------------------------------------------------------------
     def encode(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """``... x S``, ``... x A`` -> ``... x I`` raw network input (angles as sin, cos)."""
-        m = self.angle_mask
-        ang = obs[..., m]
-        return torch.cat([obs[..., ~m], torch.sin(ang), torch.cos(ang), act], dim=-1)
+        if not self._has_angles:
+            return torch.cat([obs, act], dim=-1)
+        ang = obs.index_select(-1, self._angle_idx)
+        return torch.cat([obs.index_select(-1, self._plain_idx), torch.sin(ang), torch.cos(ang), act], dim=-1)
 
     def target(self, obs: torch.Tensor, next_obs: torch.Tensor, reward: torch.Tensor | None) -> torch.Tensor:
         """``... x S``, ``... x S``, ``...`` -> ``... x D`` raw target (wrapped delta, reward)."""
@@ -171,11 +177,95 @@ class ProbabilisticEnsemble(torch.nn.Module):
         self, out: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = out.chunk(2, dim=-1)
+        return mean, self._bound(logvar, hi, lo)
+
+    @staticmethod
+    def _bound(logvar: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        """Soft-clamp the normalized log-variance between ``lo`` and ``hi`` (PETS softplus trick)."""
         logvar = hi - F.softplus(hi - logvar)
-        logvar = lo + F.softplus(logvar - lo)
-        return mean, logvar
+        return lo + F.softplus(logvar - lo)
 
     # -- prediction ------------------------------------------------------------------------
+    def _fused(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Inference weights with the normalizers folded in, rebuilt whenever a parameter or buffer
+        changes (tracked by tensor version counters, so training and load_state_dict invalidate it).
+
+        Layer 0 takes the raw encoded input: ``W0 / s_in`` and ``b0 - (m_in / s_in) W0``. The output
+        layer is split into the mean head, emitting the raw delta (``W * s_out``, ``b * s_out + m_out``),
+        and the normalized log-variance head (``E x H x D`` each), so the planner skips the latter.
+        Returns weights, biases (``E x 1 x out``, last entry = mean head), log-variance W and b.
+        """
+        n_in, n_out = self.in_norm, self.out_norm
+        # iterating a ParameterList costs ~18 us, so the parameter objects are listed once
+        params = self.__dict__.get("_fused_params") or [*self.weights, *self.biases]
+        tensors = [*params, n_in.mean, n_in.std, n_out.mean, n_out.std]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self.__dict__.get("_fused_key") == key:
+            return self._fused_val
+        self._fused_params = [*self.weights, *self.biases]
+        with torch.no_grad():
+            D, (m, s) = self.out_dim, (n_in.mean, n_in.std)
+            ws = [w.detach().clone() for w in self.weights]
+            bs = [b.detach().clone() for b in self.biases]
+            bs[0] = bs[0] - (m / s).view(1, 1, -1) @ ws[0]
+            ws[0] = ws[0] / s.view(1, -1, 1)
+            w_lv, b_lv = ws[-1][..., D:].contiguous(), bs[-1][..., D:].contiguous()
+            # mean head zero-padded to 16 columns: MKL's batched gemm is ~2x faster than at D = 5
+            pad = -D % 16
+            ws[-1] = F.pad(ws[-1][..., :D] * n_out.std, (0, pad)).contiguous()
+            bs[-1] = F.pad(bs[-1][..., :D] * n_out.std + n_out.mean, (0, pad))
+        self._fused_key, self._fused_val = key, (ws, bs, w_lv, b_lv)
+        return self._fused_val
+
+    def _trunk(self, x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
+        """Raw input ``E x N x I`` (may be an expanded view) -> last hidden layer ``E x N x H``.
+
+        Large batches go in row chunks of ``_CHUNK`` so the ``E x chunk x H`` activations stay in
+        cache (at N = 3500 unchunked bmm + SiLU is memory-bound and ~25 % slower)."""
+        n = x.shape[1]
+        if n > 2 * _CHUNK:
+            return torch.cat([self._trunk(x[:, i : i + _CHUNK], ws, bs) for i in range(0, n, _CHUNK)], 1)
+        for w, b in zip(ws[:-1], bs[:-1], strict=True):
+            x = self._act(torch.baddbmm(b, x, w), True)
+        return x
+
+    def _step(
+        self, obs: torch.Tensor, act: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Shared by :meth:`predict` and :meth:`step`: -> next obs ``E x N x S``, disagreement ``N``,
+        reward ``E x N`` or None, last hidden ``E x N x H``, normalized member differences ``E x N x S``."""
+        ws, bs, _, _ = self._fused()
+        dtype, E, S = self.in_norm.mean.dtype, self.num_members, self.obs_dim
+        obs, act = obs.to(dtype), act.to(dtype)
+        if obs.dim() == 2:  # shared input: expand (no copy); faster than broadcasting matmul on CPU
+            obs, act = obs.expand(E, *obs.shape), act.expand(E, *act.shape)
+        h = self._trunk(self.encode(obs, act), ws, bs)
+        raw = torch.baddbmm(bs[-1], h, ws[-1])  # E x N x (D + pad) physical delta (and reward)
+        nxt = obs + raw[..., :S]
+        diff = nxt - nxt[:1]
+        if self._has_angles:
+            nxt = torch.where(self.angle_mask, wrap_angle(nxt), nxt)
+            diff = torch.where(self.angle_mask, wrap_angle(diff), diff)
+        diff = diff / self.state_scale
+        return (
+            nxt,
+            diff.std(0, correction=0).mean(-1),
+            raw[..., S] if self.cfg.learn_reward else None,
+            h,
+            diff,
+        )
+
+    @torch.no_grad()
+    def step(
+        self, obs: torch.Tensor, act: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Lean planning call: ``E x N x S``/``E x N x A`` (or shared ``N x S``/``N x A``) ->
+        next-observation means ``E x N x S`` (angles wrapped), ``disagreement`` ``N`` and learned
+        reward ``E x N`` (None without a reward head), bit-identical to the same fields of
+        :meth:`predict` but without the variance head and ``max_pairwise``."""
+        nxt, dis, rew, _, _ = self._step(obs, act)
+        return nxt, dis, rew
+
     @torch.no_grad()
     def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
         """``N x S``/``N x A`` (shared) or ``E x N x S``/``E x N x A`` -> :class:`Prediction` (``E x N x S``).
@@ -184,22 +274,14 @@ class ProbabilisticEnsemble(torch.nn.Module):
         divided by :attr:`state_scale`, averaged over the S channels; ``max_pairwise`` is the largest
         L2 distance between two members' predictions in the same units. Angle differences are wrapped.
         """
-        dtype = self.in_norm.mean.dtype
-        obs, act = obs.to(dtype), act.to(dtype)
-        x = self.in_norm.normalize(self.encode(obs, act))
-        mu, logvar = self.forward(x)
-        S, std = self.obs_dim, self.out_norm.std
-        raw = self.out_norm.denormalize(mu)
-        nxt = obs + raw[..., :S]  # E x N x S (obs broadcasts when shared)
-        diff = nxt - nxt[:1]
-        diff = torch.where(self.angle_mask, wrap_angle(diff), diff) / self.state_scale
-        disagreement = diff.std(0, correction=0).mean(-1)
-        pairwise = torch.cdist(diff.transpose(0, 1), diff.transpose(0, 1))  # N x E x E
-        reward = raw[..., S] if self.cfg.learn_reward else None
+        nxt, disagreement, reward, h, diff = self._step(obs, act)
+        _, _, w_lv, b_lv = self._fused()
+        logvar = self._bound(torch.baddbmm(b_lv, h, w_lv), self.max_logvar, self.min_logvar)
+        S, diff = self.obs_dim, diff.transpose(0, 1)  # N x E x S
         return Prediction(
-            mean=torch.where(self.angle_mask, wrap_angle(nxt), nxt),
-            var=logvar[..., :S].exp() * std[:S] ** 2,
+            mean=nxt,
+            var=logvar[..., :S].exp() * self.out_norm.std[:S] ** 2,
             reward=reward,
             disagreement=disagreement,
-            max_pairwise=pairwise.amax(dim=(-1, -2)),
+            max_pairwise=torch.cdist(diff, diff).amax(dim=(-1, -2)),
         )

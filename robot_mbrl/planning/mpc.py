@@ -126,6 +126,19 @@ class MPCPlanner:
         self.discount = cfg.gamma ** torch.arange(self.num_ticks + 1, dtype=torch.float32)  # K+1
         self.noise = torch.empty(k, n, a)  # reused sampling buffer
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self._lean = getattr(model, "step", None)  # optional fast path (ProbabilisticEnsemble.step)
+
+    def _step(
+        self, obs: torch.Tensor, act: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One model call ``E x N x S``, ``E x N x A`` -> next obs, disagreement ``N``, reward or None.
+
+        Uses the model's lean ``step`` when it has one (same numbers as ``predict``, minus the fields
+        the planner never reads), else the :class:`DynamicsModel` ``predict`` contract."""
+        if self._lean is not None:
+            return self._lean(obs, act)
+        pred = self.model.predict(obs, act)
+        return pred.mean, pred.disagreement, pred.reward
 
     def reset(self, seed: int | None = None) -> None:
         """Restart the sampling generator (``seed`` defaults to the config's)."""
@@ -196,14 +209,13 @@ class MPCPlanner:
         states, dis, rews = [state], [], []
         for t in range(ticks):
             act = cand[t // cfg.action_repeat].expand(e, -1, -1)  # E x N x A
-            pred = self.model.predict(state, act)
-            state = pred.mean
+            state, d, rew = self._step(state, act)
             states.append(state)
-            dis.append(pred.disagreement)
+            dis.append(d)
             if self.reward_source == "model":
-                if pred.reward is None:
+                if rew is None:
                     raise ValueError("reward_source='model' but the model has no reward head")
-                rews.append(pred.reward)
+                rews.append(rew)
         traj = torch.stack(states)  # (K+1) x E x N x S
         d = torch.stack(dis)  # K x N
         acts = cand.repeat_interleave(cfg.action_repeat, 0) if cfg.action_repeat > 1 else cand
