@@ -19,9 +19,9 @@ scores are never chosen while a finite one exists; if none is finite, the return
 carries non-finite ``expected_return`` / ``predicted_obs`` and the gate falls back.
 
 Performance (one thread, ``benchmarks/bench_plan.py``): the cost is ``iterations * K`` sequential
-model calls at batch ``E x N``; planner overhead is ~0.5 ms per iteration. With the 7 x 4 x 200
-SiLU ensemble one call costs >= 0.9 ms even at N = 2, so the defaults (N = 16, 2 iterations,
-warm-started every tick) take ~12 ms p50; a 5 ms budget needs a smaller network or fewer calls.
+model calls at batch ``E x N`` through the model's lean ``step`` (``predict`` for models without
+one); planner overhead is ~0.65 ms per iteration. With the default 7 x 3 x 128 SiLU ensemble the
+defaults (N = 16, 2 iterations) take ~4.6 ms p50 / ~4.9 ms p99 (7 x 4 x 200: ~8.6 ms p50).
 Call ``torch.set_num_threads`` in the process, not here.
 """
 
