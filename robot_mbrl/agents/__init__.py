@@ -1,0 +1,1 @@
+"""Agents: what combines models, planner, value and gate into a controller that learns."""

@@ -1,0 +1,95 @@
+"""Safe exploration before any model exists: seeded colored noise inside a stopping-distance shield.
+
+With no model there is no plan for the gate to judge, so the first episodes use a constraint-aware
+rule instead: for every box constraint on a position channel with a matching velocity channel,
+predict where the mechanism would stop if the fallback braked now,
+
+    x_stop = x + v * t_react + v |v| / (2 a_brake)
+
+and hand control to the fallback while ``x_stop`` (or ``x``) is beyond the constraint minus a margin.
+``a_brake`` is the user's conservative braking estimate (a datasheet number, not a twin secret);
+``t_react`` covers the actuation delay and motor lag. Every switch is an event, like the gate's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from robot_mbrl.hal.robot import Observation, RobotSpec
+from robot_mbrl.runtime.episode import Decision, Transition
+from robot_mbrl.runtime.loop import RateLoop, Tick
+from robot_mbrl.runtime.policies import RandomPolicy
+from robot_mbrl.typedconfig import param
+
+
+@dataclass(frozen=True)
+class ExploreConfig:
+    brake_decel_m_s2: float = param(
+        3.0, "conservative braking deceleration of the fallback (units/s^2)", gt=0
+    )
+    react_s: float = param(0.1, "delay before braking acts (actuation delay + motor lag + one tick)", ge=0)
+    margin: float = param(0.05, "extra distance kept from the constraint boundary", ge=0)
+    velocity_channels: dict[str, str] = param(
+        factory=lambda: {"x_m": "xdot_m_s"}, doc="position channel -> its velocity channel (for the shield)"
+    )
+
+
+class ShieldedExplorer:
+    """Controller: random exploration, switched to ``fallback`` whenever the shield predicts a violation."""
+
+    def __init__(self, spec: RobotSpec, fallback, cfg: ExploreConfig, seed: int, correlation: float):
+        self.spec, self.fallback, self.cfg = spec, fallback, cfg
+        self.policy = RandomPolicy(spec, seed=seed, correlation=correlation)
+        self._pairs = [
+            (spec.index(c.channel), spec.index(cfg.velocity_channels[c.channel]), c.low, c.high)
+            for c in spec.constraints
+            if c.channel in cfg.velocity_channels and cfg.velocity_channels[c.channel] in spec.obs_names
+        ]
+        self._shielded = False
+
+    def unsafe(self, x: np.ndarray) -> tuple[bool, float]:
+        """(unsafe?, worst predicted excess over a constraint boundary incl. margin)."""
+        worst = -np.inf
+        for ip, iv, low, high in self._pairs:
+            p, v = x[ip], x[iv]
+            stop = p + v * self.cfg.react_s + v * abs(v) / (2 * self.cfg.brake_decel_m_s2)
+            for q in (p, stop):
+                worst = max(worst, q - (high - self.cfg.margin), (low + self.cfg.margin) - q)
+        return bool(worst > 0), float(worst)
+
+    def reset(self, obs: Observation) -> None:
+        self.policy.reset()
+        self._shielded = False
+
+    def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
+        x = obs.values
+        if not obs.ok:
+            unsafe, score, reason = True, float("nan"), "invalid_observation"
+        else:
+            unsafe, score = self.unsafe(x)
+            reason = "explore_shield"
+        events = []
+        if unsafe != self._shielded:
+            events.append(
+                {
+                    "tick": tick.index,
+                    "time_s": tick.start_s,
+                    "kind": "switch",
+                    "trigger": reason if unsafe else "clear",
+                    "to": "fallback" if unsafe else "explore",
+                    "score": score,
+                    "threshold": 0.0,
+                }
+            )
+            self._shielded = unsafe
+        if unsafe:
+            safe_x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            return Decision(
+                np.asarray(self.fallback.act(safe_x), dtype=float), source="fallback", events=events
+            )
+        return Decision(self.policy.act(x), source="policy", events=events)
+
+    def observe(self, transition: Transition) -> list[dict]:
+        return []

@@ -1,0 +1,273 @@
+"""The learning MPC agent: ensemble + value + k-step planner behind the Simplex gate.
+
+``MPCAgent`` owns the learned parts and their retraining (model, value, calibrated thresholds);
+``GatedMPC`` is the per-tick controller the loop drives::
+
+    plan  = planner.plan(obs, warm_start, disagreement_threshold)    # may raise / be non-finite
+    gate  = gate.decide(tick, now, obs, plan, error, deadline_missed) # MPC action or fallback
+    write gate.action; later observe(real transition) -> shift monitor -> alarms
+
+Retraining (between episodes, on the configured schedule) runs: trainer on the whole buffer
+(holdout, early stopping, elites) -> value function on the real transitions -> recalibration of the
+gate's disagreement threshold and the OOD threshold on held-out in-distribution data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robot_mbrl.config import Config
+from robot_mbrl.data.buffer import ReplayBuffer
+from robot_mbrl.hal.robot import Observation, RobotSpec
+from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
+from robot_mbrl.models.ensemble import ProbabilisticEnsemble
+from robot_mbrl.models.trainer import EnsembleTrainer, TrainReport
+from robot_mbrl.planning.mpc import MPCPlanner
+from robot_mbrl.planning.value import ValueFunction
+from robot_mbrl.runtime.episode import Decision, Transition
+from robot_mbrl.runtime.loop import RateLoop, Tick
+from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores
+from robot_mbrl.safety.fallback import make_fallback
+from robot_mbrl.safety.gate import SafetyGate
+from robot_mbrl.safety.monitors import ShiftMonitor
+from robot_mbrl.tasks.base import Task
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.pt"
+
+
+class EnvRewardTask(Task):
+    """For backends whose reward is only known from the environment: the planner uses the
+    ensemble's learned reward head; no constraints, no known termination."""
+
+    name = "env"
+
+    def reward(self, obs, act, next_obs):  # pragma: no cover - the planner uses the model's reward
+        raise NotImplementedError("EnvRewardTask has no known reward; plan with reward_source='model'")
+
+
+def segments(arrays: dict[str, np.ndarray], rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real segments that start at ``rows`` and continue ``length`` ticks inside one episode.
+
+    Returns ``obs0`` (N x S) and the actions that really followed (N x length x A)."""
+    n = len(arrays["obs"])
+    ep = arrays["episode_id"]
+    starts = rows[rows + length <= n]
+    ok = np.array([ep[i] == ep[i + length - 1] and not arrays["terminated"][i : i + length - 1].any() for i in starts],
+                  dtype=bool)  # fmt: skip
+    starts = starts[ok] if len(starts) else starts
+    idx = starts[:, None] + np.arange(length)[None, :]
+    return arrays["obs"][starts], arrays["act"][idx]
+
+
+class MPCAgent:
+    """Everything learned from real data, plus the planner and the gate built around it."""
+
+    def __init__(self, cfg: Config, spec: RobotSpec, task: Task | None, seed: int | None = None):
+        self.cfg, self.spec = cfg, spec
+        self.seed = cfg.seed if seed is None else seed
+        learn_reward = task is None
+        model_cfg = (
+            cfg.model
+            if cfg.model.learn_reward == learn_reward
+            else _with(cfg.model, learn_reward=learn_reward)
+        )
+        self.task = task if task is not None else EnvRewardTask()
+        self.model = ProbabilisticEnsemble(
+            spec.obs_dim, spec.act_dim, spec.angle_mask, model_cfg, seed=self.seed
+        )
+        self.trainer = EnsembleTrainer(self.model, cfg.trainer, seed=self.seed)
+        self.value = ValueFunction(spec.obs_dim, spec.angle_mask, _with(cfg.value, gamma=cfg.planner.gamma))
+        self.thresholds: dict[str, float | None] = {"disagreement": None, "ood": None}
+        self.ood_reference: dict[str, np.ndarray] | None = None
+        self.trained = False
+        self.retrains = 0
+
+    # -- learning --------------------------------------------------------------------------
+    def retrain(self, buffer: ReplayBuffer, max_epochs: int | None = None) -> tuple[TrainReport, dict]:
+        """Model, value and thresholds from the whole buffer. Returns the trainer's report and a
+        record for metrics (losses, shift signal, thresholds)."""
+        report = self.trainer.train(buffer, max_epochs=max_epochs)
+        data = buffer.arrays()
+        vrep = self.value.fit(
+            data["obs"], data["reward"], data["next_obs"], data["terminated"], data["truncated"]
+        )
+        self._calibrate(data, report.holdout_idx)
+        self.trained = True
+        self.retrains += 1
+        record = {
+            "retrain": self.retrains,
+            "transitions": len(buffer),
+            "epochs": report.epochs,
+            "stopped_early": report.stopped_early,
+            "holdout_mse": report.holdout_mse,
+            "holdout_nll": report.holdout_nll,
+            "fresh_mse": report.fresh_mse,
+            "reference_mse": report.reference_mse,
+            "shift_alarm": report.shift_alarm,
+            "elites": list(report.elites),
+            "value_loss": vrep.loss_last,
+            "disagreement_threshold": self.thresholds["disagreement"],
+            "ood_threshold": self.thresholds["ood"],
+            "train_s": round(report.wall_s, 3),
+        }
+        log.info("retrain %d: %s", self.retrains, record)
+        return report, record
+
+    def _calibrate(self, data: dict[str, np.ndarray], holdout: np.ndarray) -> None:
+        """Gate thresholds from held-out, in-distribution real segments (never trained on)."""
+        ticks = self.cfg.planner.horizon * self.cfg.planner.action_repeat
+        obs0, acts = segments(data, holdout, ticks)
+        rate = self.cfg.calibration.disagreement_false_alarm_rate
+        if len(obs0) >= 10:
+            scores = plan_disagreement_scores(self.model, obs0, acts)
+            # Early on there are too few held-out segments to certify the target rate; then the
+            # threshold is the largest held-out score (the strictest rate n segments can certify).
+            certifiable = max(rate, 1.0 / (len(scores) + 1))
+            if certifiable > rate:
+                log.info(
+                    "%d held-out segments: calibrating at rate %.3g, not %.3g", len(scores), certifiable, rate
+                )
+            thr = float(calibrate_threshold(scores, certifiable))
+            self.thresholds["disagreement"] = thr * self.cfg.calibration.margin
+        train_mask = np.ones(len(data["obs"]), dtype=bool)
+        train_mask[holdout] = False
+        self.ood_reference = {
+            "train_obs": data["obs"][train_mask],
+            "train_act": data["act"][train_mask],
+            "holdout_obs": data["obs"][holdout],
+            "holdout_act": data["act"][holdout],
+        }
+
+    # -- control ---------------------------------------------------------------------------
+    def planner(self) -> MPCPlanner:
+        reward_source = "model" if isinstance(self.task, EnvRewardTask) else "task"
+        return MPCPlanner(
+            self.model,
+            self.task,
+            self.spec.act_low,
+            self.spec.act_high,
+            value_fn=self.value,
+            config=_with(self.cfg.planner, seed=self.seed),
+            reward_source=reward_source,
+        )
+
+    def controller(self, gate: bool = True) -> GatedMPC:
+        monitor = ShiftMonitor(self.spec, self.cfg.monitor)
+        if self.ood_reference is not None and len(self.ood_reference["holdout_obs"]) >= 10:
+            n = len(self.ood_reference["holdout_obs"])
+            rate = max(self.cfg.monitor.ood_false_alarm_rate, 1.0 / (n + 1))  # what n samples certify
+            ood = monitor.fit_ood(**self.ood_reference, false_alarm_rate=rate)
+            self.thresholds["ood"] = float(ood)
+        gate_cfg = _with(self.cfg.gate, no_gate=not gate)
+        safety = SafetyGate(self.spec, gate_cfg, make_fallback(self.cfg.fallback, self.spec), monitor)
+        if self.thresholds["disagreement"] is not None:
+            safety.set_thresholds(disagreement=self.thresholds["disagreement"])
+        return GatedMPC(self, self.planner(), safety, monitor, self.cfg.loop.plan_budget_fraction)
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        extra = {"value": self.value.state_dict(), "trainer": self.trainer.state_dict()}
+        if self.ood_reference is not None:
+            extra["ood_reference"] = {k: torch.as_tensor(v) for k, v in self.ood_reference.items()}
+        meta = {
+            "thresholds": self.thresholds,
+            "retrains": self.retrains,
+            "trained": self.trained,
+            "seed": self.seed,
+        }
+        save_checkpoint(Path(directory) / MODEL_FILE, self.model, extra=extra, meta=meta)
+
+    @classmethod
+    def load(cls, directory: str | Path, cfg: Config, spec: RobotSpec, task: Task | None) -> MPCAgent:
+        """Load from a checkpoint dir (or a run dir holding ``checkpoint/``)."""
+        path = Path(directory)
+        if (path / "checkpoint" / MODEL_FILE).is_file():
+            path = path / "checkpoint"
+        model, extra, meta = load_checkpoint(path / MODEL_FILE)
+        if model.obs_dim != spec.obs_dim or model.act_dim != spec.act_dim:
+            raise ValueError(
+                f"{path / MODEL_FILE}: expected a model for {spec.obs_dim} obs / {spec.act_dim} act channels, "
+                f"got {model.obs_dim} / {model.act_dim}"
+            )
+        agent = cls(cfg, spec, task, seed=int(meta.get("seed", cfg.seed)))
+        agent.model.load_state_dict(model.state_dict())
+        agent.model.set_elites(model.elites)
+        agent.value.load_state_dict(extra["value"])
+        agent.trainer.load_state_dict(extra["trainer"])
+        if "ood_reference" in extra:
+            agent.ood_reference = {k: v.numpy() for k, v in extra["ood_reference"].items()}
+        agent.thresholds = dict(meta.get("thresholds", agent.thresholds))
+        agent.retrains, agent.trained = int(meta.get("retrains", 0)), bool(meta.get("trained", False))
+        return agent
+
+
+class GatedMPC:
+    """The per-tick controller: plan, let the gate decide, feed real transitions to the monitor."""
+
+    def __init__(self, agent: MPCAgent, planner: MPCPlanner, gate: SafetyGate, monitor: ShiftMonitor,
+                 budget_fraction: float):  # fmt: skip
+        self.agent, self.planner, self.gate, self.monitor = agent, planner, gate, monitor
+        self.budget_fraction = budget_fraction
+        self.warm: torch.Tensor | None = None
+        self.tick = 0  # ticks across episodes (events and monitors use one clock)
+        self.trace: list[
+            tuple
+        ] = []  # (tick, disagreement, threshold, cusum, cusum_h, ood, ood_thr, fallback)
+
+    def reset(self, obs: Observation) -> None:
+        self.gate.reset()
+        self.warm = None
+
+    def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
+        plan, error = None, None
+        if obs.ok:
+            try:
+                plan = self.planner.plan(obs.values, self.warm, self.gate.disagreement_threshold)
+            except Exception as err:  # noqa: BLE001 - a planner failure is a gate trigger, never a crash
+                log.warning("tick %d: planner raised %r; the gate falls back", self.tick, err)
+                error = err
+        missed = loop.late(self.budget_fraction)
+        d = self.gate.decide(self.tick, loop.now(), obs, plan, error, missed)
+        self.warm = self.planner.shift(plan.actions) if plan is not None else None
+        cus = self.monitor.state("cusum")
+        ood = self.monitor.state("ood")
+        thr = self.gate.disagreement_threshold
+        self.trace.append((self.tick, plan.worst_disagreement if plan is not None else math.nan,
+                           thr if thr is not None else math.nan, cus[1], cus[2], ood[1],
+                           ood[2], d.source == "fallback"))  # fmt: skip
+        self.tick += 1
+        return Decision(
+            action=np.asarray(d.action, dtype=float),
+            source=d.source,
+            plan_s=plan.solve_time_s if plan is not None else None,
+            events=[dict(e) for e in d.events],
+        )
+
+    def observe(self, tr: Transition) -> list[dict]:
+        with torch.no_grad():
+            pred = self.agent.model.predict(
+                torch.as_tensor(tr.obs, dtype=torch.float32)[None],
+                torch.as_tensor(tr.act, dtype=torch.float32)[None],
+            )
+            members = pred.mean[:, 0]  # E x S
+            mean = members.mean(0)
+            angle = torch.as_tensor(self.agent.spec.angle_mask)
+            if angle.any():  # circular mean, so members at +pi and -pi do not average to 0
+                a = members[:, angle]
+                mean[angle] = torch.atan2(torch.sin(a).mean(0), torch.cos(a).mean(0))
+            dev = members - mean
+            dev[:, angle] = torch.remainder(dev[:, angle] + math.pi, 2 * math.pi) - math.pi
+            var = pred.var[:, 0].mean(0) + (dev * dev).mean(0)  # aleatoric + epistemic
+        return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean.numpy(), var.sqrt().numpy(), self.tick)
+
+
+def _with(section, **changes):
+    import dataclasses
+
+    return dataclasses.replace(section, **changes)

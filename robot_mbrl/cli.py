@@ -1,0 +1,206 @@
+"""`robot-mbrl`: train, run, emulate, config.
+
+Errors a user can fix (bad config, missing checkpoint, corrupt file) print one line on stderr and
+exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from robot_mbrl.typedconfig import ConfigError
+
+log = logging.getLogger("robot_mbrl")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="YAML path or packaged config name (default: cartpole_swingup)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. twin.pole_mass_kg=0.3 (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for every stochastic component")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<command>-<time>)")
+    p.add_argument("--no-gate", action="store_true", help="disable the safety gate (comparisons only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robot-mbrl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="learn a dynamics model + value and control with the gated MPC")
+    _common(p)
+    p.add_argument("--steps", type=int, default=None, help="real steps to learn from (train.steps)")
+    p.add_argument("--resume", type=Path, default=None, help="continue a killed run from its directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="run a controller (learned, gated) or a simple policy")
+    _common(p)
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint dir (a run dir or its checkpoint/)"
+    )
+    p.add_argument("--episodes", type=int, default=None, help="episodes to run (run.episodes)")
+    p.add_argument(
+        "--policy",
+        choices=("random", "safe", "zero"),
+        default=None,
+        help="simple policy when no checkpoint is given (run.policy)",
+    )
+    p.add_argument("--backend", choices=("twin", "serial", "gym"), default=None, help="override backend")
+    p.add_argument("--port", default=None, help="serial port or URL for --backend serial (e.g. /dev/ttyUSB0)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("emulate", help="serve the twin as a virtual device behind the wire protocol")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--link", choices=("pty", "socket"), default="pty")
+    p.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_emulate)
+
+    p = sub.add_parser("config", help="print the resolved config (after --set) as YAML")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    from robot_mbrl.config import load_config
+
+    overrides = list(args.overrides) + (extra or [])
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"seed={args.seed}")
+    return load_config(args.config, overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from robot_mbrl.config import config_to_dict
+
+    print(yaml.safe_dump(config_to_dict(_load(args)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from robot_mbrl.runtime.jobs import run_job
+
+    extra = []
+    if args.episodes is not None:
+        extra.append(f"run.episodes={args.episodes}")
+    if args.policy is not None:
+        extra.append(f"run.policy={args.policy}")
+    if args.no_gate:
+        extra.append("run.gate=false")
+    if args.backend is not None:
+        extra.append(f"backend={args.backend}")
+    cfg = _load(args, extra)
+    if args.checkpoint is not None and not args.checkpoint.exists():
+        raise UserError(
+            f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"
+        )
+    summary, out = run_job(
+        cfg, checkpoint=args.checkpoint, out=args.out, port=args.port, progress=not args.quiet
+    )
+    _report(summary, out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from robot_mbrl.runtime.train import train_job
+
+    extra = []
+    if args.steps is not None:
+        extra.append(f"train.steps={args.steps}")
+    if args.no_gate:
+        extra.append("run.gate=false")
+    if args.resume is not None:
+        if not (args.resume / "config.yaml").is_file():
+            raise UserError(f"--resume {args.resume}: expected a run directory with config.yaml, got none")
+        if args.config is None:
+            args.config = str(args.resume / "config.yaml")
+    cfg = _load(args, extra)
+    summary, out = train_job(
+        cfg, out=args.resume or args.out, resume=args.resume is not None, progress=not args.quiet
+    )
+    _report(summary, out)
+    return 0
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from robot_mbrl.hil.serve import serve_twin
+
+    cfg = _load(args)
+    with serve_twin(cfg, link=args.link) as (emulator, port):
+        print(
+            f"emulating {cfg.serial.device_name if hasattr(cfg.serial, 'device_name') else 'cart-pole rig'} on {port}"
+        )
+        print(f"connect with: robot-mbrl run --backend serial --port {port} --checkpoint RUN_DIR")
+        sys.stdout.flush()
+        t0 = time.monotonic()
+        try:
+            while args.duration is None or time.monotonic() - t0 < args.duration:
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            pass
+        print(
+            f"served {emulator.commands_received} commands; device log has {len(emulator.command_log)} entries"
+        )
+    return 0
+
+
+def _report(summary: dict, out: Path) -> None:
+    plan = summary["plan_ms"]
+    print(
+        f"run dir: {out}\n"
+        f"episodes {summary['episodes']}  real steps {summary['real_steps']}  final return {summary['final_return']:.2f}  "
+        f"solved at {summary['solved_at_step']}\n"
+        f"violations {summary['violations']}  fallback ticks {summary['fallback_ticks']}/{summary['ticks']}  "
+        f"alarms {len(summary['alarms'])}  deadline misses {summary['deadline_misses']}  "
+        f"plan ms p50/p99/max {plan['p50']:.2f}/{plan['p99']:.2f}/{plan['max']:.2f}  wall {summary['wall_s']:.1f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from robot_mbrl.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except (ConfigError, UserError, *USER_ERRORS) as err:
+        print(f"robot-mbrl {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robot-mbrl {args.command}: interrupted (robot safe-stopped)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The top-level configuration: one frozen tree of typed sections, loaded from YAML + ``--set``.
+
+Each section is owned by the module that uses it (``TwinConfig`` in sim/params.py, ``PlannerConfig``
+in planning/mpc.py, ...); this file only composes them and loads files. Derived values are computed
+in one place (:func:`episode_seconds` and friends), never written back into a loaded config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from robot_mbrl.agents.explore import ExploreConfig
+from robot_mbrl.data.buffer import BufferConfig
+from robot_mbrl.drivers.config import SerialConfig
+from robot_mbrl.models.ensemble import EnsembleConfig
+from robot_mbrl.models.trainer import ScheduleConfig, TrainerConfig
+from robot_mbrl.planning.mpc import PlannerConfig
+from robot_mbrl.planning.value import ValueConfig
+from robot_mbrl.safety.fallback import FallbackConfig
+from robot_mbrl.safety.gate import GateConfig
+from robot_mbrl.safety.monitors import ShiftConfig
+from robot_mbrl.sim.params import TwinConfig
+from robot_mbrl.typedconfig import ConfigError, build, param, to_dict
+
+DEFAULT_CONFIG = "cartpole_swingup"
+
+
+@dataclass(frozen=True)
+class GymConfig:
+    """Any gymnasium env with Box spaces as the backend (reward and termination from the env)."""
+
+    env_id: str = param("InvertedPendulum-v5", "gymnasium id, e.g. InvertedPendulum-v5")
+    control_hz: float = param(25.0, "the env's control rate (1 / env dt)", gt=0)
+    kwargs: dict[str, Any] = param(factory=dict, doc="keyword arguments for gymnasium.make")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    episode_steps: int = param(250, "ticks per episode (250 = 5 s at 50 Hz)", ge=1)
+    solved_return: float | None = param(
+        None, "mean evaluation return that counts as solved; null = solved_fraction x max return"
+    )
+    solved_fraction: float = param(
+        0.8, "fraction of the maximum episode return that counts as solved", gt=0, le=1
+    )
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    paced: bool = param(False, "pace ticks on the wall clock; false = lockstep (twin as fast as possible)")
+    plan_budget_fraction: float = param(
+        0.8, "fraction of the control period the planner may use before the tick counts as missed", gt=0, le=1
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    episodes: int = param(3, "episodes to run", ge=1)
+    policy: str = param("safe", "controller without a checkpoint", choices=("random", "safe", "zero", "mpc"))
+    gate: bool = param(True, "Simplex safety gate on (false = --no-gate, for comparisons only)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = param(1500, "real steps (robot ticks) to learn from", ge=1)
+    explore_episodes: int = param(1, "episodes of seeded random exploration before the first model", ge=0)
+    explore_correlation: float = param(0.9, "AR(1) correlation of the exploration noise", ge=0, lt=1)
+    eval_episodes: int = param(3, "evaluation episodes after each learning episode", ge=0)
+    eval_every_episodes: int = param(1, "evaluate every this many learning episodes", ge=1)
+    stop_when_solved: bool = param(True, "stop once the evaluation return reaches the solved threshold")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How gate thresholds are set from held-out in-distribution data after every retrain."""
+
+    disagreement_false_alarm_rate: float = param(
+        0.01,
+        "target fraction of in-distribution k-step segments whose disagreement trips the gate",
+        gt=0,
+        lt=1,
+    )
+    margin: float = param(1.0, "multiplier on the calibrated disagreement threshold", gt=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = param(0, "seed for every stochastic component", ge=0)
+    backend: Literal["twin", "gym", "serial"] = param("twin", "what the controller drives")
+    twin: TwinConfig = param(factory=TwinConfig)
+    gym: GymConfig = param(factory=GymConfig)
+    serial: SerialConfig = param(factory=SerialConfig)
+    task: TaskConfig = param(factory=TaskConfig)
+    loop: LoopConfig = param(factory=LoopConfig)
+    run: RunConfig = param(factory=RunConfig)
+    train: TrainConfig = param(factory=TrainConfig)
+    buffer: BufferConfig = param(factory=BufferConfig)
+    model: EnsembleConfig = param(factory=EnsembleConfig)
+    trainer: TrainerConfig = param(factory=TrainerConfig)
+    retrain: ScheduleConfig = param(factory=ScheduleConfig)
+    planner: PlannerConfig = param(factory=PlannerConfig)
+    value: ValueConfig = param(factory=ValueConfig)
+    gate: GateConfig = param(factory=GateConfig)
+    calibration: CalibrationConfig = param(factory=CalibrationConfig)
+    monitor: ShiftConfig = param(factory=ShiftConfig)
+    fallback: FallbackConfig = param(factory=FallbackConfig)
+    explore: ExploreConfig = param(factory=ExploreConfig)
+
+
+def packaged_configs() -> list[str]:
+    return sorted(
+        p.name[:-5] for p in resources.files("robot_mbrl.configs").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def resolve_path(name_or_path: str | None) -> tuple[str, str]:
+    """(source label, YAML text) for a file path or the name of a packaged config."""
+    name = name_or_path or DEFAULT_CONFIG
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(str(path), "<file>", "an existing YAML file", "no such file")
+        return str(path), path.read_text(encoding="utf-8")
+    res = resources.files("robot_mbrl.configs") / f"{name}.yaml"
+    if not res.is_file():
+        raise ConfigError(name, "<file>", "a YAML path or one of " + ", ".join(packaged_configs()), name)
+    return f"{name}.yaml", res.read_text(encoding="utf-8")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], typed value). The value is read as YAML (safe loader)."""
+    if "=" not in text:
+        raise ConfigError("--set", text, "key=value", text)
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", key, "a dotted key like twin.pole_mass_kg", key)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError("--set", ".".join(keys), f"'{k}' to be a section", nxt)
+        node = nxt
+    node[keys[-1]] = value
+
+
+def load_config(name_or_path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Load a config file (or packaged name), apply ``--set`` overrides, validate, freeze."""
+    source, text = resolve_path(name_or_path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
+        raise ConfigError(source, where, "valid YAML", str(getattr(err, "problem", err))) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(source, "<root>", "a mapping of sections", type(data).__name__)
+    set_keys = []
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _apply(data, keys, value)
+        set_keys.append(".".join(keys))
+    try:
+        return build(Config, data, source=source)
+    except ConfigError as err:
+        if err.key in set_keys or any(err.key.startswith(k + ".") for k in set_keys):
+            raise ConfigError(f"{source} (--set)", err.key, err.expected, err.got) from None
+        raise
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return to_dict(cfg)
+
+
+def replace_in(cfg: Config, **sections: Any) -> Config:
+    """A new Config with some sections replaced (the loaded one stays frozen and unchanged)."""
+    return dataclasses.replace(cfg, **sections)

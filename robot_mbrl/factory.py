@@ -1,0 +1,70 @@
+"""Builders keyed by config: the edge where backends (MuJoCo, pyserial, gymnasium) are constructed.
+
+Core classes never construct their own backends; the CLI calls these and injects the results.
+Heavy imports happen inside the builders so that choosing one backend never imports another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from robot_mbrl.config import Config
+from robot_mbrl.hal.robot import Robot
+from robot_mbrl.runtime.episode import EnvJudge, Judge, TaskJudge
+from robot_mbrl.tasks.base import Task
+from robot_mbrl.tasks.cartpole import CartpoleTask
+
+
+def _twin(cfg: Config, port: str | None, seed: int) -> Robot:
+    from robot_mbrl.sim.cartpole import CartpoleTwin
+
+    return CartpoleTwin(cfg.twin, seed=seed)
+
+
+def _gym(cfg: Config, port: str | None, seed: int) -> Robot:
+    import gymnasium
+
+    from robot_mbrl.hal.gym_backend import GymRobot
+
+    env = gymnasium.make(cfg.gym.env_id, **cfg.gym.kwargs)
+    return GymRobot(env, control_hz=cfg.gym.control_hz)
+
+
+def _serial(cfg: Config, port: str | None, seed: int) -> Robot:
+    """The physical cart-pole rig (or its emulator) over the MCU protocol.
+
+    The rig's spec (channels, limits, constraints) is the one its twin is built from: the twin config
+    describes the rig; only the link differs. ``connect()`` is read-only; the job calls activate().
+    """
+    import dataclasses
+
+    from robot_mbrl.drivers.serial_robot import SerialRobot
+    from robot_mbrl.drivers.transport import make_transport
+    from robot_mbrl.sim.cartpole import make_spec
+
+    serial_cfg = dataclasses.replace(cfg.serial, port=port) if port else cfg.serial
+    return SerialRobot(make_spec(cfg.twin), make_transport(serial_cfg), serial_cfg)
+
+
+ROBOTS: dict[str, Callable[[Config, str | None, int], Robot]] = {
+    "twin": _twin,
+    "gym": _gym,
+    "serial": _serial,
+}
+
+
+def make_robot(
+    cfg: Config, *, backend: str | None = None, port: str | None = None, seed: int | None = None
+) -> Robot:
+    return ROBOTS[backend or cfg.backend](cfg, port, cfg.seed if seed is None else seed)
+
+
+def make_task(cfg: Config, backend: str | None = None) -> Task | None:
+    """The known task for twin and serial cart-pole rigs; None for gym envs (reward from the env)."""
+    if (backend or cfg.backend) == "gym":
+        return None
+    return CartpoleTask(cfg.twin.task, safe_x_m=cfg.twin.safe_x_m, end_stop_x_m=cfg.twin.end_stop_x_m)
+
+
+def make_judge(task: Task | None, robot: Robot) -> Judge:
+    return TaskJudge(task) if task is not None else EnvJudge(robot)

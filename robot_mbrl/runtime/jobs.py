@@ -1,0 +1,132 @@
+"""The `run` job: drive a robot with a controller for N episodes and write a run directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from robot_mbrl.config import Config, config_to_dict
+from robot_mbrl.hal.robot import Robot, stop_on_signals
+from robot_mbrl.runtime.episode import Controller, EpisodeResult, Judge, run_episode
+from robot_mbrl.runtime.plots import write_plots
+from robot_mbrl.runtime.policies import PolicyController, RandomPolicy, ZeroPolicy
+from robot_mbrl.runtime.progress import Progress
+from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def robot_session(robot: Robot) -> Iterator[Robot]:
+    """Connect, activate actuation where the backend has a separate step (serial rigs), and always
+    end in safe_stop + close (exception, SIGINT, SIGTERM included)."""
+    with stop_on_signals(robot):
+        activate = getattr(robot, "activate", None)
+        if callable(activate):
+            activate()
+        yield robot
+
+
+def simple_controller(cfg: Config, robot: Robot) -> Controller:
+    """random / zero / safe (the configured fallback policy) — no model, no gate needed."""
+    from robot_mbrl.safety.fallback import make_fallback
+
+    name = cfg.run.policy
+    if name == "random":
+        return PolicyController(
+            RandomPolicy(robot.spec, seed=cfg.seed, correlation=cfg.train.explore_correlation)
+        )
+    if name == "zero":
+        return PolicyController(ZeroPolicy(robot.spec))
+    return PolicyController(make_fallback(cfg.fallback, robot.spec), source="fallback")
+
+
+def episode_record(res: EpisodeResult, **extra) -> dict:
+    rec = {
+        "episode": res.episode,
+        "steps": res.steps,
+        "return": round(res.ret, 4),
+        "violations": res.violations,
+        "end_stop_hits": res.end_stop_hits,
+        "fallback_ticks": res.fallback_ticks,
+        "deadline_misses": res.deadline_misses,
+        "terminated": res.terminated,
+        "plan_ms_p50": round(res.plan_ms_p50, 3),
+    }
+    rec.update(extra)
+    return rec
+
+
+def run_episodes(
+    cfg: Config,
+    robot: Robot,
+    judge: Judge,
+    controller: Controller,
+    run: RunDir,
+    tally: Tally,
+    *,
+    episodes: int,
+    first_episode: int,
+    seed_offset: int,
+    progress: Progress,
+    kind: str,
+    on_transition=None,
+) -> list[EpisodeResult]:
+    results = []
+    for i in range(episodes):
+        ep = first_episode + i
+        res = run_episode(
+            robot,
+            judge,
+            controller,
+            episode=ep,
+            max_steps=cfg.task.episode_steps,
+            seed=cfg.seed * 100_003 + seed_offset + ep,
+            paced=cfg.loop.paced,
+            tally=tally,
+            on_transition=on_transition,
+            on_event=run.event,
+            on_tick=progress.tick,
+        )
+        run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps))
+        progress.post(ret=res.ret)
+        results.append(res)
+    return results
+
+
+def run_job(
+    cfg: Config, *, checkpoint: Path | None, out: Path | None, port: str | None, progress: bool
+) -> tuple[dict, Path]:
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+
+    run = RunDir(out or default_run_path("run"))
+    run.write_config(config_to_dict(cfg))
+    robot = make_robot(cfg, port=port)
+    task = make_task(cfg)
+    judge = make_judge(task, robot)
+    if checkpoint is not None:
+        from robot_mbrl.agents.mpc import MPCAgent
+
+        controller: Controller = MPCAgent.load(checkpoint, cfg, robot.spec, task).controller(
+            gate=cfg.run.gate
+        )
+    else:
+        controller = simple_controller(cfg, robot)
+    tally = Tally()
+    t0 = time.monotonic()
+    total = cfg.run.episodes * cfg.task.episode_steps
+    with Progress(total, "run", enabled=progress) as bar, robot_session(robot):
+        run_episodes(
+            cfg, robot, judge, controller, run, tally,
+            episodes=cfg.run.episodes, first_episode=0, seed_offset=50_000, progress=bar, kind="run",
+        )  # fmt: skip
+    tally.wall_s = time.monotonic() - t0
+    summary = tally.summary(
+        clamped_commands=robot.clamp_count, checkpoint=str(checkpoint) if checkpoint else None
+    )
+    run.write_summary(summary)
+    write_plots(run, getattr(controller, "trace", None))
+    return summary, run.path

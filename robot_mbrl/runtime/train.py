@@ -1,0 +1,190 @@
+"""The `train` job: learn on the configured backend from little real data.
+
+    explore (shielded random) -> retrain (model, value, thresholds) -> gated MPC episodes
+        -> retrain on schedule -> evaluate -> ... until train.steps real steps or solved.
+
+Real transitions go to the persisted buffer as they happen; the checkpoint is replaced atomically
+after each retrain; metrics.jsonl gets one line per episode and per retrain. ``resume=True``
+reopens the run directory, the buffer (everything flushed survives a kill -9) and the latest
+checkpoint, and continues where the metrics stop.
+
+Evaluation episodes run on a separate twin instance and are measurement only: their steps are not
+counted as real steps and their transitions are not learned from (``eval_*`` in metrics). On the
+serial backend there is no second robot, so evaluation is skipped and learning episodes count.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robot_mbrl.agents.explore import ShieldedExplorer
+from robot_mbrl.agents.mpc import MODEL_FILE, MPCAgent
+from robot_mbrl.config import Config, config_to_dict
+from robot_mbrl.data.buffer import ReplayBuffer
+from robot_mbrl.errors import RunDirError
+from robot_mbrl.factory import make_judge, make_robot, make_task
+from robot_mbrl.models.trainer import RetrainSchedule
+from robot_mbrl.runtime.episode import Transition
+from robot_mbrl.runtime.jobs import robot_session, run_episodes
+from robot_mbrl.runtime.plots import write_plots
+from robot_mbrl.runtime.progress import Progress
+from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path
+from robot_mbrl.safety.fallback import make_fallback
+
+log = logging.getLogger(__name__)
+
+
+def solved_threshold(cfg: Config, max_step_reward: float | None) -> float | None:
+    if cfg.task.solved_return is not None:
+        return cfg.task.solved_return
+    if max_step_reward is None:
+        return None
+    return cfg.task.solved_fraction * cfg.task.episode_steps * max_step_reward
+
+
+def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
+    tally, episodes, retrains = Tally(), 0, []
+    for rec in run.metrics():
+        if rec.get("kind") == "learn":
+            tally.returns.append(rec["return"])
+            tally.real_steps = rec["real_steps"]
+            tally.ticks += rec["steps"]
+            tally.violations += rec["violations"]
+            tally.fallback_ticks += rec["fallback_ticks"]
+            tally.deadline_misses += rec["deadline_misses"]
+            tally.end_stop_hits += rec["end_stop_hits"]
+            episodes = rec["episode"] + 1
+        elif rec.get("kind") == "retrain":
+            retrains.append(rec)
+        elif rec.get("kind") == "eval" and rec.get("solved") and tally.solved_at_step is None:
+            tally.solved_at_step = rec["real_steps"]
+    return tally, episodes, retrains
+
+
+def train_job(
+    cfg: Config, *, out: Path | None, resume: bool = False, progress: bool = True
+) -> tuple[dict, Path]:
+    torch.set_num_threads(1)  # the onboard CPU budget; also keeps runs reproducible
+    torch.manual_seed(cfg.seed)
+    if not resume and out is not None and (Path(out) / "config.yaml").exists():
+        raise RunDirError(f"{out}: expected a new run directory, got an existing run (use --resume {out})")
+    run = RunDir(out or default_run_path("train"))
+    robot = make_robot(cfg)
+    task = make_task(cfg)
+    judge = make_judge(task, robot)
+    spec = robot.spec
+    agent = MPCAgent(cfg, spec, task)
+    schedule = RetrainSchedule(cfg.retrain)
+    if resume:
+        buffer = ReplayBuffer.open(run.buffer, cfg.buffer)
+        tally, first_episode, retrains = _restore_tally(run)
+        if (run.checkpoint / MODEL_FILE).is_file():
+            agent = MPCAgent.load(run.checkpoint, cfg, spec, task)
+        schedule.mark_trained(len(buffer) if agent.trained else 0)
+        log.info("resuming %s at episode %d with %d transitions", run.path, first_episode, len(buffer))
+    else:
+        run.write_config(config_to_dict(cfg))
+        buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, directory=run.buffer, cfg=cfg.buffer)
+        tally, first_episode, retrains = Tally(), 0, []
+    evaluate = cfg.backend != "serial" and cfg.train.eval_episodes > 0
+    eval_robot = make_robot(cfg, seed=cfg.seed + 7919) if evaluate else None
+    target = solved_threshold(cfg, task.max_step_reward if task is not None else None)
+    fallback = make_fallback(cfg.fallback, spec)
+
+    def store(tr: Transition) -> None:
+        buffer.add(
+            tr.obs, tr.act, tr.reward, tr.next_obs, tr.terminated, tr.truncated, tr.stamp_s, tr.episode
+        )
+
+    t0 = time.monotonic()
+    episode = first_episode
+    controller = None
+    try:
+        with Progress(cfg.train.steps, "train", enabled=progress) as bar, robot_session(robot):
+            bar.tick(tally.real_steps)
+            bar.post()
+            while tally.real_steps < cfg.train.steps:
+                if agent.trained and episode >= cfg.train.explore_episodes:
+                    controller = controller or agent.controller(gate=cfg.run.gate)
+                else:
+                    controller = None
+                    explorer = ShieldedExplorer(spec, fallback, cfg.explore, seed=cfg.seed + episode,
+                                                correlation=cfg.train.explore_correlation)  # fmt: skip
+                res = run_episodes(
+                    cfg, robot, judge, controller or explorer, run, tally, episodes=1, first_episode=episode,
+                    seed_offset=0, progress=bar, kind="learn", on_transition=store,
+                )[0]  # fmt: skip
+                buffer.flush()
+                episode += 1
+                if schedule.due(len(buffer), episode_ended=True):
+                    _, record = agent.retrain(buffer)
+                    schedule.mark_trained(len(buffer))
+                    agent.save(run.checkpoint)
+                    record.update(kind="retrain", real_steps=tally.real_steps)
+                    run.metric(record)
+                    retrains.append(record)
+                    controller = None  # rebuild with the new thresholds and a fresh monitor
+                    if record["shift_alarm"]:
+                        event = {"tick": tally.ticks, "kind": "alarm", "trigger": "val_loss",
+                                 "score": record["fresh_mse"], "threshold": record["reference_mse"],
+                                 "reason": "fresh-data loss above holdout loss: trained longer"}  # fmt: skip
+                        run.event(event)
+                        tally.alarms.append({"tick": tally.ticks, "reason": "val_loss"})
+                    bar.post(ret=res.ret, holdout=record["holdout_mse"])
+                if evaluate and agent.trained and episode % cfg.train.eval_every_episodes == 0:
+                    solved = _evaluate(cfg, agent, eval_robot, task, run, tally, episode, target)
+                    if solved and tally.solved_at_step is None:
+                        tally.solved_at_step = tally.real_steps
+                    if solved and cfg.train.stop_when_solved:
+                        break
+    finally:
+        buffer.close()
+    tally.wall_s += time.monotonic() - t0
+    summary = tally.summary(
+        solved_threshold=target,
+        end_stop_hits=tally.end_stop_hits,
+        retrains=len(retrains),
+        buffer_transitions=len(buffer),
+        eval_returns=[m["eval_return"] for m in run.metrics() if m.get("kind") == "eval"],
+    )
+    run.write_summary(summary)
+    write_plots(run, controller.trace if controller is not None else None)
+    return summary, run.path
+
+
+def _evaluate(cfg: Config, agent: MPCAgent, robot, task, run: RunDir, tally: Tally, episode: int,
+              target: float | None) -> bool:  # fmt: skip
+    """Measurement only: gated MPC on a separate twin, not counted, not learned from."""
+    judge = make_judge(task, robot)
+    ctrl = agent.controller(gate=cfg.run.gate)
+    scratch = Tally()
+    with robot_session(robot), Progress(0, "eval", enabled=False) as quiet:
+        results = run_episodes(
+            cfg, robot, judge, ctrl, _NullRun(), scratch, episodes=cfg.train.eval_episodes,
+            first_episode=episode * 1000, seed_offset=90_000, progress=quiet, kind="eval",
+        )  # fmt: skip
+    mean = float(np.mean([r.ret for r in results]))
+    solved = target is not None and mean >= target
+    run.metric({
+        "kind": "eval", "episode": episode, "real_steps": tally.real_steps, "eval_return": round(mean, 3),
+        "eval_returns": [round(r.ret, 3) for r in results], "eval_violations": sum(r.violations for r in results),
+        "eval_fallback_ticks": sum(r.fallback_ticks for r in results), "solved": solved,
+        "plan_ms_p50": round(float(np.median(scratch.plan_s) * 1e3), 3) if scratch.plan_s else None,
+    })  # fmt: skip
+    tally.plan_s += scratch.plan_s
+    return solved
+
+
+class _NullRun:
+    """Evaluation writes its own summary line; per-episode records and events stay out of the run."""
+
+    def metric(self, record: dict) -> None:
+        pass
+
+    def event(self, record: dict) -> None:
+        pass
