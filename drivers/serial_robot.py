@@ -133,6 +133,9 @@ class SerialRobot(Robot):
     # -- I/O hooks ----------------------------------------------------------------------------
     def _send(self, action: np.ndarray) -> None:
         if not self.active:
+            if self._want_active:  # reconnecting: the device is braking on its watchdog meanwhile
+                log.debug("command dropped: re-handshake in progress after a link loss")
+                return
             raise NotActive("SerialRobot is configured read-only; call activate() to command")
         n_act = self.device.n_actuators if self.device else self.spec.act_dim
         values = [0.0] * n_act

@@ -266,11 +266,12 @@ class ScenarioResult:
         return [r.tick for r in self.ticks if not (r.obs.ok and self.spec.in_range(r.obs.values))]
 
     def vouched_keys(self) -> set[tuple]:
-        """(stamp of s_t, s_t+1 as float32) of every transition the robot vouched for, except the
-        one closed after the last tick (its reading is taken after the loop ends)."""
+        """(stamp of s_t, s_t+1 as float32) of every valid transition the robot vouched for (both
+        readings inside the spec's physical range: a sensor spike is not data), except the one
+        closed after the last tick (its reading is taken after the loop ends)."""
         out = set()
         for prev, obs in zip(self.reads, self.reads[1:], strict=False):
-            if obs.info.get("vouched"):
+            if obs.info.get("vouched") and self.spec.in_range(prev.values) and self.spec.in_range(obs.values):
                 out.add((float(prev.stamp_s), tuple(np.asarray(obs.values, np.float32).tolist())))
         return out
 

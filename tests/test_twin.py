@@ -76,11 +76,12 @@ def test_same_seed_same_trajectory_different_seed_differs(task):
 def test_write_clamps_to_limits_and_rate():
     twin = CartpoleTwin(TwinConfig(act_rate_per_s=10.0), seed=0)  # 0.2 per 20 ms tick
     twin.reset(seed=0)
-    np.testing.assert_allclose(twin.write(np.array([5.0])), [1.0])  # first command: limits only
-    np.testing.assert_allclose(twin.write(np.array([-1.0])), [0.8])  # then at most 0.2 per tick
-    np.testing.assert_allclose(twin.write(np.array([np.nan])), [0.6])  # NaN -> safe 0, rate-limited
-    assert twin.clamp_count == 3
-    assert twin.read().values[4] == pytest.approx(0.6)  # u_applied: the command acting now
+    np.testing.assert_allclose(twin.write(np.array([5.0])), [0.2])  # from rest: at most 0.2 per tick
+    np.testing.assert_allclose(twin.write(np.array([5.0])), [0.4])
+    np.testing.assert_allclose(twin.write(np.array([-1.0])), [0.2])
+    np.testing.assert_allclose(twin.write(np.array([np.nan])), [0.0])  # NaN -> safe 0, rate-limited
+    assert twin.clamp_count == 4
+    assert twin.read().values[4] == pytest.approx(0.0)  # u_applied: the command acting now
 
 
 def test_command_acts_one_tick_later_through_motor_lag():

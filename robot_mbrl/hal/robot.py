@@ -135,7 +135,9 @@ class RobotSpec:
     def in_range(self, x: np.ndarray) -> bool:
         """True if every observation value is finite and inside its physical range."""
         x = np.asarray(x, dtype=float)
-        return bool(np.all(np.isfinite(x)) and np.all(x >= self.obs_low) and np.all(x <= self.obs_high))
+        low, high = self.obs_low, self.obs_high
+        slack = 1e-6 * (1.0 + np.abs(np.where(np.isfinite(low), low, 0.0)))  # float32 wire values (e.g. pi)
+        return bool(np.all(np.isfinite(x)) and np.all(x >= low - slack) and np.all(x <= high + slack))
 
     def clamp(self, action: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
         """Clamp to the command limits and, given the previous applied action, to the rate limits.

@@ -139,11 +139,13 @@ def run_episode(
         obs_t, applied = prev  # type: ignore[misc]
         prev = None
         steps += 1
-        valid = obs_t.ok and next_obs.ok
+        # valid = finite, no fault bits, inside the physical range (a spike the gate rejected is
+        # not a transition to learn from, nor a reason to end the episode)
+        valid = obs_t.ok and next_obs.ok and spec.in_range(obs_t.values) and spec.in_range(next_obs.values)
         r = judge.reward(obs_t.values, applied, next_obs.values) if valid else 0.0
-        term = bool(np.all(np.isfinite(next_obs.values)) and judge.terminated(next_obs.values))
+        term = bool(spec.in_range(next_obs.values) and judge.terminated(next_obs.values))
         g = spec.constraint_values(next_obs.values)
-        if (g.size and np.nanmax(g) > 0) or (next_obs.faults & Fault.LIMIT):
+        if (g.size and np.any(g > 0)) or (next_obs.faults & Fault.LIMIT):
             violations += 1
         if next_obs.faults & Fault.LIMIT:
             hits += 1
