@@ -12,7 +12,7 @@ from robot_mbrl.config import Config, config_to_dict
 from robot_mbrl.hal.robot import Robot, stop_on_signals
 from robot_mbrl.runtime.episode import Controller, EpisodeResult, Judge, run_episode
 from robot_mbrl.runtime.plots import write_plots
-from robot_mbrl.runtime.policies import PolicyController, RandomPolicy, ZeroPolicy
+from robot_mbrl.runtime.policies import PolicyController, ZeroPolicy
 from robot_mbrl.runtime.progress import Progress
 from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path
 
@@ -35,9 +35,12 @@ def simple_controller(cfg: Config, robot: Robot) -> Controller:
     from robot_mbrl.safety.fallback import make_fallback
 
     name = cfg.run.policy
-    if name == "random":
-        return PolicyController(
-            RandomPolicy(robot.spec, seed=cfg.seed, correlation=cfg.train.explore_correlation)
+    if name == "random":  # seeded colored noise inside the stopping-distance shield
+        from robot_mbrl.agents.explore import ShieldedExplorer
+
+        fallback = make_fallback(cfg.fallback, robot.spec)
+        return ShieldedExplorer(
+            robot.spec, fallback, cfg.explore, seed=cfg.seed, correlation=cfg.train.explore_correlation
         )
     if name == "zero":
         return PolicyController(ZeroPolicy(robot.spec))

@@ -1,0 +1,99 @@
+"""Tiny-budget smoke runs of every CLI command, as a user runs them (subprocesses)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from robot_mbrl.runtime.rundir import SUMMARY_KEYS
+
+TINY = ["--set", "task.episode_steps=60", "--set", "retrain.min_transitions=50", "--set", "train.eval_episodes=1",
+        "--set", "trainer.max_epochs=5", "--quiet"]  # fmt: skip
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "robot_mbrl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "train"
+    r = cli("train", "--out", str(out), "--steps", "180", "--seed", "3", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r
+
+
+def test_train_writes_the_run_directory(trained):
+    out, r = trained
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["real_steps"] == 180 and summary["episodes"] == 3
+    assert summary["retrains"] >= 1 and summary["buffer_transitions"] > 0
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint/model.pt",
+        "buffer/manifest.json",
+        "plots/returns.png",
+    ):
+        assert (out / name).exists(), name
+    assert "run dir:" in r.stdout
+
+
+def test_run_replays_the_checkpoint_gated(trained, tmp_path):
+    out, _ = trained
+    r = cli("run", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "run"), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary) and summary["ticks"] == 60
+    assert summary["plan_ms"]["p50"] > 0  # it planned
+    assert (tmp_path / "run" / "plots" / "gate.png").exists()
+
+
+def test_resume_continues_a_run(trained):
+    out, _ = trained
+    r = cli("train", "--resume", str(out), "--steps", "240", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["real_steps"] == 240 and summary["episodes"] == 4
+
+
+def test_run_simple_policies(tmp_path):
+    for policy in ("random", "safe", "zero"):
+        r = cli("run", "--policy", policy, "--episodes", "1", "--out", str(tmp_path / policy), *TINY)
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads((tmp_path / policy / "summary.json").read_text())
+        assert summary["ticks"] == 60 and summary["real_steps"] == 60
+        assert summary["end_stop_hits"] == 0  # random exploration runs inside the stopping shield
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--set", "twin.pole_mass_kg=-1"], "twin.pole_mass_kg: expected a value > 0.0, got -1.0"),
+        (["run", "--set", "twin.pole_mas_kg=1"], "did you mean 'pole_mass_kg'"),
+        (["run", "--checkpoint", "/nonexistent/run"], "expected an existing run or checkpoint directory"),
+        (["train", "--resume", "/nonexistent/run"], "expected a run directory with config.yaml"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args, needle):
+    r = cli(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
+    out, _ = trained
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    data = (out / "checkpoint" / "model.pt").read_bytes()
+    (bad / "model.pt").write_bytes(data[: len(data) // 2])
+    r = cli("run", "--checkpoint", str(bad), "--episodes", "1", "--out", str(tmp_path / "r"), *TINY)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "model.pt" in r.stderr
+
+
+def test_config_command_prints_resolved_yaml():
+    r = cli("config", "--set", "seed=5")
+    assert r.returncode == 0 and "seed: 5" in r.stdout and "planner:" in r.stdout

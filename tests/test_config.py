@@ -1,0 +1,64 @@
+"""Configs: typed, validated, frozen; --set overrides; one-line errors naming file, key, expected, got."""
+
+import dataclasses
+
+import pytest
+
+from robot_mbrl.config import load_config, packaged_configs
+from robot_mbrl.typedconfig import ConfigError
+
+
+def test_packaged_configs_load_and_are_frozen():
+    assert {"cartpole_swingup", "cartpole_balance", "inverted_pendulum_gym"} <= set(packaged_configs())
+    for name in packaged_configs():
+        cfg = load_config(name)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.seed = 3  # type: ignore[misc]
+    assert load_config().twin.task == "swingup"
+
+
+def test_set_overrides_are_typed():
+    cfg = load_config(None, ["twin.pole_mass_kg=0.3", "seed=7", "run.gate=false", "twin.task=balance"])
+    assert (
+        cfg.twin.pole_mass_kg == 0.3
+        and cfg.seed == 7
+        and cfg.run.gate is False
+        and cfg.twin.task == "balance"
+    )
+    cfg = load_config(
+        None, ["twin.schedule=[{at_s: 3.0, kind: param_scale, target: pole_mass_kg, value: 2.0}]"]
+    )
+    assert cfg.twin.schedule[0].value == 2.0 and cfg.twin.schedule[0].kind == "param_scale"
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("twin.pole_mas_kg=0.3", "twin.pole_mas_kg", "did you mean 'pole_mass_kg'"),  # misspelled key
+        ("twin.pole_mass_kg=heavy", "twin.pole_mass_kg", "a number"),  # wrong type
+        ("twin.pole_mass_kg=-0.2", "twin.pole_mass_kg", "> 0"),  # negative mass
+        ("planner.method=newton", "planner.method", "one of"),
+        ("seed=1.5", "seed", "an integer"),
+    ],
+)
+def test_bad_values_name_file_key_expected_got(override, key, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("cartpole_swingup.yaml (--set)") and key in msg and expected in msg and "got" in msg
+
+
+def test_bad_file(tmp_path):
+    p = tmp_path / "rig.yaml"
+    p.write_text("twin:\n  cart_mass_kg: -1\n")
+    with pytest.raises(ConfigError, match=r"rig.yaml: twin.cart_mass_kg: expected a value > 0"):
+        load_config(str(p))
+    p.write_text("twin: [unclosed\n")
+    with pytest.raises(ConfigError, match="valid YAML"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="an existing YAML file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    p.write_text("!!python/object/apply:os.system ['true']\n")  # the safe loader refuses
+    with pytest.raises(ConfigError):
+        load_config(str(p))
