@@ -151,24 +151,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
-    from robot_mbrl.hil.serve import serve_twin
+    from robot_mbrl.hil.emulator import serve_twin
+    from robot_mbrl.sim.cartpole import CartpoleTwin
 
     cfg = _load(args)
-    with serve_twin(cfg, link=args.link) as (emulator, port):
-        print(
-            f"emulating {cfg.serial.device_name if hasattr(cfg.serial, 'device_name') else 'cart-pole rig'} on {port}"
-        )
-        print(f"connect with: robot-mbrl run --backend serial --port {port} --checkpoint RUN_DIR")
+    twin = CartpoleTwin(cfg.twin, seed=cfg.seed)
+    twin.connect()
+    twin.reset(cfg.seed)
+    emulator, port = serve_twin(twin, args.link, watchdog_ms=cfg.serial.watchdog_ms)
+    try:
+        print(f"emulating the cart-pole rig ({cfg.twin.task}) on {port}")
+        print(f"connect with: robot-mbrl run --backend serial --port {port} [--checkpoint RUN_DIR]")
         sys.stdout.flush()
         t0 = time.monotonic()
-        try:
-            while args.duration is None or time.monotonic() - t0 < args.duration:
-                time.sleep(0.1)
-        except KeyboardInterrupt:
-            pass
-        print(
-            f"served {emulator.commands_received} commands; device log has {len(emulator.command_log)} entries"
-        )
+        while args.duration is None or time.monotonic() - t0 < args.duration:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emulator.stop()
+        twin.close()
+    print(f"device received {len(emulator.command_log())} commands")
     return 0
 
 

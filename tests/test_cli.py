@@ -97,3 +97,20 @@ def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
 def test_config_command_prints_resolved_yaml():
     r = cli("config", "--set", "seed=5")
     assert r.returncode == 0 and "seed: 5" in r.stdout and "planner:" in r.stdout
+
+
+def test_emulate_serves_the_twin_and_run_drives_it_over_the_wire(tmp_path):
+    emu = subprocess.Popen([sys.executable, "-m", "robot_mbrl.cli", "emulate", "--duration", "20"],
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = emu.stdout.readline()
+        assert " on " in line, line
+        port = line.rsplit(" on ", 1)[1].strip()
+        r = cli("run", "--backend", "serial", "--port", port, "--policy", "safe", "--episodes", "1",
+                "--out", str(tmp_path / "serial"), *TINY)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads((tmp_path / "serial" / "summary.json").read_text())
+        assert summary["ticks"] == 60 and summary["violations"] == 0
+    finally:
+        emu.terminate()
+        emu.wait(timeout=10)

@@ -88,7 +88,7 @@ def run_episodes(
             episode=ep,
             max_steps=cfg.task.episode_steps,
             seed=cfg.seed * 100_003 + seed_offset + ep,
-            paced=cfg.loop.paced,
+            paced=cfg.loop.paced or cfg.backend == "serial",  # a real device runs on the wall clock
             tally=tally,
             on_transition=on_transition,
             on_event=run.event,
