@@ -31,6 +31,11 @@ class ExploreConfig:
     )
     react_s: float = param(0.1, "delay before braking acts (actuation delay + motor lag + one tick)", ge=0)
     margin: float = param(0.05, "extra distance kept from the constraint boundary", ge=0)
+    plan_shield: bool = param(
+        True,
+        "also plan and gate inside the shield: the MPC treats a state whose stopping point is beyond "
+        "the constraint minus margin as a constraint violation (planner penalty and gate trigger)",
+    )
     velocity_channels: dict[str, str] = param(
         factory=lambda: {"x_m": "xdot_m_s"}, doc="position channel -> its velocity channel (for the shield)"
     )

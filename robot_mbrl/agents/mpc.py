@@ -51,6 +51,44 @@ class EnvRewardTask(Task):
         raise NotImplementedError("EnvRewardTask has no known reward; plan with reward_source='model'")
 
 
+class ShieldedTask(Task):
+    """Planning view of a task: its reward and termination, its constraints plus one stopping-distance
+    constraint per box constraint on a position channel with a velocity channel (the explorer's
+    shield, :class:`~robot_mbrl.agents.explore.ShieldedExplorer`)::
+
+        g_stop(s) = max(x_stop - (high - margin), (low + margin) - x_stop),
+        x_stop = x + v t_react + v |v| / (2 a_brake)
+
+    so the planner avoids, and the gate refuses, plans that reach a state the brake fallback can no
+    longer stop inside the constraint (the gate's own constraint check only sees k ticks ahead).
+    Only the learning stack's view: violations are still judged on the spec's constraints."""
+
+    def __init__(self, task: Task, spec: RobotSpec, cfg):
+        self.inner = task
+        self.name, self.max_step_reward = task.name, task.max_step_reward
+        self.a, self.react, self.margin = cfg.brake_decel_m_s2, cfg.react_s, cfg.margin
+        self.pairs = [
+            (spec.index(c.channel), spec.index(cfg.velocity_channels[c.channel]), c.low, c.high)
+            for c in spec.constraints
+            if c.channel in cfg.velocity_channels and cfg.velocity_channels[c.channel] in spec.obs_names
+        ]
+
+    def reward(self, obs, act, next_obs):
+        return self.inner.reward(obs, act, next_obs)
+
+    def terminated(self, next_obs):
+        return self.inner.terminated(next_obs)
+
+    def constraints(self, obs):
+        g = self.inner.constraints(obs)
+        extra = []
+        for ip, iv, low, high in self.pairs:
+            p, v = obs[..., ip], obs[..., iv]
+            stop = p + v * self.react + v * v.abs() / (2 * self.a)
+            extra.append(torch.maximum(stop - (high - self.margin), (low + self.margin) - stop))
+        return torch.cat([g, torch.stack(extra, -1)], -1) if extra else g
+
+
 def segments(arrays: dict[str, np.ndarray], rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Real segments that start at ``rows`` and continue ``length`` ticks inside one episode.
 
@@ -147,9 +185,12 @@ class MPCAgent:
     # -- control ---------------------------------------------------------------------------
     def planner(self) -> MPCPlanner:
         reward_source = "model" if isinstance(self.task, EnvRewardTask) else "task"
+        task = self.task
+        if self.cfg.explore.plan_shield and reward_source == "task":
+            task = ShieldedTask(task, self.spec, self.cfg.explore)
         return MPCPlanner(
             self.model,
-            self.task,
+            task,
             self.spec.act_low,
             self.spec.act_high,
             value_fn=self.value,
