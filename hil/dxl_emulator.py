@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from robot_mbrl.drivers import dynamixel as dxl
+from robot_mbrl.hil.device import ThreadedDevice
 from robot_mbrl.hil.faults import Link, PtyLink
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class EmulatedServo:
         return 0
 
 
-class DxlBusEmulator:
+class DxlBusEmulator(ThreadedDevice):
+    thread_name = "dxl-emulator"
+
     """The bus: a thread that answers instruction packets and integrates every servo."""
 
     def __init__(self, servos: list[EmulatedServo], link: Link | None = None, update_hz: float = 1000.0):
@@ -91,31 +94,7 @@ class DxlBusEmulator:
         self.parser = dxl.PacketParser()
         self.instructions: list[dxl.Packet] = []  # every instruction packet received
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> str:
-        return self.link.port
-
-    def start(self) -> DxlBusEmulator:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="dxl-emulator", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-        self.link.close()
-
-    def __enter__(self) -> DxlBusEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        ThreadedDevice.__init__(self)
 
     def _reply(self, servo: EmulatedServo, error: int = 0, data: bytes = b"") -> None:
         self.link.write(dxl.status_packet(servo.dxl_id, servo.error_byte(error), data))

@@ -22,6 +22,7 @@ import numpy as np
 
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.mcu import DeviceFault
+from robot_mbrl.hil.device import ThreadedDevice
 from robot_mbrl.hil.faults import FaultConfig, FaultyLink, Link, PtyLink, SocketLink
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ class CommandRecord:
     applied: tuple[float, ...]
 
 
-class McuEmulator:
+class McuEmulator(ThreadedDevice):
+    thread_name = "mcu-emulator"
+
     """The device. ``start()`` runs it in a thread; ``stop()`` joins it. Also a context manager."""
 
     def __init__(
@@ -83,14 +86,9 @@ class McuEmulator:
         self._last_cmd_s: float | None = None  # watchdog armed by the first command
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        ThreadedDevice.__init__(self)
 
     # -- control from the test / CLI -------------------------------------------------------
-    @property
-    def port(self) -> str:
-        return self.link.port
-
     @property
     def faults(self) -> DeviceFault:
         with self._lock:
@@ -109,25 +107,6 @@ class McuEmulator:
     def command_log(self) -> list[CommandRecord]:
         with self._lock:
             return list(self.commands)
-
-    def start(self) -> McuEmulator:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="mcu-emulator", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-        self.link.close()
-
-    def __enter__(self) -> McuEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- device behaviour ------------------------------------------------------------------
     def _send(self, msg: mcu.Message) -> None:

@@ -127,7 +127,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {key}")
 
 
-def _check_range(field: dataclasses.Field, value: Any, source: str, key: str) -> None:
+def check_range(field: dataclasses.Field, value: Any, source: str, key: str) -> None:
+    """Raise ConfigError if ``value`` breaks the choices or bounds declared with :func:`param`."""
     meta = field.metadata
     choices = meta.get("choices")
     if choices is not None and value not in choices:
@@ -166,7 +167,7 @@ def build(cls: type[T], data: Any, *, source: str = "<config>", prefix: str = ""
         key = f"{prefix}.{name}" if prefix else name
         if name in data:
             value = _coerce(hints[name], data[name], source, key)
-            _check_range(field, value, source, key)
+            check_range(field, value, source, key)
             kwargs[name] = value
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(source, key, f"a value ({_type_name(hints[name])})", "missing")

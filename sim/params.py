@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from robot_mbrl.typedconfig import ConfigError, param
+from robot_mbrl.typedconfig import ConfigError, check_range, param
 
 EventKind = Literal[
     "param_scale",
@@ -170,16 +170,10 @@ class TwinConfig:
 def check_param_range(name: str, value: float) -> None:
     """Raise ValueError if ``value`` is outside the declared range of TwinConfig field ``name``."""
     field = {f.name: f for f in dataclasses.fields(TwinConfig)}[name]
-    meta = field.metadata
-    for bound, ok, word in (
-        ("ge", lambda v, b: v >= b, ">="),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "<="),
-        ("lt", lambda v, b: v < b, "<"),
-    ):
-        b = meta.get(bound)
-        if b is not None and not ok(value, b):
-            raise ValueError(f"{name} must be {word} {b}, got {value}")
+    try:
+        check_range(field, value, "schedule", name)
+    except ConfigError as err:
+        raise ValueError(f"{name} must be {err.expected.removeprefix('a value ')}, got {value}") from None
 
 
 __all__ = [
