@@ -189,3 +189,48 @@ def test_cli_run_against_the_emulator(tmp_path):
         assert log_[-1].values == (0.0,), "the CLI did not end with a safe stop"
     finally:
         emu.stop()
+
+
+@pytest.fixture(scope="module")
+def learned_checkpoint(tmp_path_factory):
+    """A small gated-MPC checkpoint learned on the twin through the real train job."""
+    from robot_mbrl.config import load_config
+    from robot_mbrl.runtime.train import train_job
+
+    cfg = load_config(None, ["task.episode_steps=100", "train.steps=300", "train.eval_episodes=0",
+                             "retrain.min_transitions=80", "trainer.max_epochs=30"])  # fmt: skip
+    _, out = train_job(cfg, out=tmp_path_factory.mktemp("hil") / "run", progress=False)
+    return cfg, out
+
+
+def test_full_stack_learned_mpc_under_faults(learned_checkpoint):
+    """Trained ensemble + k-step MPC + gate over the pty, with link noise, a NaN reading and a shift."""
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.tasks.cartpole import CartpoleTask
+
+    cfg, ckpt = learned_checkpoint
+    controllers = []
+
+    def make(spec, scenario):
+        agent = MPCAgent.load(
+            ckpt, cfg, spec, CartpoleTask("swingup", cfg.twin.safe_x_m, cfg.twin.end_stop_x_m)
+        )
+        controllers.append(agent.controller(gate=True))
+        return controllers[-1]
+
+    n = T
+    schedule = (
+        ScheduleEvent(at_s=n // 3 * DT, kind="sensor_nan", target="theta_rad", duration_s=0.1),
+        ScheduleEvent(at_s=n // 2 * DT, kind="param_scale", target="pole_mass_kg", value=2.0),
+    )
+    res = run_scenario(
+        Scenario(
+            "full-stack", ticks=n, schedule=schedule, injections=(Injection(5, "link_faults", config=NOISY),)
+        ),
+        make_controller=make,
+    )
+    check_common(res)
+    trace = controllers[0].trace
+    planned = [t for t in trace if np.isfinite(t[1])]
+    assert len(planned) > 0.5 * n, "the MPC did not plan on most ticks"
+    assert res.episode.end_stop_hits == 0

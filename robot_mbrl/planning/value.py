@@ -121,8 +121,8 @@ class ValueFunction(torch.nn.Module):
         """
         t0 = time.perf_counter()
         cfg = self.cfg
-        o = torch.as_tensor(np.asarray(obs, np.float32))
-        no = torch.as_tensor(np.asarray(next_obs, np.float32))
+        o = torch.as_tensor(np.array(obs, np.float32))
+        no = torch.as_tensor(np.array(next_obs, np.float32))
         r = np.asarray(reward, np.float64).reshape(-1)
         term = np.asarray(terminated, bool).reshape(-1)
         trunc = np.asarray(truncated, bool).reshape(-1)
