@@ -48,6 +48,13 @@ class GateConfig:
     reentry_fraction: float = param(0.8, "re-entry needs disagreement below this x threshold", gt=0, le=1)
     dwell_ticks: int = param(25, "ticks every trigger must stay clear before returning to the MPC", ge=1)
     constraint_margin: float = param(0.0, "trigger when some member predicts g(x) > -margin", ge=0)
+    constraint_steps: int | None = param(
+        None,
+        "the constraint trigger looks at the first this many planned steps (None: the whole horizon); "
+        "with a stopping-distance constraint (recoverable set) 1-2 steps suffice: the MPC may plan "
+        "through states it will later avoid, only the states its action commits to must stay recoverable",
+        ge=1,
+    )
     max_obs_age_s: float = param(0.05, "an observation older than this (vs the tick time) is stale", gt=0)
 
 
@@ -276,7 +283,10 @@ class SafetyGate:
             out.append(Trigger("uncalibrated", worst, math.inf))
         elif worst > thr:
             out.append(Trigger("disagreement", worst, thr))
-        margin = plan.worst_margin
+        margins = plan.constraint_margins
+        if self.cfg.constraint_steps is not None:
+            margins = margins[: self.cfg.constraint_steps]
+        margin = float(margins.max()) if margins.numel() else -math.inf
         if margin > -self.cfg.constraint_margin:
             out.append(Trigger("constraint", margin, -self.cfg.constraint_margin))
         return out
