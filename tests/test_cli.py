@@ -114,3 +114,10 @@ def test_emulate_serves_the_twin_and_run_drives_it_over_the_wire(tmp_path):
     finally:
         emu.terminate()
         emu.wait(timeout=10)
+
+
+def test_checkpoint_shapes_win_over_the_run_config(trained, tmp_path):
+    out, _ = trained
+    r = cli("run", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "r"),
+            "--set", "model.hidden=64", "--set", "value.hidden=16", *TINY)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]

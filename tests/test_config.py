@@ -29,6 +29,9 @@ def test_set_overrides_are_typed():
         None, ["twin.schedule=[{at_s: 3.0, kind: param_scale, target: pole_mass_kg, value: 2.0}]"]
     )
     assert cfg.twin.schedule[0].value == 2.0 and cfg.twin.schedule[0].kind == "param_scale"
+    assert (
+        load_config(None, ["monitor.arl0_ticks=1e8"]).monitor.arl0_ticks == 1e8
+    )  # YAML 1.1 reads 1e8 as str
 
 
 @pytest.mark.parametrize(

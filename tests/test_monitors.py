@@ -258,3 +258,10 @@ def test_calibration_statistic_equals_what_the_planner_reports():
     info = mpc.plan(s0)
     score = plan_disagreement_scores(model, s0[None], info.actions.numpy()[None])
     assert score[0] == pytest.approx(info.worst_disagreement, rel=1e-5)
+
+
+def test_cusum_level_for_large_shifts_does_not_overflow():
+    from robot_mbrl.safety.monitors import siegmund_arl, solve_cusum_h
+
+    h = solve_cusum_h(k=1.0, one_sided_arl0=1e4)  # shift_sigma = 2 used to raise OverflowError
+    assert 0 < h < 20 and abs(siegmund_arl(h, 1.0, 0.0) / 1e4 - 1) < 1e-3

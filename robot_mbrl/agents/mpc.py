@@ -28,7 +28,7 @@ from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
 from robot_mbrl.models.ensemble import ProbabilisticEnsemble
 from robot_mbrl.models.trainer import EnsembleTrainer, TrainReport
 from robot_mbrl.planning.mpc import MPCPlanner
-from robot_mbrl.planning.value import ValueFunction
+from robot_mbrl.planning.value import ValueConfig, ValueFunction
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
 from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores
@@ -36,6 +36,7 @@ from robot_mbrl.safety.fallback import make_fallback
 from robot_mbrl.safety.gate import SafetyGate
 from robot_mbrl.safety.monitors import ShiftMonitor
 from robot_mbrl.tasks.base import Task
+from robot_mbrl.typedconfig import build, to_dict
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -217,6 +218,7 @@ class MPCAgent:
         if self.ood_reference is not None:
             extra["ood_reference"] = {k: torch.as_tensor(v) for k, v in self.ood_reference.items()}
         meta = {
+            "value_config": to_dict(self.value.cfg),
             "thresholds": self.thresholds,
             "retrains": self.retrains,
             "trained": self.trained,
@@ -236,6 +238,13 @@ class MPCAgent:
                 f"{path / MODEL_FILE}: expected a model for {spec.obs_dim} obs / {spec.act_dim} act channels, "
                 f"got {model.obs_dim} / {model.act_dim}"
             )
+        # the checkpoint's network shapes win over the run config (a run may use another config file)
+        sections = {"model": model.cfg}
+        if "value_config" in meta:
+            sections["value"] = build(
+                ValueConfig, meta["value_config"], source=str(path / MODEL_FILE), prefix="value"
+            )
+        cfg = _with(cfg, **sections)
         agent = cls(cfg, spec, task, seed=int(meta.get("seed", cfg.seed)))
         agent.model.load_state_dict(model.state_dict())
         agent.model.set_elites(model.elites)
