@@ -121,3 +121,13 @@ def test_checkpoint_shapes_win_over_the_run_config(trained, tmp_path):
     r = cli("run", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "r"),
             "--set", "model.hidden=64", "--set", "value.hidden=16", *TINY)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_same_seed_same_run(trained, tmp_path):
+    """Lockstep training is reproducible: timing (plan time, machine load) never changes decisions."""
+    out, _ = trained
+    r = cli("train", "--out", str(tmp_path / "again"), "--steps", "180", "--seed", "3", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.loads((out / "summary.json").read_text())
+    b = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert a["returns"][:3] == b["returns"] and a["eval_returns"][:2] == b["eval_returns"][:2]

@@ -282,8 +282,11 @@ class GatedMPC:
             except Exception as err:  # noqa: BLE001 - a planner failure is a gate trigger, never a crash
                 log.warning("tick %d: planner raised %r; the gate falls back", self.tick, err)
                 error = err
-        missed = loop.late(self.budget_fraction)
-        d = self.gate.decide(self.tick, loop.now(), obs, plan, error, missed)
+        if loop.paced:  # real time: a late plan or an old reading is a hazard -> gate triggers
+            missed, now = loop.late(self.budget_fraction), loop.now()
+        else:  # lockstep twin: it waits for us, so timing must not change the run (reproducibility);
+            missed, now = False, obs.stamp_s  # misses are still counted by the episode runner
+        d = self.gate.decide(self.tick, now, obs, plan, error, missed)
         self.warm = self.planner.shift(plan.actions) if plan is not None else None
         cus = self.monitor.state("cusum")
         ood = self.monitor.state("ood")
