@@ -7,7 +7,7 @@ upkie-style: observe, act, log slack, write, sleep — the loop only does the ti
         obs = robot.read()
         action = controller(obs, missed=loop.late())
         robot.write(action)
-    print(loop.stats())
+    stats = loop.stats()  # overruns, slack, step-time percentiles
 
 Deadlines are absolute (``next = start + i * period``), so sleep jitter never accumulates into drift.
 A tick whose work ends after its deadline is an overrun; the loop counts it and the caller can ask

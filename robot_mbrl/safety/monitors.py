@@ -39,10 +39,8 @@ def siegmund_arl(h: float, k: float, mu: float) -> float:
     b = h + SIEGMUND_OFFSET
     if abs(d) < 1e-9:
         return b * b
-    x = -2.0 * d * b
-    if x > 700.0:  # beyond float range: the run length is astronomically long
-        return math.inf
-    return (math.exp(x) - x - 1.0) / (2.0 * d * d)
+    x = -2.0 * d * b  # beyond exp's float range the run length is astronomically long: inf
+    return math.inf if x > 700.0 else (math.exp(x) - x - 1.0) / (2.0 * d * d)
 
 
 def solve_cusum_h(k: float, one_sided_arl0: float) -> float:
