@@ -30,13 +30,7 @@ def small_cfg(**kw) -> EnsembleConfig:
     return EnsembleConfig(**{"members": 5, "elites": 3, "hidden": 64, "layers": 3, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small nets train fastest on one thread (and CI's two cores are shared with other tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from robot_mbrl.models.trainer import EnsembleTrainer, RetrainSchedule, Schedule
 ANGLE = np.array([True, False])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small nets train fastest on one thread (and CI's two cores are shared with other tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pendulum(rng: np.random.Generator, n: int, g: float = 9.81) -> dict[str, np.ndarray]:
