@@ -4,7 +4,7 @@
         [--members E] [--hidden H] [--layers L] [--net-sweep] [--rounds R]
 
 Model: the real ``robot_mbrl.models.ensemble`` (its ``EnsembleConfig`` defaults unless overridden;
-the planner then uses the lean ``ProbabilisticEnsemble.step``), else a stand-in with the same
+the planner then uses the lean ``ProbabilisticEnsemble.stepper``), else a stand-in with the same
 shapes (stacked ``E x in x out`` weights, ``baddbmm`` per layer, SiLU), obs_dim 5, act_dim 1.
 FLOPs count only the matmuls: ``2 * E * N * in * out`` per layer per model call (the real model
 skips the log-variance half of the output layer; the count keeps it, as the reference does). The

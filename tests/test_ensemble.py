@@ -135,3 +135,25 @@ def test_same_seed_same_model_and_config_validation():
         EnsembleConfig(members=3, elites=5).validate()
     with pytest.raises(ValueError, match="angle_mask"):
         ProbabilisticEnsemble(3, 1, ANGLE)
+
+
+def test_stepper_matches_predict_up_to_angle_wrap(trained):
+    """The planner's stepper: same next states as predict (angles continuous, not wrapped), same
+    disagreement, same learned reward; members starting at pi stay continuous across it."""
+    d = pendulum(np.random.default_rng(6), 64)
+    obs = torch.tensor(d["obs"], dtype=torch.float32)
+    obs[:8, 0] = math.pi - 1e-3  # rollouts that cross +pi
+    obs[:8, 1] = 6.0
+    act = torch.tensor(d["act"], dtype=torch.float32)
+    p = trained.predict(obs, act)
+    step = trained.stepper()
+    nxt, dis, rew = step(obs.expand(5, -1, -1), act.expand(5, -1, -1))
+    torch.testing.assert_close(wrap_angle(nxt[..., 0]), p.mean[..., 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nxt[..., 1], p.mean[..., 1], rtol=1e-5, atol=1e-5)
+    assert torch.all(nxt[:, :8, 0] > math.pi)  # not wrapped: continuous along the rollout
+    torch.testing.assert_close(dis, p.disagreement, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(rew, p.reward, rtol=1e-5, atol=1e-5)
+    # a second call from the unwrapped states keeps going and agrees with predict from wrapped ones
+    nxt2, _, _ = step(nxt, act.expand(5, -1, -1))
+    p2 = trained.predict(p.mean, act.expand(5, -1, -1))
+    torch.testing.assert_close(wrap_angle(nxt2[..., 0]), p2.mean[..., 0], rtol=1e-4, atol=1e-4)

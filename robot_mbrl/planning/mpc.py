@@ -19,7 +19,7 @@ scores are never chosen while a finite one exists; if none is finite, the return
 carries non-finite ``expected_return`` / ``predicted_obs`` and the gate falls back.
 
 Performance (one thread, ``benchmarks/bench_plan.py``): the cost is ``iterations * K`` sequential
-model calls at batch ``E x N`` through the model's lean ``step`` (``predict`` for models without
+model calls at batch ``E x N`` through the model's lean ``stepper()`` (``predict`` for models without
 one); planner overhead is ~0.65 ms per iteration. With the default 7 x 3 x 128 SiLU ensemble the
 defaults (N = 16, 2 iterations) take ~4.6 ms p50 / ~4.9 ms p99 (7 x 4 x 200: ~8.6 ms p50).
 Call ``torch.set_num_threads`` in the process, not here.
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from robot_mbrl.models.base import DynamicsModel
+from robot_mbrl.models.ensemble import wrap_angle
 from robot_mbrl.planning.base import PlanInfo
 from robot_mbrl.tasks.base import Task
 from robot_mbrl.typedconfig import param
@@ -126,19 +127,26 @@ class MPCPlanner:
         self.discount = cfg.gamma ** torch.arange(self.num_ticks + 1, dtype=torch.float32)  # K+1
         self.noise = torch.empty(k, n, a)  # reused sampling buffer
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self._lean = getattr(model, "step", None)  # optional fast path (ProbabilisticEnsemble.step)
+        mask = getattr(model, "angle_mask", None)  # angle channels (wrapped once per rollout)
+        self.angle_mask = (
+            None if mask is None or not bool(torch.as_tensor(mask).any()) else torch.as_tensor(mask)
+        )
 
-    def _step(
-        self, obs: torch.Tensor, act: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One model call ``E x N x S``, ``E x N x A`` -> next obs, disagreement ``N``, reward or None.
+    def _stepper(
+        self,
+    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The model call for one rollout: ``E x N x S``, ``E x N x A`` -> next obs, disagreement ``N``,
+        reward or None. The model's lean ``stepper()`` when it has one (weights bound once per plan,
+        angles left unwrapped), else the :class:`DynamicsModel` ``predict`` contract."""
+        make = getattr(self.model, "stepper", None)
+        if make is not None:
+            return make()
 
-        Uses the model's lean ``step`` when it has one (same numbers as ``predict``, minus the fields
-        the planner never reads), else the :class:`DynamicsModel` ``predict`` contract."""
-        if self._lean is not None:
-            return self._lean(obs, act)
-        pred = self.model.predict(obs, act)
-        return pred.mean, pred.disagreement, pred.reward
+        def predict(obs: torch.Tensor, act: torch.Tensor):
+            pred = self.model.predict(obs, act)
+            return pred.mean, pred.disagreement, pred.reward
+
+        return predict
 
     def reset(self, seed: int | None = None) -> None:
         """Restart the sampling generator (``seed`` defaults to the config's)."""
@@ -207,9 +215,10 @@ class MPCPlanner:
         cfg, e, n, ticks = self.cfg, self.model.num_members, cand.shape[1], self.num_ticks
         state = s0.expand(e, n, -1)
         states, dis, rews = [state], [], []
+        step = self._stepper()
         for t in range(ticks):
             act = cand[t // cfg.action_repeat].expand(e, -1, -1)  # E x N x A
-            state, d, rew = self._step(state, act)
+            state, d, rew = step(state, act)
             states.append(state)
             dis.append(d)
             if self.reward_source == "model":
@@ -217,6 +226,8 @@ class MPCPlanner:
                     raise ValueError("reward_source='model' but the model has no reward head")
                 rews.append(rew)
         traj = torch.stack(states)  # (K+1) x E x N x S
+        if self.angle_mask is not None:  # the model's stepper leaves angles continuous
+            traj = torch.where(self.angle_mask, wrap_angle(traj), traj)
         d = torch.stack(dis)  # K x N
         acts = cand.repeat_interleave(cfg.action_repeat, 0) if cfg.action_repeat > 1 else cand
         acts = acts.unsqueeze(1).expand(-1, e, -1, -1)  # K x E x N x A
