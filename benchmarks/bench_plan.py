@@ -2,6 +2,7 @@
 
     python benchmarks/bench_plan.py [--plans 300] [--population N] [--iterations I] [--sweep]
         [--members E] [--hidden H] [--layers L] [--net-sweep] [--rounds R]
+    python benchmarks/bench_plan.py --config cartpole_swingup   # the default config's planner
 
 Model: the real ``robot_mbrl.models.ensemble`` (its ``EnsembleConfig`` defaults unless overridden;
 the planner then uses the lean ``ProbabilisticEnsemble.stepper``), else a stand-in with the same
@@ -163,6 +164,59 @@ def bench(cfg: PlannerConfig, plans: int, which: str) -> dict[str, float]:
     }
 
 
+def bench_config(name: str, plans: int) -> None:
+    """The planner exactly as ``robot-mbrl train/run`` builds it from config ``name`` (real ensemble
+    shape, shielded task, value network, disagreement truncation); untrained weights (timing does not
+    depend on them). FLOPs are the matmuls the planner's model calls execute (mean head only,
+    padded), next to a plain baddbmm chain over the same weight shapes and call count."""
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot, make_task
+
+    cfg = load_config(name)
+    robot = make_robot(cfg)
+    agent = MPCAgent(cfg, robot.spec, make_task(cfg))
+    planner = agent.planner()
+    pc = cfg.planner
+    rng = np.random.default_rng(0)
+    obs = lambda: np.array([0.0, np.pi, 0.0, 0.0, 0.0]) + rng.normal(size=robot.spec.obs_dim) * 0.3  # noqa: E731
+    warm, times = None, []
+    for i in range(plans + 20):
+        info = planner.plan(obs(), warm, 1.0)
+        warm = planner.shift(info.actions)
+        if i >= 20:  # warm-up (allocator, dispatch caches)
+            times.append(info.solve_time_s)
+    robot.close()
+    t = np.asarray(times) * 1e3
+    ws = agent.model._fused()[0]
+    n, calls = agent.model.num_members * pc.population, pc.iterations * pc.horizon * pc.action_repeat
+    flops = calls * sum(2 * w.shape[0] * pc.population * w.shape[1] * w.shape[2] for w in ws)
+    x0 = torch.randn(agent.model.num_members, pc.population, ws[0].shape[1])
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(20):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                x = x0
+                for w in ws:
+                    x = torch.bmm(x, w)
+            best = min(best, time.perf_counter() - t0)
+    p50, p99 = float(np.percentile(t, 50)), float(np.percentile(t, 99))
+    period_ms = 1e3 / robot.spec.control_hz
+    shape = " x ".join(str(w.shape[2]) for w in ws[:-1])
+    print(f"## Default-config plan time: `{name}` (1 thread, torch {torch.__version__})\n")
+    print(f"ensemble {agent.model.num_members} members, hidden {shape} {cfg.model.activation}; planner "
+          f"{pc.method} k={pc.horizon} x repeat {pc.action_repeat}, {pc.iterations} iteration(s) x "
+          f"{pc.population} candidates; {plans} plans; batch per model call {n} rows\n")  # fmt: skip
+    print(
+        "| p50 ms | p99 ms | max ms | p99 / period | MFLOP/plan | GFLOP/s plan | GFLOP/s bmm chain | plan/bmm |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    g_plan, g_bmm = flops / (p50 / 1e3) / 1e9, flops / best / 1e9
+    print(f"| {p50:.2f} | {p99:.2f} | {t.max():.2f} | {p99 / period_ms:.0%} | {flops / 1e6:.1f} | {g_plan:.1f} "
+          f"| {g_bmm:.1f} | {g_plan / g_bmm:.0%} |")  # fmt: skip
+
+
 def set_net(members: int | None, hidden: int | None, layers: int | None) -> None:
     """Override the module-level network shape (used by the model factories and FLOP counts)."""
     global E, HIDDEN, LAYERS
@@ -181,8 +235,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=1, help="time the first config this many times")
     parser.add_argument("--net-sweep", action="store_true", help="first config on other E x L x H nets")
+    parser.add_argument(
+        "--config", default=None, help="time the planner of this config (as train/run build it)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.config:
+        bench_config(args.config, args.plans)
+        return
     set_net(args.members, args.hidden, args.layers)
     base = PlannerConfig()
     over = {k: v for k, v in (("population", args.population), ("iterations", args.iterations)) if v}

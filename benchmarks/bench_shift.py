@@ -6,6 +6,7 @@ switch to fallback), the return, and plan+gate time. In distribution (no shift) 
 alarms over N ticks and the fraction of ticks on MPC.
 
     python benchmarks/bench_shift.py --checkpoint RUN_DIR [--config cartpole_swingup] [--episodes 4]
+        [--set monitor.arl0_ticks=1e5 ...]
 """
 
 from __future__ import annotations
@@ -83,9 +84,12 @@ def main() -> None:
     ap.add_argument("--shift-at-s", type=float, default=3.0)
     ap.add_argument("--id-ticks", type=int, default=10_000, help="in-distribution ticks for false alarms")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    base = load_config(args.config)
+    base = load_config(args.config, args.set)
     shift_tick = int(round(args.shift_at_s * base.twin.control_hz))
     print(f"# gate under shift, {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}, "
           f"checkpoint {args.checkpoint}, {args.episodes} episodes x {base.task.episode_steps} ticks, "

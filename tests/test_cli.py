@@ -131,3 +131,30 @@ def test_same_seed_same_run(trained, tmp_path):
     a = json.loads((out / "summary.json").read_text())
     b = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert a["returns"][:3] == b["returns"] and a["eval_returns"][:2] == b["eval_returns"][:2]
+
+
+def test_checkpoint_carries_residual_calibration_and_monitors_gate_outside_learning(trained):
+    """The checkpoint stores the CUSUM's held-out residual calibration; the monitors switch to the
+    fallback in deployment, and in learning episodes only when monitor.gate_while_learning is set."""
+    import dataclasses
+
+    import numpy as np
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot, make_task
+
+    out, _ = trained
+    cfg = load_config(None, ["task.episode_steps=60"])
+    robot = make_robot(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    bias, whiten = agent.thresholds["residual_bias"], np.asarray(agent.thresholds["residual_whiten"])
+    assert len(bias) == robot.spec.obs_dim and whiten.shape == (robot.spec.obs_dim,) * 2
+    deploy = agent.controller()
+    assert deploy.gate.monitor is deploy.monitor
+    np.testing.assert_allclose(deploy.monitor.residual_whiten, whiten)
+    learning = agent.controller(learning=True)
+    assert learning.gate.monitor is None and learning.monitor is not None  # observed and logged only
+    agent.cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, gate_while_learning=True))
+    strict = agent.controller(learning=True)
+    assert strict.gate.monitor is strict.monitor

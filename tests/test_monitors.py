@@ -10,7 +10,7 @@ import torch
 
 from robot_mbrl.hal.robot import Channel, Observation, RobotSpec
 from robot_mbrl.models.base import Prediction
-from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores
+from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores, residual_calibration
 from robot_mbrl.safety.fallback import FallbackConfig, make_fallback
 from robot_mbrl.safety.gate import GateConfig, SafetyGate
 from robot_mbrl.safety.monitors import (
@@ -162,6 +162,46 @@ def test_ood_threshold_rate_and_separation(method):
     far = np.array([[6.0, 6.0, 0.0], [3.0, -3.0, 0.0], [0.0, 0.0, 20.0]])  # (3,-3) breaks correlation
     assert np.all(ood.score(far) > thr)
     assert ood.score(np.zeros(3)).shape == ()
+
+
+def test_knn_ood_calibration_uses_leave_one_out_reference_scores():
+    """With 40 held-out inputs alone a 1e-3 rate is not certifiable; the reference's leave-one-out
+    scores (the (k+1)-th neighbour, skipping the point itself) make it so, at the right rate."""
+    rng = np.random.default_rng(5)
+    ood = OODMonitor("knn", k=5, max_reference=4000, seed=0)
+    with pytest.raises(ValueError, match="cannot certify"):
+        calibrate_threshold(rng.standard_normal(40), 1e-3)
+    thr = ood.fit(rng.standard_normal((4000, 3)), rng.standard_normal((40, 3)), false_alarm_rate=1e-2)
+    loo = ood.calibration_scores(rng.standard_normal((40, 3)))[40:]
+    assert len(loo) == 4000 and np.all(loo > 0)  # a point is never its own neighbour
+    assert np.mean(ood.score(rng.standard_normal((20000, 3))) > thr) == pytest.approx(1e-2, abs=5e-3)
+
+
+def test_residual_calibration_whitens_held_out_residuals():
+    """Correlated, biased, badly scaled residuals -> zero mean, identity covariance; a shift against
+    the usual correlation is amplified (what makes a dynamics change visible to the CUSUM)."""
+    rng = np.random.default_rng(6)
+    cov = np.array([[9.0, 2.7, 0.0], [2.7, 1.0, 0.0], [0.0, 0.0, 0.25]])  # channels 0, 1: rho 0.9
+    z = rng.multivariate_normal([1.0, 0.0, -2.0], cov, size=2000)
+    z[0, 1] = np.nan  # dropped, not propagated
+    bias, whiten = residual_calibration(z)
+    np.testing.assert_allclose(bias, [1.0, 0.0, -2.0], atol=0.2)
+    np.testing.assert_allclose(whiten, whiten.T, atol=1e-12)  # ZCA: symmetric
+    with pytest.raises(ValueError, match="residual calibration"):
+        residual_calibration(z[1:5])
+    mon = ShiftMonitor(SPEC)
+    mon.set_residual_calibration(bias, whiten)
+    mean, std = np.zeros(3), np.full(3, 0.1)  # residuals well inside (-pi, pi] on the angle channel
+    w = mon.residual_z(mean + std * z[1:], mean, std)
+    np.testing.assert_allclose(w.mean(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(np.cov(w, rowvar=False), np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(mon.residual_z(mean + std * z[1:], mean, std, calibrated=False), z[1:])
+    against = mon.residual_z(
+        std * (bias + np.array([3.0, -1.0, 0.0])), mean, std
+    )  # 1 sigma each, anti-correlated
+    assert np.abs(against).max() > 3.0
+    with pytest.raises(ValueError, match="residual calibration"):
+        mon.set_residual_calibration(bias, np.full((3, 3), np.nan))
 
 
 def test_val_loss_alarms_above_its_factor():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from robot_mbrl.planning.mpc import MPCPlanner
 from robot_mbrl.planning.value import ValueConfig, ValueFunction
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
-from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores
+from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores, residual_calibration
 from robot_mbrl.safety.fallback import make_fallback
 from robot_mbrl.safety.gate import SafetyGate
 from robot_mbrl.safety.monitors import ShiftMonitor
@@ -122,7 +123,7 @@ class MPCAgent:
         )
         self.trainer = EnsembleTrainer(self.model, cfg.trainer, seed=self.seed)
         self.value = ValueFunction(spec.obs_dim, spec.angle_mask, _with(cfg.value, gamma=cfg.planner.gamma))
-        self.thresholds: dict[str, float | None] = {"disagreement": None, "ood": None}
+        self.thresholds: dict[str, Any] = {"disagreement": None, "ood": None}  # + residual calibration
         self.ood_reference: dict[str, np.ndarray] | None = None
         self.trained = False
         self.retrains = 0
@@ -174,6 +175,14 @@ class MPCAgent:
                 )
             thr = float(calibrate_threshold(scores, certifiable))
             self.thresholds["disagreement"] = thr * self.cfg.calibration.margin
+        if len(holdout) >= max(10, 2 * self.spec.obs_dim):  # CUSUM residuals: N(0, I) on held-out data
+            mean, std = predictive(
+                self.model, data["obs"][holdout], data["act"][holdout], self.spec.angle_mask
+            )
+            z = ShiftMonitor(self.spec, self.cfg.monitor).residual_z(data["next_obs"][holdout], mean, std,
+                                                                       calibrated=False)  # fmt: skip
+            bias, whiten = residual_calibration(z)
+            self.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
         train_mask = np.ones(len(data["obs"]), dtype=bool)
         train_mask[holdout] = False
         self.ood_reference = {
@@ -199,17 +208,29 @@ class MPCAgent:
             reward_source=reward_source,
         )
 
-    def controller(self, gate: bool = True) -> GatedMPC:
+    def controller(self, gate: bool = True, learning: bool = False) -> GatedMPC:
+        """The gated per-tick controller. ``learning=True`` (the learning episodes of ``train``):
+        unless ``monitor.gate_while_learning``, the shift monitors still observe and log their alarms
+        but do not switch to the fallback - learning visits states the model has not seen by design,
+        where the disagreement trigger and the constraint shield protect the robot and the answer to
+        a large residual is the next retrain. Deployment (``run``) and evaluation: monitors gate."""
         monitor = ShiftMonitor(self.spec, self.cfg.monitor)
         if self.ood_reference is not None and len(self.ood_reference["holdout_obs"]) >= 10:
             n = len(self.ood_reference["holdout_obs"])
+            if self.cfg.monitor.ood_method == "knn":  # + leave-one-out scores of the reference
+                n += min(len(self.ood_reference["train_obs"]), self.cfg.monitor.ood_max_reference)
             rate = max(self.cfg.monitor.ood_false_alarm_rate, 1.0 / (n + 1))  # what n samples certify
             ood = monitor.fit_ood(**self.ood_reference, false_alarm_rate=rate)
             self.thresholds["ood"] = float(ood)
         gate_cfg = _with(self.cfg.gate, no_gate=not gate)
-        safety = SafetyGate(self.spec, gate_cfg, make_fallback(self.cfg.fallback, self.spec), monitor)
+        gating = monitor if (not learning or self.cfg.monitor.gate_while_learning) else None
+        safety = SafetyGate(self.spec, gate_cfg, make_fallback(self.cfg.fallback, self.spec), gating)
         if self.thresholds["disagreement"] is not None:
             safety.set_thresholds(disagreement=self.thresholds["disagreement"])
+        if self.thresholds.get("residual_bias") is not None:
+            monitor.set_residual_calibration(
+                self.thresholds["residual_bias"], self.thresholds["residual_whiten"]
+            )
         return GatedMPC(self, self.planner(), safety, monitor, self.cfg.loop.plan_budget_fraction)
 
     # -- persistence -----------------------------------------------------------------------
@@ -303,21 +324,28 @@ class GatedMPC:
         )
 
     def observe(self, tr: Transition) -> list[dict]:
-        with torch.no_grad():
-            pred = self.agent.model.predict(
-                torch.as_tensor(tr.obs, dtype=torch.float32)[None],
-                torch.as_tensor(tr.act, dtype=torch.float32)[None],
-            )
-            members = pred.mean[:, 0]  # E x S
-            mean = members.mean(0)
-            angle = torch.as_tensor(self.agent.spec.angle_mask)
-            if angle.any():  # circular mean, so members at +pi and -pi do not average to 0
-                a = members[:, angle]
-                mean[angle] = torch.atan2(torch.sin(a).mean(0), torch.cos(a).mean(0))
-            dev = members - mean
-            dev[:, angle] = torch.remainder(dev[:, angle] + math.pi, 2 * math.pi) - math.pi
-            var = pred.var[:, 0].mean(0) + (dev * dev).mean(0)  # aleatoric + epistemic
-        return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean.numpy(), var.sqrt().numpy(), self.tick)
+        mean, std = predictive(self.agent.model, tr.obs[None], tr.act[None], self.agent.spec.angle_mask)
+        return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean[0], std[0], self.tick)
+
+
+@torch.no_grad()
+def predictive(model: ProbabilisticEnsemble, obs: np.ndarray, act: np.ndarray, angle_mask: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The ensemble's one-step predictive distribution for ``N x S`` / ``N x A`` real inputs:
+    mean ``N x S`` (circular mean on angle channels, so members at +pi and -pi do not average to 0)
+    and std ``N x S`` (aleatoric mean variance + epistemic spread of the member means)."""
+    pred = model.predict(torch.as_tensor(np.asarray(obs), dtype=torch.float32),
+                         torch.as_tensor(np.asarray(act), dtype=torch.float32))  # fmt: skip
+    members = pred.mean  # E x N x S
+    mean = members.mean(0)
+    angle = torch.as_tensor(np.asarray(angle_mask, bool))
+    if angle.any():
+        a = members[..., angle]
+        mean[..., angle] = torch.atan2(torch.sin(a).mean(0), torch.cos(a).mean(0))
+    dev = members - mean
+    dev[..., angle] = torch.remainder(dev[..., angle] + math.pi, 2 * math.pi) - math.pi
+    var = pred.var.mean(0) + (dev * dev).mean(0)
+    return mean.numpy(), var.sqrt().numpy()
 
 
 def _with(section, **changes):

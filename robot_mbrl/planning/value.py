@@ -38,7 +38,9 @@ class ValueConfig:
     lr: float = param(1e-3, "Adam learning rate", gt=0)
     weight_decay: float = param(0.0, "Adam L2 weight decay", ge=0)
     batch_size: int = param(256, "minibatch size", ge=1)
-    epochs: int = param(20, "default passes over the data per fit()", ge=1)
+    epochs: int = param(
+        150, "passes over the whole buffer per fit() (fewer: V lags the data, see RESULTS.md)", ge=1
+    )
     seed: int = param(0, "seed of initialization and minibatch order")
 
 

@@ -110,7 +110,7 @@ def train_job(
             bar.post()
             while tally.real_steps < cfg.train.steps:
                 if agent.trained and episode >= cfg.train.explore_episodes:
-                    controller = controller or agent.controller(gate=cfg.run.gate)
+                    controller = controller or agent.controller(gate=cfg.run.gate, learning=True)
                 else:
                     controller = None
                     explorer = ShieldedExplorer(spec, fallback, cfg.explore, seed=cfg.seed + episode,

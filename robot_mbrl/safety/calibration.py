@@ -9,6 +9,11 @@ most the target false-alarm rate (the split-conformal quantile, see :func:`calib
 planner reports in ``PlanInfo.worst_disagreement``: every member rolls its own k-step trajectory
 with the actions that really followed, and the per-step ``Prediction.disagreement`` is maximized
 over the k steps.
+
+:func:`residual_calibration` maps the shift monitor's standardized one-step residuals to zero mean
+and identity covariance on held-out data (the ensemble's predicted std is not calibrated by its NLL
+training on little data), so the CUSUM levels solved from Siegmund's approximation
+(:func:`solve_cusum_h`, which assumes N(0, 1) residuals in control) mean what they say.
 """
 
 from __future__ import annotations
@@ -98,3 +103,58 @@ def plan_disagreement_scores(
             obs = pred.mean
         out[start:stop] = worst
     return out.numpy()
+
+
+SIEGMUND_OFFSET = 1.166  # b = h + 1.166: Siegmund's correction for the overshoot of the boundary
+
+
+def siegmund_arl(h: float, k: float, mu: float) -> float:
+    """Average run length of a one-sided upper CUSUM ``S = max(0, S + z - k)``, alarm ``S > h``,
+    for ``z ~ N(mu, 1)`` (Siegmund 1985, *Sequential Analysis*, eq. 2.57)::
+
+        ARL ~= (exp(-2 D b) + 2 D b - 1) / (2 D^2),   D = mu - k,  b = h + 1.166
+        ARL ~= b^2                                     (D = 0)
+    """
+    d = mu - k
+    b = h + SIEGMUND_OFFSET
+    if abs(d) < 1e-9:
+        return b * b
+    x = -2.0 * d * b  # beyond exp's float range the run length is astronomically long: inf
+    return math.inf if x > 700.0 else (math.exp(x) - x - 1.0) / (2.0 * d * d)
+
+
+def solve_cusum_h(k: float, one_sided_arl0: float) -> float:
+    """The alarm level h for which one side's in-control ARL (mu = 0) equals ``one_sided_arl0``.
+
+    The ARL grows monotonically in h, so bisection on [0, 1000] converges.
+    """
+    lo, hi = 0.0, 1000.0
+    if siegmund_arl(lo, k, 0.0) >= one_sided_arl0:
+        return lo
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if siegmund_arl(mid, k, 0.0) < one_sided_arl0:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def residual_calibration(z: np.ndarray, min_var: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """``(bias, whiten)`` from held-out standardized residuals ``z`` (``N x S``): ``bias`` ``S`` and
+    the ZCA whitening matrix ``whiten`` ``S x S`` (symmetric ``Sigma^-1/2``) such that
+    ``(z - bias) @ whiten.T`` has zero mean and identity covariance on them - the independent N(0, 1)
+    channels the CUSUM's Siegmund levels assume. Model errors of coupled channels (cart and pole
+    velocities) are correlated; after whitening, a shift that breaks the usual pattern stands out.
+    Rows with a non-finite entry are dropped; eigenvalues are floored at ``min_var``. Raises
+    ``ValueError`` with fewer than ``max(10, 2 S)`` usable rows."""
+    z = np.asarray(z, dtype=float)
+    z = z[np.all(np.isfinite(z), axis=1)]
+    need = max(10, 2 * z.shape[1])
+    if len(z) < need:
+        raise ValueError(f"residual calibration needs >= {need} finite held-out residuals, got {len(z)}")
+    bias = z.mean(axis=0)
+    cov = np.atleast_2d(np.cov(z - bias, rowvar=False))
+    evals, evecs = np.linalg.eigh(cov)
+    whiten = (evecs / np.sqrt(np.maximum(evals, min_var))) @ evecs.T
+    return bias, whiten

@@ -20,44 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from robot_mbrl.hal.robot import Observation, RobotSpec
-from robot_mbrl.safety.calibration import calibrate_threshold
+from robot_mbrl.safety.calibration import calibrate_threshold, siegmund_arl, solve_cusum_h
 from robot_mbrl.typedconfig import param
 
 log = logging.getLogger(__name__)
-
-SIEGMUND_OFFSET = 1.166  # b = h + 1.166: Siegmund's correction for the overshoot of the boundary
-
-
-def siegmund_arl(h: float, k: float, mu: float) -> float:
-    """Average run length of a one-sided upper CUSUM ``S = max(0, S + z - k)``, alarm ``S > h``,
-    for ``z ~ N(mu, 1)`` (Siegmund 1985, *Sequential Analysis*, eq. 2.57)::
-
-        ARL ~= (exp(-2 D b) + 2 D b - 1) / (2 D^2),   D = mu - k,  b = h + 1.166
-        ARL ~= b^2                                     (D = 0)
-    """
-    d = mu - k
-    b = h + SIEGMUND_OFFSET
-    if abs(d) < 1e-9:
-        return b * b
-    x = -2.0 * d * b  # beyond exp's float range the run length is astronomically long: inf
-    return math.inf if x > 700.0 else (math.exp(x) - x - 1.0) / (2.0 * d * d)
-
-
-def solve_cusum_h(k: float, one_sided_arl0: float) -> float:
-    """The alarm level h for which one side's in-control ARL (mu = 0) equals ``one_sided_arl0``.
-
-    The ARL grows monotonically in h, so bisection on [0, 1000] converges.
-    """
-    lo, hi = 0.0, 1000.0
-    if siegmund_arl(lo, k, 0.0) >= one_sided_arl0:
-        return lo
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if siegmund_arl(mid, k, 0.0) < one_sided_arl0:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 @dataclass(frozen=True)
@@ -79,6 +45,9 @@ class ShiftConfig:
     ood_persist_ticks: int = param(3, "OOD score must exceed its threshold this many ticks in a row", ge=1)
     val_loss_factor: float = param(2.0, "alarm when fresh loss / holdout loss exceeds this", gt=1)
     debounce_ticks: int = param(100, "an alarm re-fires only after it stayed clear this long", ge=0)
+    gate_while_learning: bool = param(
+        False, "monitor alarms switch to the fallback in train's learning episodes too (else: logged only)"
+    )
     seed: int = param(0, "seed of the k-NN reference subsample")
 
 
@@ -191,11 +160,21 @@ class OODMonitor:
                 rng = np.random.default_rng(self.seed)
                 xn = xn[rng.choice(xn.shape[0], self.max_reference, replace=False)]
             self._reference = xn
-        self.threshold = calibrate_threshold(self.score(holdout_inputs), false_alarm_rate)
+        self.threshold = calibrate_threshold(self.calibration_scores(holdout_inputs), false_alarm_rate)
         return self.threshold
 
-    def score(self, x: np.ndarray, chunk: int = 1024) -> np.ndarray:
-        """Scores of ``... x D`` inputs (shape ``...``); larger means farther from the data."""
+    def calibration_scores(self, holdout_inputs: np.ndarray) -> np.ndarray:
+        """Held-out scores plus, for k-NN, the leave-one-out scores of the reference points (the
+        (k+1)-th neighbour: the first is the point itself), so the threshold is certified by all the
+        data (``n_holdout + n_reference`` scores), not only the small held-out split."""
+        held = self.score(holdout_inputs)
+        if self.method != "knn":
+            return held
+        return np.concatenate([held, self.score(self._reference * self._std + self._mean, k=self.k + 1)])
+
+    def score(self, x: np.ndarray, chunk: int = 1024, k: int | None = None) -> np.ndarray:
+        """Scores of ``... x D`` inputs (shape ``...``); larger means farther from the data
+        (``k`` overrides the k-NN's k)."""
         if not self.fitted:
             raise RuntimeError("OODMonitor.score before fit")
         x = np.asarray(x, dtype=float)
@@ -203,13 +182,13 @@ class OODMonitor:
         if self.method == "mahalanobis":
             out = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", flat, self._precision, flat), 0.0))
         else:
-            ref = self._reference
+            ref, kk = self._reference, self.k if k is None else k
             ref_sq = np.sum(ref * ref, axis=1)
             out = np.empty(flat.shape[0])
             for i in range(0, flat.shape[0], chunk):
                 q = flat[i : i + chunk]
                 d2 = np.sum(q * q, axis=1)[:, None] - 2.0 * q @ ref.T + ref_sq[None, :]
-                kth = np.partition(d2, self.k - 1, axis=1)[:, self.k - 1]
+                kth = np.partition(d2, kk - 1, axis=1)[:, kk - 1]
                 out[i : i + chunk] = np.sqrt(np.maximum(kth, 0.0))
         return out.reshape(x.shape[:-1])
 
@@ -285,6 +264,7 @@ class ShiftMonitor:
         self.val_loss = ValLossMonitor(cfg.val_loss_factor)
         self.ood_score = 0.0
         self._ood_streak = 0
+        self.residual_bias, self.residual_whiten = np.zeros(spec.obs_dim), np.eye(spec.obs_dim)
         self._debounce = {name: _Debounce(cfg.debounce_ticks) for name in self.NAMES}
 
     # -- inputs ----------------------------------------------------------------------------
@@ -315,12 +295,31 @@ class ShiftMonitor:
             raise ValueError(f"OOD threshold must be finite, got {threshold}")
         self.ood.threshold = float(threshold)
 
-    def residual_z(self, next_obs: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-        """Standardized one-step residual (S), angle channels wrapped to (-pi, pi]."""
+    def set_residual_calibration(self, bias: np.ndarray, whiten: np.ndarray) -> None:
+        """Held-out calibration of :meth:`residual_z`: ``bias`` ``S`` and whitening ``S x S``
+        (:func:`~robot_mbrl.safety.calibration.residual_calibration`)."""
+        S = self.spec.obs_dim
+        bias, whiten = np.asarray(bias, dtype=float).reshape(-1), np.asarray(whiten, dtype=float)
+        if (
+            bias.shape != (S,)
+            or whiten.shape != (S, S)
+            or not (np.all(np.isfinite(bias)) and np.all(np.isfinite(whiten)))
+        ):
+            raise ValueError(
+                f"residual calibration: expected {S} finite biases and a finite {S} x {S} whitening matrix"
+            )
+        self.residual_bias, self.residual_whiten = bias, whiten
+
+    def residual_z(
+        self, next_obs: np.ndarray, mean: np.ndarray, std: np.ndarray, calibrated: bool = True
+    ) -> np.ndarray:
+        """Standardized one-step residual (``... x S``), angle channels wrapped to (-pi, pi]:
+        ``(r / std - bias) @ whiten.T`` (``calibrated=False``: ``r / std``)."""
         r = np.asarray(next_obs, dtype=float) - np.asarray(mean, dtype=float)
         mask = self.spec.angle_mask
-        r[mask] = np.pi - np.mod(np.pi - r[mask], 2.0 * np.pi)
-        return r / np.maximum(np.asarray(std, dtype=float), self.cfg.min_std)
+        r[..., mask] = np.pi - np.mod(np.pi - r[..., mask], 2.0 * np.pi)
+        z = r / np.maximum(np.asarray(std, dtype=float), self.cfg.min_std)
+        return (z - self.residual_bias) @ self.residual_whiten.T if calibrated else z
 
     # -- per tick --------------------------------------------------------------------------
     def observe(
