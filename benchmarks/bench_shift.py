@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import platform
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -69,6 +70,7 @@ def run(cfg, checkpoint, *, gate: bool, episodes: int, shift_tick: int | None, s
         "end_stop_hits": hits,
         "delays": delays,
         "alarms": sum(1 for e in events if e.get("kind") == "alarm"),
+        "by_trigger": dict(Counter(e.get("trigger") for e in events if e.get("kind") == "alarm")),
         "mpc_fraction": 1.0 - tally.fallback_ticks / max(tally.ticks, 1),
         "ticks": tally.ticks,
         "plan_p99_ms": float(np.percentile(plan_ms, 99)),
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--shift-at-s", type=float, default=3.0)
     ap.add_argument("--id-ticks", type=int, default=10_000, help="in-distribution ticks for false alarms")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--id-only", action="store_true", help="only the in-distribution false-alarm run")
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
     )
@@ -99,6 +102,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for name, (kind, target, value) in SCENARIOS.items():
+        if args.id_only:
+            break
         ev = ScheduleEvent(at_s=args.shift_at_s, kind=kind, target=target, value=value)
         cfg = dataclasses.replace(base, twin=dataclasses.replace(base.twin, schedule=(ev,)))
         for gate in (True, False):
@@ -109,7 +114,7 @@ def main() -> None:
                   f"| {r['return']:.1f} | {r['mpc_fraction']:.2f} |")  # fmt: skip
     episodes = max(1, args.id_ticks // base.task.episode_steps)
     r = run(base, args.checkpoint, gate=True, episodes=episodes, shift_tick=None, seed=args.seed + 1)
-    print(f"\nIn distribution: {r['ticks']} ticks, {r['alarms']} monitor alarms (false alarms), "
+    print(f"\nIn distribution: {r['ticks']} ticks, {r['alarms']} monitor alarms (false alarms: {r['by_trigger']}), "
           f"MPC fraction {r['mpc_fraction']:.3f}, violations {r['violations']}, plan p99 {r['plan_p99_ms']:.2f} ms, "
           f"mean tick (plan+gate+twin) {r['tick_ms']:.2f} ms")  # fmt: skip
 

@@ -134,7 +134,7 @@ def test_same_seed_same_run(trained, tmp_path):
 
 
 def test_checkpoint_carries_residual_calibration_and_monitors_gate_outside_learning(trained):
-    """The checkpoint stores the CUSUM's held-out residual calibration; the monitors switch to the
+    """The checkpoint keeps the held-out data that calibrates the CUSUM's residuals; monitors switch to the
     fallback in deployment, and in learning episodes only when monitor.gate_while_learning is set."""
     import dataclasses
 
@@ -148,9 +148,11 @@ def test_checkpoint_carries_residual_calibration_and_monitors_gate_outside_learn
     cfg = load_config(None, ["task.episode_steps=60"])
     robot = make_robot(cfg)
     agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    assert "holdout_next_obs" in agent.ood_reference
+    deploy = agent.controller()
     bias, whiten = agent.thresholds["residual_bias"], np.asarray(agent.thresholds["residual_whiten"])
     assert len(bias) == robot.spec.obs_dim and whiten.shape == (robot.spec.obs_dim,) * 2
-    deploy = agent.controller()
+    assert not np.allclose(whiten, np.eye(robot.spec.obs_dim))  # calibrated, not the identity default
     assert deploy.gate.monitor is deploy.monitor
     np.testing.assert_allclose(deploy.monitor.residual_whiten, whiten)
     learning = agent.controller(learning=True)

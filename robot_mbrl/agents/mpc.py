@@ -175,14 +175,6 @@ class MPCAgent:
                 )
             thr = float(calibrate_threshold(scores, certifiable))
             self.thresholds["disagreement"] = thr * self.cfg.calibration.margin
-        if len(holdout) >= max(10, 2 * self.spec.obs_dim):  # CUSUM residuals: N(0, I) on held-out data
-            mean, std = predictive(
-                self.model, data["obs"][holdout], data["act"][holdout], self.spec.angle_mask
-            )
-            z = ShiftMonitor(self.spec, self.cfg.monitor).residual_z(data["next_obs"][holdout], mean, std,
-                                                                       calibrated=False)  # fmt: skip
-            bias, whiten = residual_calibration(z)
-            self.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
         train_mask = np.ones(len(data["obs"]), dtype=bool)
         train_mask[holdout] = False
         self.ood_reference = {
@@ -190,6 +182,7 @@ class MPCAgent:
             "train_act": data["act"][train_mask],
             "holdout_obs": data["obs"][holdout],
             "holdout_act": data["act"][holdout],
+            "holdout_next_obs": data["next_obs"][holdout],  # residual calibration of the CUSUM
         }
 
     # -- control ---------------------------------------------------------------------------
@@ -215,23 +208,34 @@ class MPCAgent:
         where the disagreement trigger and the constraint shield protect the robot and the answer to
         a large residual is the next retrain. Deployment (``run``) and evaluation: monitors gate."""
         monitor = ShiftMonitor(self.spec, self.cfg.monitor)
-        if self.ood_reference is not None and len(self.ood_reference["holdout_obs"]) >= 10:
-            n = len(self.ood_reference["holdout_obs"])
-            if self.cfg.monitor.ood_method == "knn":  # + leave-one-out scores of the reference
-                n += min(len(self.ood_reference["train_obs"]), self.cfg.monitor.ood_max_reference)
-            rate = max(self.cfg.monitor.ood_false_alarm_rate, 1.0 / (n + 1))  # what n samples certify
-            ood = monitor.fit_ood(**self.ood_reference, false_alarm_rate=rate)
-            self.thresholds["ood"] = float(ood)
+        self._calibrate_monitor(monitor)
         gate_cfg = _with(self.cfg.gate, no_gate=not gate)
         gating = monitor if (not learning or self.cfg.monitor.gate_while_learning) else None
         safety = SafetyGate(self.spec, gate_cfg, make_fallback(self.cfg.fallback, self.spec), gating)
         if self.thresholds["disagreement"] is not None:
             safety.set_thresholds(disagreement=self.thresholds["disagreement"])
-        if self.thresholds.get("residual_bias") is not None:
-            monitor.set_residual_calibration(
-                self.thresholds["residual_bias"], self.thresholds["residual_whiten"]
-            )
         return GatedMPC(self, self.planner(), safety, monitor, self.cfg.loop.plan_budget_fraction)
+
+    def _calibrate_monitor(self, monitor: ShiftMonitor) -> None:
+        """OOD threshold and CUSUM residual calibration from the model's training and held-out
+        data (kept in the checkpoint), for the current model and monitor config."""
+        ref = self.ood_reference
+        if ref is None or len(ref["holdout_obs"]) < 10:
+            return
+        n = len(ref["holdout_obs"])
+        if self.cfg.monitor.ood_method == "knn":  # + leave-one-out scores of the reference
+            n += min(len(ref["train_obs"]), self.cfg.monitor.ood_max_reference)
+        rate = max(self.cfg.monitor.ood_false_alarm_rate, 1.0 / (n + 1))  # what n samples certify
+        ood = monitor.fit_ood(
+            ref["train_obs"], ref["train_act"], ref["holdout_obs"], ref["holdout_act"], rate
+        )
+        self.thresholds["ood"] = float(ood)
+        if "holdout_next_obs" in ref and len(ref["holdout_obs"]) >= 2 * self.spec.obs_dim:
+            mean, std = predictive(self.model, ref["holdout_obs"], ref["holdout_act"], self.spec.angle_mask)
+            z = monitor.residual_z(ref["holdout_next_obs"], mean, std, calibrated=False)
+            bias, whiten = residual_calibration(z, full=self.cfg.monitor.whiten)
+            monitor.set_residual_calibration(bias, whiten)
+            self.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

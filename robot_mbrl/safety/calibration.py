@@ -140,13 +140,15 @@ def solve_cusum_h(k: float, one_sided_arl0: float) -> float:
     return hi
 
 
-def residual_calibration(z: np.ndarray, min_var: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+def residual_calibration(
+    z: np.ndarray, min_var: float = 1e-6, full: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """``(bias, whiten)`` from held-out standardized residuals ``z`` (``N x S``): ``bias`` ``S`` and
     the ZCA whitening matrix ``whiten`` ``S x S`` (symmetric ``Sigma^-1/2``) such that
     ``(z - bias) @ whiten.T`` has zero mean and identity covariance on them - the independent N(0, 1)
     channels the CUSUM's Siegmund levels assume. Model errors of coupled channels (cart and pole
     velocities) are correlated; after whitening, a shift that breaks the usual pattern stands out.
-    Rows with a non-finite entry are dropped; eigenvalues are floored at ``min_var``. Raises
+    ``full=False``: only per-channel scales (a diagonal ``whiten``). Rows with a non-finite entry are dropped; eigenvalues are floored at ``min_var``. Raises
     ``ValueError`` with fewer than ``max(10, 2 S)`` usable rows."""
     z = np.asarray(z, dtype=float)
     z = z[np.all(np.isfinite(z), axis=1)]
@@ -155,6 +157,8 @@ def residual_calibration(z: np.ndarray, min_var: float = 1e-6) -> tuple[np.ndarr
         raise ValueError(f"residual calibration needs >= {need} finite held-out residuals, got {len(z)}")
     bias = z.mean(axis=0)
     cov = np.atleast_2d(np.cov(z - bias, rowvar=False))
+    if not full:
+        return bias, np.diag(1.0 / np.sqrt(np.maximum(np.diag(cov), min_var)))
     evals, evecs = np.linalg.eigh(cov)
     whiten = (evecs / np.sqrt(np.maximum(evals, min_var))) @ evecs.T
     return bias, whiten

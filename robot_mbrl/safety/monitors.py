@@ -38,6 +38,9 @@ class ShiftConfig:
     z_clip: float = param(6.0, "clip |z| per tick so one sensor glitch cannot alarm alone", gt=0)
     cap_factor: float = param(2.0, "CUSUM statistics are capped at cap_factor*h (bounded recovery)", gt=1)
     min_std: float = param(1e-3, "floor on the predicted std used to normalize residuals", gt=0)
+    whiten: bool = param(
+        False, "decorrelate residuals too (full ZCA on held-out data); false: per-channel bias and scale"
+    )
     ood_method: str = param("knn", "input OOD score", choices=("knn", "mahalanobis"))
     knn_k: int = param(5, "k of the k-NN distance", ge=1)
     ood_max_reference: int = param(20_000, "training inputs kept as k-NN reference (seeded subsample)", ge=10)
