@@ -6,7 +6,7 @@ switch to fallback), the return, and plan+gate time. In distribution (no shift) 
 alarms over N ticks and the fraction of ticks on MPC.
 
     python benchmarks/bench_shift.py --checkpoint RUN_DIR [--config cartpole_swingup] [--episodes 4]
-        [--set monitor.arl0_ticks=1e5 ...]
+        [--set monitor.arl0_ticks=1e5 ...] [--id-only] [--residual-stats]
 """
 
 from __future__ import annotations
@@ -78,6 +78,39 @@ def run(cfg, checkpoint, *, gate: bool, episodes: int, shift_tick: int | None, s
     }
 
 
+def residual_stats(cfg, checkpoint, *, episodes: int, shift_tick: int, seed: int, window: int = 100) -> dict:
+    """How visible a shift is to the residual monitors: calibrated one-step residuals ``z`` (exactly
+    what the CUSUM sees) ``window`` ticks before vs after the shift, ungated. Per channel: RMS ratio
+    and mean change; ``kl`` = the Gaussian KL divergence per tick between the two (summed over
+    channels as if independent). Any detector with in-control ARL ``A`` needs on average at least
+    ``log(A) / kl`` ticks after the change (Lorden 1971): the floor under the detection delay."""
+    from robot_mbrl.agents.mpc import predictive
+
+    robot = make_robot(cfg, seed=seed)
+    task = make_task(cfg)
+    agent = MPCAgent.load(checkpoint, cfg, robot.spec, task)
+    ctrl = agent.controller(gate=False)
+    pre, post = [], []
+    with stop_on_signals(robot):
+        for ep in range(episodes):
+            zs: list[np.ndarray] = []
+
+            def residual(tr, zs=zs) -> None:
+                mean, std = predictive(agent.model, tr.obs[None], tr.act[None], robot.spec.angle_mask)
+                zs.append(ctrl.monitor.residual_z(tr.next_obs, mean[0], std[0]))
+
+            run_episode(robot, make_judge(task, robot), ctrl, episode=ep, max_steps=cfg.task.episode_steps,
+                        seed=seed * 1000 + ep, paced=False, tally=Tally(), on_transition=residual)  # fmt: skip
+            z = np.asarray(zs)
+            pre.append(z[max(0, shift_tick - window) : shift_tick - 1])  # the tick into the shift excluded
+            post.append(z[shift_tick + 1 : shift_tick + 1 + window])
+    a, b = np.concatenate(pre), np.concatenate(post)
+    va, vb = a.var(0), b.var(0)
+    ratio = vb / va
+    kl = float(np.sum(0.5 * (ratio - 1.0 - np.log(ratio)) + (b.mean(0) - a.mean(0)) ** 2 / (2 * va)))
+    return {"rms_ratio": np.sqrt(ratio), "mean_change": (b.mean(0) - a.mean(0)) / np.sqrt(va), "kl": kl}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
@@ -87,6 +120,9 @@ def main() -> None:
     ap.add_argument("--id-ticks", type=int, default=10_000, help="in-distribution ticks for false alarms")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--id-only", action="store_true", help="only the in-distribution false-alarm run")
+    ap.add_argument(
+        "--residual-stats", action="store_true", help="also: how visible each shift is in the residuals"
+    )
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
     )
@@ -112,6 +148,18 @@ def main() -> None:
             )
             print(f"| {name} | {'on' if gate else 'off'} | {r['violations']} | {r['end_stop_hits']} | {r['delays']} "
                   f"| {r['return']:.1f} | {r['mpc_fraction']:.2f} |")  # fmt: skip
+    if args.residual_stats:
+        print("\n| scenario | residual RMS after / before (per channel) | mean change (std) | KL nats/tick "
+              "| delay floor at ARL0 1e4 / 1e6 (ticks) |\n|---|---|---|---|---|")  # fmt: skip
+        for name, (kind, target, value) in SCENARIOS.items():
+            ev = ScheduleEvent(at_s=args.shift_at_s, kind=kind, target=target, value=value)
+            cfg = dataclasses.replace(base, twin=dataclasses.replace(base.twin, schedule=(ev,)))
+            r = residual_stats(
+                cfg, args.checkpoint, episodes=args.episodes, shift_tick=shift_tick, seed=args.seed
+            )
+            floor = [np.log(a) / r["kl"] if r["kl"] > 0 else float("inf") for a in (1e4, 1e6)]
+            print(f"| {name} | {np.array2string(r['rms_ratio'], precision=2)} | "
+                  f"{np.array2string(r['mean_change'], precision=2)} | {r['kl']:.3f} | {floor[0]:.0f} / {floor[1]:.0f} |")  # fmt: skip
     episodes = max(1, args.id_ticks // base.task.episode_steps)
     r = run(base, args.checkpoint, gate=True, episodes=episodes, shift_tick=None, seed=args.seed + 1)
     print(f"\nIn distribution: {r['ticks']} ticks, {r['alarms']} monitor alarms (false alarms: {r['by_trigger']}), "

@@ -11,6 +11,7 @@ import torch
 from robot_mbrl.hal.robot import Channel, Observation, RobotSpec
 from robot_mbrl.models.base import Prediction
 from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores, residual_calibration
+from robot_mbrl.safety.cusum import VarianceCusum
 from robot_mbrl.safety.fallback import FallbackConfig, make_fallback
 from robot_mbrl.safety.gate import GateConfig, SafetyGate
 from robot_mbrl.safety.monitors import (
@@ -149,6 +150,41 @@ def test_cusum_one_glitch_does_not_alarm_and_the_alarm_clears_after_the_shift():
     assert ticks <= cusum.threshold / cusum.k + 1
 
 
+def test_variance_cusum_quiet_in_control_detects_a_variance_increase_and_bounds_a_glitch():
+    """Run length in control >= the Wald bound e^h / D (checked at a small ARL0 so the test can see
+    alarms at all); a x3 variance increase in one of 3 dims alarms within ~2x Wald's expected delay;
+    a mean-zero closed-loop style change (sign follows the motion) is caught though the mean is 0."""
+    rng = np.random.default_rng(8)
+    var = VarianceCusum(3, arl0_ticks=200, ratio=2.0, aggregate="max")
+    assert var.h == pytest.approx(math.log(600))
+    run_lengths = []
+    for _ in range(60):
+        var.reset()
+        run_lengths.append(next(t for t in range(1, 100_000) if var.update(rng.standard_normal(3))))
+    assert np.mean(run_lengths) >= 200
+    var = VarianceCusum(3, arl0_ticks=10_000, ratio=2.0, aggregate="max")
+    delays = []
+    for _ in range(40):
+        var.reset()
+        z = lambda: rng.standard_normal(3) * np.array([1.0, np.sqrt(3.0), 1.0])  # noqa: E731
+        delays.append(next(t for t in range(1, 10_000) if var.update(z())))
+    assert np.mean(delays) < 2 * var.expected_delay(3.0) < 60
+    var.reset()
+    assert not var.update(np.array([1e9, 0.0, 0.0]))  # one glitch: clipped to 0.25 * 36 < h ~ 10.3
+    assert var.expected_delay(1.0) == math.inf  # no drift without a variance increase
+    # summed over channels: quiet in control, and a change spread over all channels is found sooner
+    total = VarianceCusum(3, arl0_ticks=200, ratio=2.0, aggregate="sum")
+    assert total.h == pytest.approx(math.log(200))
+    run_lengths = []
+    for _ in range(60):
+        total.reset()
+        run_lengths.append(next(t for t in range(1, 100_000) if total.update(rng.standard_normal(3))))
+    assert np.mean(run_lengths) >= 200
+    spread = np.full(3, 2.0)
+    per_dim = VarianceCusum(3, arl0_ticks=10_000, ratio=2.0, aggregate="max").expected_delay(spread)
+    assert VarianceCusum(3, arl0_ticks=10_000, ratio=2.0).expected_delay(spread) < per_dim / 2
+
+
 # -- OOD and val loss ----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["knn", "mahalanobis"])
 def test_ood_threshold_rate_and_separation(method):
@@ -224,7 +260,8 @@ def feed(monitor: ShiftMonitor, z_shift: float, ticks: range, rng) -> list[dict]
 
 def test_shift_monitor_alarms_once_then_debounces_and_resets_on_retrain():
     rng = np.random.default_rng(4)
-    mon = ShiftMonitor(SPEC, ShiftConfig(arl0_ticks=100_000, debounce_ticks=100))
+    mon = ShiftMonitor(SPEC, ShiftConfig(arl0_ticks=100_000, debounce_ticks=100, variance_ratio=0.0))
+    assert mon.state("cusum_var") == (False, 0.0, math.inf)  # off
     assert feed(mon, 0.0, range(0, 2000), rng) == [] and mon.active_alarms() == []  # P(alarm) ~ 2 %
     events = feed(mon, 2.0, range(2000, 2300), rng)
     assert [e["trigger"] for e in events] == ["cusum"] and events[0]["kind"] == "alarm"

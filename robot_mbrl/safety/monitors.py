@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from robot_mbrl.hal.robot import Observation, RobotSpec
-from robot_mbrl.safety.calibration import calibrate_threshold, siegmund_arl, solve_cusum_h
+from robot_mbrl.safety.calibration import calibrate_threshold, siegmund_arl, solve_cusum_h  # noqa: F401
+from robot_mbrl.safety.cusum import CusumMonitor, VarianceCusum
 from robot_mbrl.typedconfig import param
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,14 @@ class ShiftConfig:
 
     arl0_ticks: float = param(10_000.0, "target in-control average run length of the residual CUSUM", gt=1)
     shift_sigma: float = param(1.0, "residual mean shift (in predicted std) the CUSUM is tuned for", gt=0)
+    variance_ratio: float = param(
+        0.0,
+        "variance CUSUM tuned for a residual variance increase by this factor (<= 1: off; see RESULTS.md)",
+        ge=0,
+    )
+    variance_aggregate: str = param(
+        "sum", "variance CUSUM on the summed LLR of all channels, or one per channel", choices=("sum", "max")
+    )
     aggregate: str = param(
         "max", "per-dim CUSUMs (max) or one on sum(z)/sqrt(S) (mean)", choices=("max", "mean")
     )
@@ -52,79 +61,6 @@ class ShiftConfig:
         False, "monitor alarms switch to the fallback in train's learning episodes too (else: logged only)"
     )
     seed: int = param(0, "seed of the k-NN reference subsample")
-
-
-class CusumMonitor:
-    """Two-sided CUSUM on standardized residuals ``z`` (D per tick).
-
-    Per dimension: ``S+ = max(0, S+ + z - k)``, ``S- = max(0, S- - z - k)``; alarm while
-    ``max(S+, S-) > h`` in any dimension. ``k = shift_sigma / 2`` (optimal for detecting a mean
-    shift of ``shift_sigma``); ``h`` is solved from Siegmund's approximation so that the whole
-    monitor's in-control ARL is ``arl0_ticks``: with ``2 D`` independent one-sided detectors
-    (two sides, D dims with ``aggregate="max"``, D = 1 with ``"mean"``) the first false alarm comes
-    at ``ARL_one / (2 D)``, so each one-sided detector gets ``ARL_one = 2 D arl0_ticks``. This
-    assumes the residuals are N(0, 1) in control, i.e. a calibrated predicted std.
-
-    Statistics are capped at ``cap_factor * h`` so that after a shift ends the alarm clears within
-    about ``(cap_factor - 1) h / k`` ticks. The statistic is not restarted on alarm: the alarm
-    holds while the shift persists and is cleared by :meth:`reset` (after a retrain).
-    """
-
-    def __init__(
-        self,
-        num_dims: int,
-        arl0_ticks: float = 10_000.0,
-        shift_sigma: float = 1.0,
-        aggregate: str = "max",
-        z_clip: float = 6.0,
-        cap_factor: float = 2.0,
-    ):
-        if aggregate not in ("max", "mean"):
-            raise ValueError(f"aggregate must be max or mean, got {aggregate!r}")
-        self.num_dims = num_dims
-        self.aggregate = aggregate
-        self.detectors = num_dims if aggregate == "max" else 1
-        self.k = shift_sigma / 2.0
-        self.h = solve_cusum_h(self.k, 2.0 * self.detectors * arl0_ticks)
-        self.z_clip = z_clip
-        self.cap = cap_factor * self.h
-        self.s_pos = np.zeros(self.detectors)
-        self.s_neg = np.zeros(self.detectors)
-
-    @property
-    def threshold(self) -> float:
-        return self.h
-
-    @property
-    def score(self) -> float:
-        return float(max(self.s_pos.max(), self.s_neg.max()))
-
-    @property
-    def alarm(self) -> bool:
-        return self.score > self.h
-
-    def expected_delay(self, shift: float) -> float:
-        """Siegmund ARL for a mean shift ``shift`` (in std) in ONE residual dimension.
-
-        With ``aggregate="mean"`` the aggregated residual sees ``shift / sqrt(D)``.
-        """
-        mu = shift if self.aggregate == "max" else shift / math.sqrt(self.num_dims)
-        rate = 1.0 / siegmund_arl(self.h, self.k, mu) + 1.0 / siegmund_arl(self.h, self.k, -mu)
-        rate += 2.0 * (self.detectors - 1) / siegmund_arl(self.h, self.k, 0.0)
-        return 1.0 / rate
-
-    def update(self, z: np.ndarray) -> bool:
-        """Add one tick of standardized residuals (D); returns whether the monitor is in alarm."""
-        z = np.clip(np.asarray(z, dtype=float).reshape(self.num_dims), -self.z_clip, self.z_clip)
-        if self.aggregate == "mean":
-            z = np.array([z.sum() / math.sqrt(self.num_dims)])
-        self.s_pos = np.clip(self.s_pos + z - self.k, 0.0, self.cap)
-        self.s_neg = np.clip(self.s_neg - z - self.k, 0.0, self.cap)
-        return self.alarm
-
-    def reset(self) -> None:
-        self.s_pos[:] = 0.0
-        self.s_neg[:] = 0.0
 
 
 class OODMonitor:
@@ -251,15 +187,27 @@ def _values(x: Observation | np.ndarray) -> np.ndarray:
 class ShiftMonitor:
     """The three shift detectors behind one per-tick call, with debounced alarm events.
 
-    Event records: ``{"tick", "kind": "alarm", "trigger": "cusum"|"ood"|"val_loss", "reason",
+    Event records: ``{"tick", "kind": "alarm", "trigger": "cusum"|"cusum_var"|"ood"|"val_loss", "reason",
     "score", "threshold"}``. :meth:`active_alarms` is what the gate reads before each write.
     """
 
-    NAMES = ("cusum", "ood", "val_loss")
+    NAMES = ("cusum", "cusum_var", "ood", "val_loss")
 
     def __init__(self, spec: RobotSpec, cfg: ShiftConfig | None = None):
         self.spec = spec
         self.cfg = cfg = cfg or ShiftConfig()
+        self.variance = (
+            VarianceCusum(
+                spec.obs_dim,
+                cfg.arl0_ticks,
+                cfg.variance_ratio,
+                cfg.z_clip,
+                cfg.cap_factor,
+                cfg.variance_aggregate,
+            )  # fmt: skip
+            if cfg.variance_ratio > 1.0
+            else None
+        )
         self.cusum = CusumMonitor(
             spec.obs_dim, cfg.arl0_ticks, cfg.shift_sigma, cfg.aggregate, cfg.z_clip, cfg.cap_factor
         )
@@ -341,6 +289,8 @@ class ShiftMonitor:
         z = self.residual_z(s_next, prediction_mean, prediction_std)
         if np.all(np.isfinite(z)):
             self.cusum.update(z)
+            if self.variance is not None:
+                self.variance.update(z)
         else:
             log.debug("tick %d: non-finite residual, CUSUM not updated", tick)
         if (
@@ -351,7 +301,7 @@ class ShiftMonitor:
         ):
             self.ood_score = float(self.ood.score(self.features(s, a)))
             self._ood_streak = self._ood_streak + 1 if self.ood_score > self.ood.threshold else 0
-        return self._events(tick, ("cusum", "ood"))
+        return self._events(tick, ("cusum", "cusum_var", "ood"))
 
     def report_val_loss(self, fresh_loss: float, holdout_loss: float, tick: int) -> list[dict]:
         """The trainer's shift signal (loss of the current model on fresh data vs holdout)."""
@@ -363,6 +313,8 @@ class ShiftMonitor:
 
         Refit the OOD monitor (:meth:`fit_ood`) with the new training inputs as well."""
         self.cusum.reset()
+        if self.variance is not None:
+            self.variance.reset()
         self.val_loss.reset()
         self._ood_streak, self.ood_score = 0, 0.0
         self._debounce = {name: _Debounce(self.cfg.debounce_ticks) for name in self.NAMES}
@@ -372,6 +324,9 @@ class ShiftMonitor:
         """(in alarm, score, threshold) of one monitor."""
         if name == "cusum":
             return self.cusum.alarm, self.cusum.score, self.cusum.threshold
+        if name == "cusum_var":
+            v = self.variance
+            return (False, 0.0, math.inf) if v is None else (v.alarm, v.score, v.threshold)
         if name == "ood":
             thr = self.ood.threshold if self.ood.threshold is not None else math.inf
             return self._ood_streak >= self.cfg.ood_persist_ticks, self.ood_score, thr
