@@ -96,7 +96,8 @@ def residual_stats(cfg, checkpoint, *, episodes: int, shift_tick: int, seed: int
             zs: list[np.ndarray] = []
 
             def residual(tr, zs=zs) -> None:
-                mean, std = predictive(agent.model, tr.obs[None], tr.act[None], robot.spec.angle_mask)
+                mean, std = predictive(agent.model, tr.obs[None], tr.act[None], robot.spec.angle_mask,
+                                       agent.variance_coef)  # fmt: skip
                 zs.append(ctrl.monitor.residual_z(tr.next_obs, mean[0], std[0]))
 
             run_episode(robot, make_judge(task, robot), ctrl, episode=ep, max_steps=cfg.task.episode_steps,

@@ -10,7 +10,12 @@ import torch
 
 from robot_mbrl.hal.robot import Channel, Observation, RobotSpec
 from robot_mbrl.models.base import Prediction
-from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores, residual_calibration
+from robot_mbrl.safety.calibration import (
+    calibrate_threshold,
+    fit_variance_model,
+    plan_disagreement_scores,
+    residual_calibration,
+)
 from robot_mbrl.safety.cusum import VarianceCusum
 from robot_mbrl.safety.fallback import FallbackConfig, make_fallback
 from robot_mbrl.safety.gate import GateConfig, SafetyGate
@@ -238,6 +243,33 @@ def test_residual_calibration_whitens_held_out_residuals():
     assert np.abs(against).max() > 3.0
     with pytest.raises(ValueError, match="residual calibration"):
         mon.set_residual_calibration(bias, np.full((3, 3), np.nan))
+
+
+def test_variance_model_recovers_aleatoric_and_epistemic_weights():
+    """residual^2 ~ a * aleatoric + b * epistemic per channel: recovered from held-out residuals; a
+    channel whose residuals ignore the epistemic part gets b = 0, not a negative weight."""
+    rng = np.random.default_rng(9)
+    ale = rng.uniform(0.5, 2.0, (4000, 2))
+    epi = rng.uniform(0.0, 3.0, (4000, 2))
+    true = np.array([[2.0, 1.0], [5.0, 0.0]])  # channel 1: no epistemic part
+    r = rng.standard_normal((4000, 2)) * np.sqrt(true[0] * ale + true[1] * epi)
+    r[0, 0] = np.nan  # ignored
+    coef = fit_variance_model(r, ale, epi)
+    np.testing.assert_allclose(coef[:, 0], true[:, 0], rtol=0.15)
+    assert coef[0, 1] == pytest.approx(1.0, rel=0.1) and coef[1, 1] >= 0.0 and coef[1, 1] < 0.1
+    assert np.all(coef >= 0)
+
+
+def test_residual_channels_choose_what_the_cusum_watches():
+    cfg = ShiftConfig(residual_channels=("x_m", "xdot_m_s"), arl0_ticks=1e4)
+    mon = ShiftMonitor(SPEC, cfg)
+    assert mon.cusum.num_dims == 2 and list(mon.watched) == [True, False, True]
+    z_theta_only = np.array([0.0, 50.0, 0.0])  # a huge residual on an unwatched channel
+    for t in range(200):
+        mon.observe(np.zeros(3), np.zeros(1), 0.01 * z_theta_only, np.zeros(3), np.full(3, 0.01), t)
+    assert mon.cusum.score == 0.0
+    with pytest.raises(ValueError, match="residual_channels"):
+        ShiftMonitor(SPEC, ShiftConfig(residual_channels=("nope",)))
 
 
 def test_val_loss_alarms_above_its_factor():

@@ -32,7 +32,12 @@ from robot_mbrl.planning.mpc import MPCPlanner
 from robot_mbrl.planning.value import ValueConfig, ValueFunction
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
-from robot_mbrl.safety.calibration import calibrate_threshold, plan_disagreement_scores, residual_calibration
+from robot_mbrl.safety.calibration import (
+    calibrate_threshold,
+    fit_variance_model,
+    plan_disagreement_scores,
+    residual_calibration,
+)
 from robot_mbrl.safety.fallback import make_fallback
 from robot_mbrl.safety.gate import SafetyGate
 from robot_mbrl.safety.monitors import ShiftMonitor
@@ -125,6 +130,7 @@ class MPCAgent:
         self.value = ValueFunction(spec.obs_dim, spec.angle_mask, _with(cfg.value, gamma=cfg.planner.gamma))
         self.thresholds: dict[str, Any] = {"disagreement": None, "ood": None}  # + residual calibration
         self.ood_reference: dict[str, np.ndarray] | None = None
+        self.variance_coef: np.ndarray | None = None  # residual variance model of the monitor (2 x S)
         self.trained = False
         self.retrains = 0
 
@@ -231,8 +237,14 @@ class MPCAgent:
         )
         self.thresholds["ood"] = float(ood)
         if "holdout_next_obs" in ref and len(ref["holdout_obs"]) >= 2 * self.spec.obs_dim:
-            mean, std = predictive(self.model, ref["holdout_obs"], ref["holdout_act"], self.spec.angle_mask)
-            z = monitor.residual_z(ref["holdout_next_obs"], mean, std, calibrated=False)
+            mean, ale, epi = predictive_parts(
+                self.model, ref["holdout_obs"], ref["holdout_act"], self.spec.angle_mask
+            )
+            ones = np.ones_like(mean)
+            r = monitor.residual_z(ref["holdout_next_obs"], mean, ones, calibrated=False)  # raw residuals
+            self.variance_coef = fit_variance_model(r, ale, epi) if self.cfg.monitor.variance_model else None
+            coef = self.variance_coef if self.variance_coef is not None else np.ones((2, self.spec.obs_dim))
+            z = r / np.maximum(np.sqrt(coef[0] * ale + coef[1] * epi), self.cfg.monitor.min_std)
             bias, whiten = residual_calibration(z, full=self.cfg.monitor.whiten)
             monitor.set_residual_calibration(bias, whiten)
             self.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
@@ -328,16 +340,28 @@ class GatedMPC:
         )
 
     def observe(self, tr: Transition) -> list[dict]:
-        mean, std = predictive(self.agent.model, tr.obs[None], tr.act[None], self.agent.spec.angle_mask)
+        mean, std = predictive(self.agent.model, tr.obs[None], tr.act[None], self.agent.spec.angle_mask,
+                               self.agent.variance_coef)  # fmt: skip
         return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean[0], std[0], self.tick)
 
 
 @torch.no_grad()
-def predictive(model: ProbabilisticEnsemble, obs: np.ndarray, act: np.ndarray, angle_mask: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def predictive(model: ProbabilisticEnsemble, obs: np.ndarray, act: np.ndarray, angle_mask: np.ndarray,
+               variance_coef: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The ensemble's one-step predictive distribution for ``N x S`` / ``N x A`` real inputs:
     mean ``N x S`` (circular mean on angle channels, so members at +pi and -pi do not average to 0)
-    and std ``N x S`` (aleatoric mean variance + epistemic spread of the member means)."""
+    and std ``N x S``: ``sqrt(aleatoric + epistemic)`` (mean member variance + spread of the member
+    means), or ``sqrt(a * aleatoric + b * epistemic)`` with ``variance_coef`` = ``[a, b]`` (``2 x S``,
+    :func:`~robot_mbrl.safety.calibration.fit_variance_model`)."""
+    mean, ale, epi = predictive_parts(model, obs, act, angle_mask)
+    var = ale + epi if variance_coef is None else variance_coef[0] * ale + variance_coef[1] * epi
+    return mean, np.sqrt(var)
+
+
+@torch.no_grad()
+def predictive_parts(model: ProbabilisticEnsemble, obs: np.ndarray, act: np.ndarray, angle_mask: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Mean ``N x S``, aleatoric variance ``N x S`` and epistemic variance ``N x S`` (see :func:`predictive`)."""
     pred = model.predict(torch.as_tensor(np.asarray(obs), dtype=torch.float32),
                          torch.as_tensor(np.asarray(act), dtype=torch.float32))  # fmt: skip
     members = pred.mean  # E x N x S
@@ -348,8 +372,7 @@ def predictive(model: ProbabilisticEnsemble, obs: np.ndarray, act: np.ndarray, a
         mean[..., angle] = torch.atan2(torch.sin(a).mean(0), torch.cos(a).mean(0))
     dev = members - mean
     dev[..., angle] = torch.remainder(dev[..., angle] + math.pi, 2 * math.pi) - math.pi
-    var = pred.var.mean(0) + (dev * dev).mean(0)
-    return mean.numpy(), var.sqrt().numpy()
+    return mean.numpy(), pred.var.mean(0).numpy().astype(float), (dev * dev).mean(0).numpy().astype(float)
 
 
 def _with(section, **changes):

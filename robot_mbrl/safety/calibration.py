@@ -162,3 +162,30 @@ def residual_calibration(
     evals, evecs = np.linalg.eigh(cov)
     whiten = (evecs / np.sqrt(np.maximum(evals, min_var))) @ evecs.T
     return bias, whiten
+
+
+def fit_variance_model(residual: np.ndarray, aleatoric: np.ndarray, epistemic: np.ndarray) -> np.ndarray:
+    """Per-channel ``[a, b]`` (``2 x S``, both >= 0) with ``residual^2 ~ a * aleatoric + b * epistemic``
+    on held-out data (least squares on the squared residuals; a negative coefficient is dropped and
+    the other refitted alone). The ensemble's disagreement grows where the model has seen little data,
+    and a policy that moves into such states should not look like a changed robot: the fitted
+    variance follows it there, while a real dynamics change (same inputs, new outputs) does not
+    raise the disagreement and stands out. Non-finite rows are ignored; falls back to ``[1, 1]``."""
+    r2 = np.square(np.asarray(residual, dtype=float))
+    ale, epi = np.asarray(aleatoric, dtype=float), np.asarray(epistemic, dtype=float)
+    coef = np.ones((2, r2.shape[1]))
+    for c in range(r2.shape[1]):
+        ok = np.isfinite(r2[:, c]) & np.isfinite(ale[:, c]) & np.isfinite(epi[:, c])
+        y, x = r2[ok, c], np.stack([ale[ok, c], epi[ok, c]], 1)
+        if len(y) < 10:
+            continue
+        ab = np.linalg.lstsq(x, y, rcond=None)[0]
+        if np.any(ab < 0):  # keep the better single-term fit
+            single = [(float(x[:, i] @ y / max(x[:, i] @ x[:, i], 1e-300)), i) for i in (0, 1)]
+            errs = [np.sum((y - k * x[:, i]) ** 2) for k, i in single]
+            k, i = single[int(np.argmin(errs))]
+            ab = np.zeros(2)
+            ab[i] = max(k, 0.0)
+        if ab.sum() > 0:
+            coef[:, c] = ab
+    return coef

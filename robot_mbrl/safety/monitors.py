@@ -47,6 +47,14 @@ class ShiftConfig:
     z_clip: float = param(6.0, "clip |z| per tick so one sensor glitch cannot alarm alone", gt=0)
     cap_factor: float = param(2.0, "CUSUM statistics are capped at cap_factor*h (bounded recovery)", gt=1)
     min_std: float = param(1e-3, "floor on the predicted std used to normalize residuals", gt=0)
+    residual_channels: tuple[str, ...] = param(
+        (), "observation channels the residual CUSUMs watch (empty: all), e.g. leave out a command readback"
+    )
+    variance_model: bool = param(
+        True,
+        "residual variance = a * aleatoric + b * epistemic per channel, fitted on held-out data "
+        "(false: the ensemble's own aleatoric + epistemic)",
+    )
     whiten: bool = param(
         False, "decorrelate residuals too (full ZCA on held-out data); false: per-channel bias and scale"
     )
@@ -196,9 +204,18 @@ class ShiftMonitor:
     def __init__(self, spec: RobotSpec, cfg: ShiftConfig | None = None):
         self.spec = spec
         self.cfg = cfg = cfg or ShiftConfig()
+        unknown = set(cfg.residual_channels) - set(spec.obs_names)
+        if unknown:
+            raise ValueError(
+                f"monitor.residual_channels: expected names from {list(spec.obs_names)}, got {sorted(unknown)}"
+            )
+        # the observation channels whose residuals the CUSUMs watch (all when none are named)
+        self.watched = np.array(
+            [not cfg.residual_channels or n in cfg.residual_channels for n in spec.obs_names]
+        )
         self.variance = (
             VarianceCusum(
-                spec.obs_dim,
+                int(self.watched.sum()),
                 cfg.arl0_ticks,
                 cfg.variance_ratio,
                 cfg.z_clip,
@@ -209,7 +226,12 @@ class ShiftMonitor:
             else None
         )
         self.cusum = CusumMonitor(
-            spec.obs_dim, cfg.arl0_ticks, cfg.shift_sigma, cfg.aggregate, cfg.z_clip, cfg.cap_factor
+            int(self.watched.sum()),
+            cfg.arl0_ticks,
+            cfg.shift_sigma,
+            cfg.aggregate,
+            cfg.z_clip,
+            cfg.cap_factor,
         )
         self.ood = OODMonitor(cfg.ood_method, cfg.knn_k, cfg.ood_max_reference, cfg.seed)
         self.val_loss = ValLossMonitor(cfg.val_loss_factor)
@@ -288,9 +310,9 @@ class ShiftMonitor:
         a = np.asarray(act, dtype=float).reshape(-1)
         z = self.residual_z(s_next, prediction_mean, prediction_std)
         if np.all(np.isfinite(z)):
-            self.cusum.update(z)
+            self.cusum.update(z[self.watched])
             if self.variance is not None:
-                self.variance.update(z)
+                self.variance.update(z[self.watched])
         else:
             log.debug("tick %d: non-finite residual, CUSUM not updated", tick)
         if (
