@@ -40,7 +40,9 @@ Arrays = Mapping[str, np.ndarray]  # obs N x S, act N x A, next_obs N x S, rewar
 class TrainerConfig:
     batch_size: int = param(256, "minibatch size per member", ge=1)
     max_epochs: int = param(200, "epoch cap of one retrain (before the shift multiplier)", ge=1)
-    patience: int = param(5, "stop after this many epochs in which no member improved enough", ge=1)
+    patience: int = param(
+        20, "stop after this many epochs in which no member improved enough (see RESULTS.md)", ge=1
+    )
     min_improvement: float = param(0.01, "relative holdout improvement that counts (0.01 = 1 %)", ge=0, lt=1)
     holdout_fraction: float = param(
         0.2, "fraction of the buffer held out for early stopping and elites", gt=0, lt=1
