@@ -240,11 +240,12 @@ class MPCAgent:
             mean, ale, epi = predictive_parts(
                 self.model, ref["holdout_obs"], ref["holdout_act"], self.spec.angle_mask
             )
-            ones = np.ones_like(mean)
-            r = monitor.residual_z(ref["holdout_next_obs"], mean, ones, calibrated=False)  # raw residuals
-            self.variance_coef = fit_variance_model(r, ale, epi) if self.cfg.monitor.variance_model else None
-            coef = self.variance_coef if self.variance_coef is not None else np.ones((2, self.spec.obs_dim))
-            z = r / np.maximum(np.sqrt(coef[0] * ale + coef[1] * epi), self.cfg.monitor.min_std)
+            nxt = ref["holdout_next_obs"]
+            self.variance_coef = None
+            if self.cfg.monitor.variance_model:  # fitted on the raw (angle-wrapped) residuals
+                raw = monitor.residual_z(nxt, mean, np.ones_like(mean), calibrated=False)
+                self.variance_coef = fit_variance_model(raw, ale, epi)
+            z = monitor.residual_z(nxt, mean, predictive_std(ale, epi, self.variance_coef), calibrated=False)
             bias, whiten = residual_calibration(z, full=self.cfg.monitor.whiten)
             monitor.set_residual_calibration(bias, whiten)
             self.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
@@ -354,8 +355,16 @@ def predictive(model: ProbabilisticEnsemble, obs: np.ndarray, act: np.ndarray, a
     means), or ``sqrt(a * aleatoric + b * epistemic)`` with ``variance_coef`` = ``[a, b]`` (``2 x S``,
     :func:`~robot_mbrl.safety.calibration.fit_variance_model`)."""
     mean, ale, epi = predictive_parts(model, obs, act, angle_mask)
-    var = ale + epi if variance_coef is None else variance_coef[0] * ale + variance_coef[1] * epi
-    return mean, np.sqrt(var)
+    return mean, predictive_std(ale, epi, variance_coef)
+
+
+def predictive_std(
+    aleatoric: np.ndarray, epistemic: np.ndarray, variance_coef: np.ndarray | None
+) -> np.ndarray:
+    """``sqrt(aleatoric + epistemic)``, or ``sqrt(a * aleatoric + b * epistemic)`` with ``[a, b]``."""
+    if variance_coef is None:
+        return np.sqrt(aleatoric + epistemic)
+    return np.sqrt(variance_coef[0] * aleatoric + variance_coef[1] * epistemic)
 
 
 @torch.no_grad()
