@@ -89,3 +89,41 @@ def test_rejects_mismatched_shapes() -> None:
     vf = ValueFunction(2)
     with pytest.raises(ValueError):
         vf.fit(np.zeros((4, 2)), np.zeros(3), np.zeros((4, 2)), np.zeros(4, bool), np.zeros(4, bool))
+
+
+def test_heads_agree_on_the_data_and_spread_off_it_pessimism_lowers_value() -> None:
+    """Five heads fitted to the chain: their spread is small on the visited states and larger far
+    from them; the planner's value (mean - pessimism x std) is below the plain mean exactly there."""
+    cfg = ValueConfig(gamma=0.9, n_step=4, tau=0.05, lr=3e-3, batch_size=64, hidden=32, heads=5, seed=4)
+    vf = ValueFunction(1, config=cfg)
+    vf.fit(*chain(8, 40), epochs=60)
+    on = torch.linspace(0, 7 / 8, 8).unsqueeze(-1)
+    off = torch.tensor([[4.0], [-3.0], [6.0]])
+    with torch.no_grad():
+        heads_on, heads_off = vf.head_values(on), vf.head_values(off)
+        assert heads_on.shape == (5, 8) and heads_off.shape == (5, 3)
+        spread_on, spread_off = heads_on.std(0).mean(), heads_off.std(0).mean()
+        assert spread_off > 3 * spread_on, (spread_on, spread_off)
+        plain = vf(off, pessimism=0.0)
+        torch.testing.assert_close(plain, heads_off.mean(0))
+        torch.testing.assert_close(vf(off), plain - heads_off.std(0, correction=0))  # default 1.0
+
+
+def test_one_head_loads_a_checkpoint_from_before_the_heads() -> None:
+    """State dicts of the former single nn.Sequential V (``net.0.weight`` ...) load as one head."""
+    vf = ValueFunction(2, angle_mask=np.array([False, True]), config=ValueConfig(heads=1, seed=5))
+    old = {}
+    for key, val in vf.state_dict().items():
+        part, _, name = key.partition(".")
+        if part in ("net", "target"):
+            i = int(name[1:])
+            old[f"{part}.{2 * i}.{'weight' if name[0] == 'w' else 'bias'}"] = (
+                val[0].T.clone() if name[0] == "w" else val.reshape(-1).clone()
+            )
+        else:
+            old[key] = val
+    fresh = ValueFunction(2, angle_mask=np.array([False, True]), config=ValueConfig(heads=1, seed=9))
+    fresh.load_state_dict(old)
+    x = torch.randn(6, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), vf(x), rtol=0, atol=0)

@@ -279,9 +279,9 @@ class MPCAgent:
         # the checkpoint's network shapes win over the run config (a run may use another config file)
         sections = {"model": model.cfg}
         if "value_config" in meta:
-            sections["value"] = build(
-                ValueConfig, meta["value_config"], source=str(path / MODEL_FILE), prefix="value"
-            )
+            # checkpoints from before the value ensemble hold one network
+            vcfg = {"heads": 1, **meta["value_config"]}
+            sections["value"] = build(ValueConfig, vcfg, source=str(path / MODEL_FILE), prefix="value")
         cfg = _with(cfg, **sections)
         agent = cls(cfg, spec, task, seed=int(meta.get("seed", cfg.seed)))
         agent.model.load_state_dict(model.state_dict())

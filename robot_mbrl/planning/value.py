@@ -3,7 +3,8 @@
 Shapes: ``N`` transitions, ``S`` observation dim, ``F`` network input dim (``S`` plus one extra
 per angle channel: angles enter as sin, cos). ``V`` takes any leading dims: ``... x S -> ...``.
 
-Targets are n-step returns bootstrapped with a Polyak-averaged target network:
+Targets are n-step returns bootstrapped with a Polyak-averaged target network (per head: an
+ensemble of ``heads`` networks, each with its own target; the planner sees their pessimistic mean):
 
     G_i = sum_{j < m} gamma^j r_{i+j} + gamma^m (1 - terminated_{i+m-1}) V_target(next_obs_{i+m-1})
 
@@ -41,6 +42,10 @@ class ValueConfig:
     epochs: int = param(
         150, "passes over the whole buffer per fit() (fewer: V lags the data, see RESULTS.md)", ge=1
     )
+    heads: int = param(
+        5, "independent V networks (own initialization and minibatch order); see ValueFunction", ge=1
+    )
+    pessimism: float = param(1.0, "V(s) = mean over heads - pessimism x std over heads", ge=0)
     seed: int = param(0, "seed of initialization and minibatch order")
 
 
@@ -54,8 +59,46 @@ class ValueFitReport:
     wall_s: float
 
 
+class _Heads(torch.nn.Module):
+    """``K`` independent SiLU MLPs ``F -> 1`` as batched weights (one ``bmm`` per layer for all heads).
+
+    ``x``: ``M x F`` (every head sees the same rows) or ``K x M x F`` (head k sees row block k)
+    -> ``K x M``. Parameters ``w{i}`` (``K x in x out``) and ``b{i}`` (``K x 1 x out``), initialized
+    from ``gen`` with PyTorch's default uniform ranges, head after head."""
+
+    def __init__(self, n_in: int, hidden: int, layers: int, heads: int, gen: torch.Generator):
+        super().__init__()
+        dims = [n_in] + [hidden] * layers + [1]
+        self.heads, self.n_layers = heads, len(dims) - 1
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            bound = a**-0.5
+            w, bias = torch.empty(heads, a, b), torch.empty(heads, 1, b)
+            for k in range(heads):
+                # same draw order as torch.nn.Linear(a, b) per head: weight (out x in), then bias
+                w[k] = torch.empty(b, a).uniform_(-bound, bound, generator=gen).T
+                bias[k] = torch.empty(1, b).uniform_(-bound, bound, generator=gen)
+            self.register_parameter(f"w{i}", torch.nn.Parameter(w))
+            self.register_parameter(f"b{i}", torch.nn.Parameter(bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.expand(self.heads, *x.shape)
+        for i in range(self.n_layers):
+            x = torch.baddbmm(getattr(self, f"b{i}"), x, getattr(self, f"w{i}"))
+            if i < self.n_layers - 1:
+                x = F.silu(x)
+        return x.squeeze(-1)
+
+
 class ValueFunction(torch.nn.Module):
-    """MLP ``V(s)`` with a target network; ``vf(obs)`` maps ``... x S -> ...`` (physical units)."""
+    """``heads`` MLPs ``V_k(s)``, each with its own Polyak target network; ``vf(obs)`` maps
+    ``... x S -> ...`` (physical units) to ``mean_k V_k - pessimism * std_k V_k``.
+
+    Why an ensemble: the planner maximizes over candidate tails, so it seeks out states where a
+    single V network errs upwards (on the balance task a 4x larger CEM population made a single V's
+    MPC worse; see benchmarks/RESULTS.md). Heads that differ in initialization and minibatch order
+    agree where the data pins V down and spread apart where it does not; the pessimistic mean
+    penalizes exactly those states."""
 
     def __init__(self, obs_dim: int, angle_mask: np.ndarray | None = None, config: ValueConfig | None = None):
         super().__init__()
@@ -72,24 +115,11 @@ class ValueFunction(torch.nn.Module):
         self.register_buffer("in_std", torch.ones(len(self.lin_idx)))
         self.register_buffer("out_scale", torch.ones(()))
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.net = self._mlp(n_in, cfg, gen)
-        self.target = self._mlp(n_in, cfg, gen)
+        self.net = _Heads(n_in, cfg.hidden, cfg.layers, cfg.heads, gen)
+        self.target = _Heads(n_in, cfg.hidden, cfg.layers, cfg.heads, gen)
         self.target.load_state_dict(self.net.state_dict())
         self.target.requires_grad_(False)
         self.fitted = False
-
-    @staticmethod
-    def _mlp(n_in: int, cfg: ValueConfig, gen: torch.Generator) -> torch.nn.Sequential:
-        """SiLU MLP ``F -> 1`` initialized from ``gen`` (PyTorch's default uniform ranges)."""
-        dims = [n_in] + [cfg.hidden] * cfg.layers + [1]
-        mods: list[torch.nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:], strict=True):
-            lin = torch.nn.Linear(a, b, device="meta").to_empty(device="cpu")  # no global RNG
-            with torch.no_grad():
-                lin.weight.uniform_(-(a**-0.5), a**-0.5, generator=gen)
-                lin.bias.uniform_(-(a**-0.5), a**-0.5, generator=gen)
-            mods += [lin, torch.nn.SiLU()]
-        return torch.nn.Sequential(*mods[:-1])
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """``... x S -> ... x F``: normalized linear channels, sin and cos of the angles."""
@@ -97,14 +127,39 @@ class ValueFunction(torch.nn.Module):
         ang = obs[..., self.angle_idx]
         return torch.cat([lin, torch.sin(ang), torch.cos(ang)], dim=-1)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """``... x S -> ...`` state values."""
-        return self.net(self.features(obs.float())).squeeze(-1) * self.out_scale
+    def head_values(self, obs: torch.Tensor) -> torch.Tensor:
+        """``... x S -> K x ...``: every head's value."""
+        lead = obs.shape[:-1]
+        v = self.net(self.features(obs.float()).reshape(-1, self.net.w0.shape[1]))
+        return v.reshape(self.cfg.heads, *lead) * self.out_scale
+
+    def forward(self, obs: torch.Tensor, pessimism: float | None = None) -> torch.Tensor:
+        """``... x S -> ...`` state values: mean over heads minus ``pessimism`` (default: the
+        config's) x their std; a negative ``pessimism`` is optimism (an exploration bonus)."""
+        v = self.head_values(obs)
+        if self.cfg.heads == 1:
+            return v[0]
+        kappa = self.cfg.pessimism if pessimism is None else pessimism
+        return v.mean(0) - kappa * v.std(0, correction=0)
 
     def target_value(self, obs: torch.Tensor) -> torch.Tensor:
-        """``... x S -> ...`` values of the target network (no gradient)."""
+        """``... x S -> K x ...``: every head's target network (no gradient)."""
         with torch.no_grad():
-            return self.target(self.features(obs.float())).squeeze(-1) * self.out_scale
+            f = self.features(obs.float())
+            return self.target(f.reshape(-1, f.shape[-1])).reshape(-1, *obs.shape[:-1]) * self.out_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        """Checkpoints written before the heads (``net.{2i}.weight`` of one ``nn.Sequential``) load as
+        a one-head ensemble."""
+        for part in ("net", "target"):
+            i = 0
+            while f"{prefix}{part}.{2 * i}.weight" in state_dict:
+                w = state_dict.pop(f"{prefix}{part}.{2 * i}.weight")
+                b = state_dict.pop(f"{prefix}{part}.{2 * i}.bias")
+                state_dict[f"{prefix}{part}.w{i}"] = w.T.unsqueeze(0).contiguous()
+                state_dict[f"{prefix}{part}.b{i}"] = b.view(1, 1, -1)
+                i += 1
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fit(
         self,
@@ -147,19 +202,22 @@ class ValueFunction(torch.nn.Module):
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         epochs = cfg.epochs if epochs is None else epochs
         losses, updates = [], 0
+        heads = cfg.heads
         for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
+            # every head its own minibatch order (head k regresses its rows on its own target)
+            perm = torch.stack([torch.randperm(n, generator=gen) for _ in range(heads)])  # K x N
             total = 0.0
             for start in range(0, n, cfg.batch_size):
-                b = perm[start : start + cfg.batch_size]
-                # n-step target from the target network, regressed in units of out_scale
-                y = ret_t[b] + disc_t[b] * self.target_value(no[idx_t[b]])
-                loss = F.mse_loss(self(o[b]) / self.out_scale, y / self.out_scale)
+                b = perm[:, start : start + cfg.batch_size]  # K x B
+                with torch.no_grad():  # head k's own target network on head k's rows
+                    y = ret_t[b] + disc_t[b] * self.target(self.features(no[idx_t[b]])) * self.out_scale
+                v = self.net(self.features(o[b])) * self.out_scale  # K x B
+                loss = F.mse_loss(v / self.out_scale, y / self.out_scale)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 self._polyak(cfg.tau)
-                total += float(loss.detach()) * len(b)
+                total += float(loss.detach()) * b.shape[1]
                 updates += 1
             losses.append(total / max(n, 1))
         with torch.no_grad():
