@@ -160,3 +160,48 @@ def test_checkpoint_carries_residual_calibration_and_monitors_gate_outside_learn
     agent.cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, gate_while_learning=True))
     strict = agent.controller(learning=True)
     assert strict.gate.monitor is strict.monitor
+
+
+def test_k_step_residuals_follow_the_applied_actions_open_loop(trained):
+    """monitor.residual_horizon = k: the residual at tick t compares s_t+1 with the ensemble-mean
+    prediction from s_t-k+1 through the k actions really applied (the same numbers ``open_loop``
+    gives on held-out segments, where it is calibrated); the first k-1 ticks and a gap give NaN."""
+    import numpy as np
+
+    from robot_mbrl.agents.mpc import MPCAgent, open_loop
+    from robot_mbrl.config import load_config
+    from robot_mbrl.data.buffer import ReplayBuffer
+    from robot_mbrl.factory import make_robot, make_task
+    from robot_mbrl.runtime.episode import Transition
+
+    out, _ = trained
+    k = 3
+    cfg = load_config(None, ["task.episode_steps=60", f"monitor.residual_horizon={k}"])
+    robot = make_robot(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    one_step = np.asarray(agent.thresholds["residual_whiten"])
+    ctl = agent.controller()
+    assert not np.allclose(ctl.monitor.residual_whiten, one_step)  # calibrated for k = 3 instead
+    seen: list[np.ndarray] = []
+    real_observe = ctl.monitor.observe
+    ctl.monitor.observe = lambda o, a, n, mean, std, tick: (
+        seen.append(mean) or real_observe(o, a, n, mean, std, tick)
+    )
+    d = ReplayBuffer.open(out / "buffer").arrays()
+    first = np.flatnonzero(d["episode_id"] == d["episode_id"][0])[:8]
+    ctl.reset(None)
+
+    def feed(i: int) -> None:
+        ctl.observe(Transition(d["obs"][i], d["act"][i], 0.0, d["next_obs"][i], False, False, 0.0, 0))
+
+    for i in first:
+        feed(i)
+    assert all(np.isnan(m).all() for m in seen[: k - 1])
+    for j in range(k - 1, len(first)):
+        start = first[j - k + 1]
+        want = open_loop(
+            agent.model, d["obs"][start][None], d["act"][start : start + k][None], robot.spec.angle_mask
+        )
+        np.testing.assert_allclose(seen[j], want[0], rtol=1e-5, atol=1e-6)
+    feed(first[2])  # not the continuation of the last transition: the predictions restart
+    assert np.isnan(seen[-1]).all()

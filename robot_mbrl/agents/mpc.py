@@ -96,10 +96,18 @@ class ShieldedTask(Task):
         return torch.cat([g, torch.stack(extra, -1)], -1) if extra else g
 
 
-def segments(arrays: dict[str, np.ndarray], rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+#: length of the held-out real segments kept in the checkpoint for k-step residual calibration
+#: (the largest ``monitor.residual_horizon``)
+SEGMENT_TICKS = 10
+
+
+def segments(
+    arrays: dict[str, np.ndarray], rows: np.ndarray, length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Real segments that start at ``rows`` and continue ``length`` ticks inside one episode.
 
-    Returns ``obs0`` (N x S) and the actions that really followed (N x length x A)."""
+    Returns ``obs0`` (N x S), the actions that really followed (N x length x A) and the
+    observations they led to (N x length x S)."""
     n = len(arrays["obs"])
     ep = arrays["episode_id"]
     starts = rows[rows + length <= n]
@@ -107,7 +115,7 @@ def segments(arrays: dict[str, np.ndarray], rows: np.ndarray, length: int) -> tu
                   dtype=bool)  # fmt: skip
     starts = starts[ok] if len(starts) else starts
     idx = starts[:, None] + np.arange(length)[None, :]
-    return arrays["obs"][starts], arrays["act"][idx]
+    return arrays["obs"][starts], arrays["act"][idx], arrays["next_obs"][idx]
 
 
 class MPCAgent:
@@ -168,7 +176,7 @@ class MPCAgent:
     def _calibrate(self, data: dict[str, np.ndarray], holdout: np.ndarray) -> None:
         """Gate thresholds from held-out, in-distribution real segments (never trained on)."""
         ticks = self.cfg.planner.horizon * self.cfg.planner.action_repeat
-        obs0, acts = segments(data, holdout, ticks)
+        obs0, acts, _ = segments(data, holdout, ticks)
         rate = self.cfg.calibration.disagreement_false_alarm_rate
         if len(obs0) >= 10:
             scores = plan_disagreement_scores(self.model, obs0, acts)
@@ -190,6 +198,8 @@ class MPCAgent:
             "holdout_act": data["act"][holdout],
             "holdout_next_obs": data["next_obs"][holdout],  # residual calibration of the CUSUM
         }
+        seg_obs0, seg_act, seg_next = segments(data, holdout, SEGMENT_TICKS)  # k-step residuals
+        self.ood_reference.update(segment_obs0=seg_obs0, segment_act=seg_act, segment_next_obs=seg_next)
 
     # -- control ---------------------------------------------------------------------------
     def planner(self) -> MPCPlanner:
@@ -236,7 +246,24 @@ class MPCAgent:
             ref["train_obs"], ref["train_act"], ref["holdout_obs"], ref["holdout_act"], rate
         )
         self.thresholds["ood"] = float(ood)
-        if "holdout_next_obs" in ref and len(ref["holdout_obs"]) >= 2 * self.spec.obs_dim:
+        k = self.cfg.monitor.residual_horizon
+        if k > 1:
+            self.variance_coef = None
+            if len(ref.get("segment_obs0", ())) >= 2 * self.spec.obs_dim:
+                pred = open_loop(
+                    self.model, ref["segment_obs0"], ref["segment_act"][:, :k], self.spec.angle_mask
+                )
+                target = ref["segment_next_obs"][:, k - 1]
+                z = monitor.residual_z(target, pred, np.ones_like(pred), calibrated=False)
+                bias, whiten = residual_calibration(z, full=self.cfg.monitor.whiten)
+                monitor.set_residual_calibration(bias, whiten)
+                self.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
+            else:
+                log.warning(
+                    "monitor.residual_horizon=%d: the checkpoint holds no held-out %d-tick segments; "
+                    "residual CUSUM uncalibrated", k, SEGMENT_TICKS,
+                )  # fmt: skip
+        elif "holdout_next_obs" in ref and len(ref["holdout_obs"]) >= 2 * self.spec.obs_dim:
             mean, ale, epi = predictive_parts(
                 self.model, ref["holdout_obs"], ref["holdout_act"], self.spec.angle_mask
             )
@@ -303,6 +330,7 @@ class GatedMPC:
         self.agent, self.planner, self.gate, self.monitor = agent, planner, gate, monitor
         self.budget_fraction = budget_fraction
         self.warm: torch.Tensor | None = None
+        self._open_loop: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self.tick = 0  # ticks across episodes (events and monitors use one clock)
         self.trace: list[
             tuple
@@ -311,6 +339,7 @@ class GatedMPC:
     def reset(self, obs: Observation) -> None:
         self.gate.reset()
         self.warm = None
+        self._open_loop = None
 
     def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
         plan, error = None, None
@@ -341,9 +370,25 @@ class GatedMPC:
         )
 
     def observe(self, tr: Transition) -> list[dict]:
-        mean, std = predictive(self.agent.model, tr.obs[None], tr.act[None], self.agent.spec.angle_mask,
-                               self.agent.variance_coef)  # fmt: skip
-        return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean[0], std[0], self.tick)
+        k, spec = self.monitor.cfg.residual_horizon, self.agent.spec
+        if k == 1:
+            mean, std = predictive(self.agent.model, tr.obs[None], tr.act[None], spec.angle_mask,
+                                   self.agent.variance_coef)  # fmt: skip
+            return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean[0], std[0], self.tick)
+        # k open-loop predictions in flight, one started at each of the last k ticks, all advanced by
+        # one batched model call with the action really applied; the oldest is compared with s_t+1
+        # after k ticks. A gap in the valid transitions (or a new episode) restarts them.
+        ol = self._open_loop
+        if ol is None or not np.array_equal(ol[2], tr.obs):
+            ol = (np.empty((0, spec.obs_dim)), np.empty(0, dtype=int), None)
+        states = np.vstack([ol[0], np.asarray(tr.obs, dtype=float)[None]])
+        ages = np.append(ol[1], 0) + 1
+        acts = np.tile(np.asarray(tr.act, dtype=float).reshape(1, -1), (len(states), 1))
+        states, _, _ = predictive_parts(self.agent.model, states, acts, spec.angle_mask)
+        done = ages >= k
+        pred = states[done][0] if done.any() else np.full(spec.obs_dim, np.nan)  # NaN: CUSUM waits
+        self._open_loop = (states[~done], ages[~done], np.asarray(tr.next_obs, dtype=float))
+        return self.monitor.observe(tr.obs, tr.act, tr.next_obs, pred, np.ones(spec.obs_dim), self.tick)
 
 
 @torch.no_grad()
@@ -367,12 +412,24 @@ def predictive_std(
     return np.sqrt(variance_coef[0] * aleatoric + variance_coef[1] * epistemic)
 
 
+def open_loop(
+    model: ProbabilisticEnsemble, obs0: np.ndarray, acts: np.ndarray, angle_mask: np.ndarray
+) -> np.ndarray:
+    """``N x S`` start observations and the ``N x k x A`` actions really applied -> the ensemble-mean
+    open-loop prediction of the observation ``k`` ticks later (``N x S``), the same computation as
+    :meth:`GatedMPC.observe` runs tick by tick for ``monitor.residual_horizon = k``."""
+    state = np.asarray(obs0, dtype=float)
+    for j in range(acts.shape[1]):
+        state, _, _ = predictive_parts(model, state, acts[:, j], angle_mask)
+    return state
+
+
 @torch.no_grad()
 def predictive_parts(model: ProbabilisticEnsemble, obs: np.ndarray, act: np.ndarray, angle_mask: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Mean ``N x S``, aleatoric variance ``N x S`` and epistemic variance ``N x S`` (see :func:`predictive`)."""
-    pred = model.predict(torch.as_tensor(np.asarray(obs), dtype=torch.float32),
-                         torch.as_tensor(np.asarray(act), dtype=torch.float32))  # fmt: skip
+    pred = model.predict(torch.from_numpy(np.array(obs, dtype=np.float32)),
+                         torch.from_numpy(np.array(act, dtype=np.float32)))  # fmt: skip
     members = pred.mean  # E x N x S
     mean = members.mean(0)
     angle = torch.as_tensor(np.asarray(angle_mask, bool))

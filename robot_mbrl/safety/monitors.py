@@ -58,6 +58,14 @@ class ShiftConfig:
     whiten: bool = param(
         False, "decorrelate residuals too (full ZCA on held-out data); false: per-channel bias and scale"
     )
+    residual_horizon: int = param(
+        1,
+        "ticks of open-loop prediction behind each residual (1: one-step; k > 1: the ensemble-mean "
+        "prediction of s_t from s_(t-k) and the k actions really applied, which lets a dynamics "
+        "change accumulate over k ticks; calibrated per channel on held-out real segments)",
+        ge=1,
+        le=10,
+    )
     ood_method: str = param("knn", "input OOD score", choices=("knn", "mahalanobis"))
     knn_k: int = param(5, "k of the k-NN distance", ge=1)
     ood_max_reference: int = param(20_000, "training inputs kept as k-NN reference (seeded subsample)", ge=10)
