@@ -308,6 +308,18 @@ def test_shift_monitor_alarms_once_then_debounces_and_resets_on_retrain():
     assert [e["trigger"] for e in feed(mon, 2.0, range(2400, 2600), rng)] == ["cusum"]
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_new_episode_restarts_the_cusum_unless_configured_to_carry_evidence(reset):
+    """The last ticks of a failing episode (a falling pole: the worst-modelled states) must not
+    alarm the next episode at its first tick; ``reset_each_episode: false`` keeps the evidence."""
+    rng = np.random.default_rng(7)
+    mon = ShiftMonitor(SPEC, ShiftConfig(arl0_ticks=100_000, reset_each_episode=reset))
+    feed(mon, 2.0, range(0, 200), rng)
+    assert mon.active_alarms() != [] and mon.cusum.score > 0
+    mon.new_episode()
+    assert (mon.active_alarms() == [] and mon.cusum.score == 0.0) is reset
+
+
 def test_shift_monitor_wraps_angle_residuals_and_accepts_observations():
     mon = ShiftMonitor(SPEC)
     z = mon.residual_z(

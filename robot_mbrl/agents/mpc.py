@@ -338,6 +338,7 @@ class GatedMPC:
 
     def reset(self, obs: Observation) -> None:
         self.gate.reset()
+        self.monitor.new_episode()
         self.warm = None
         self._open_loop = None
 

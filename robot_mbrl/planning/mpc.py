@@ -22,7 +22,7 @@ Performance (one thread, ``benchmarks/bench_plan.py``): the cost is ``iterations
 model calls at batch ``E x N`` through the model's lean ``stepper()`` (``predict`` for models without
 one); at planning sizes each call is dominated by per-op dispatch, not FLOPs, so the horizon costs
 far more than the population. The default swing-up config (7 x 3 x 64 SiLU ensemble, k = 10,
-1 iteration, N = 32) plans in ~3.9 ms p50 / ~4.4 ms p99 (22 % of the 20 ms period).
+1 iteration, N = 32, 5 value heads) plans in ~4.1 ms p50 / ~4.3 ms p99 (21 % of the 20 ms period).
 Call ``torch.set_num_threads`` in the process, not here.
 """
 

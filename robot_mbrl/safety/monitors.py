@@ -73,6 +73,11 @@ class ShiftConfig:
     ood_persist_ticks: int = param(3, "OOD score must exceed its threshold this many ticks in a row", ge=1)
     val_loss_factor: float = param(2.0, "alarm when fresh loss / holdout loss exceeds this", gt=1)
     debounce_ticks: int = param(100, "an alarm re-fires only after it stayed clear this long", ge=0)
+    reset_each_episode: bool = param(
+        True,
+        "CUSUM statistics and the OOD streak restart with every episode (a new start is not the "
+        "continuation of the last episode's final, worst-modelled ticks); false: evidence carries over",
+    )
     gate_while_learning: bool = param(
         False, "monitor alarms switch to the fallback in train's learning episodes too (else: logged only)"
     )
@@ -337,6 +342,16 @@ class ShiftMonitor:
         """The trainer's shift signal (loss of the current model on fresh data vs holdout)."""
         self.val_loss.update(fresh_loss, holdout_loss)
         return self._events(tick, ("val_loss",))
+
+    def new_episode(self) -> None:
+        """A new episode starts: the residual CUSUMs and the OOD streak restart (alarm debouncing
+        and the val-loss signal carry on). No-op with ``reset_each_episode: false``."""
+        if not self.cfg.reset_each_episode:
+            return
+        self.cusum.reset()
+        if self.variance is not None:
+            self.variance.reset()
+        self._ood_streak, self.ood_score = 0, 0.0
 
     def on_retrain(self) -> None:
         """The model was retrained on the new data: clear every alarm and debounce state.
