@@ -242,3 +242,22 @@ def test_config_validation() -> None:
             np.array([1.0]),
             config=PlannerConfig(population=4, elites=8),
         )
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.6])
+def test_noise_correlation_gives_ar1_candidates_with_unchanged_marginal_std(rho: float) -> None:
+    """Candidates deviate from the sampling mean by AR(1) noise along the horizon: correlation rho
+    between consecutive planned steps (rho^2 two steps apart), the configured std at every step."""
+    p = planner(low=-100.0, high=100.0, population=20_000, iterations=1, elites=1, init_std=0.1,
+                noise_correlation=rho)  # fmt: skip
+    seen = []
+    rollout = p._rollout
+    p._rollout = lambda s0, cand, thr: seen.append(cand.clone()) or rollout(s0, cand, thr)
+    p.plan(X0)
+    dev = seen[0][:, 1:, 0]  # k x N (candidate 0 is the mean itself); the mean is the bound centre 0
+    std = dev.std(1)
+    torch.testing.assert_close(std, torch.full_like(std, 10.0), rtol=0.03, atol=0)  # 0.1 x half range
+    corr = torch.corrcoef(dev)
+    lag1, lag2 = torch.diagonal(corr, 1), torch.diagonal(corr, 2)
+    torch.testing.assert_close(lag1, torch.full_like(lag1, rho), rtol=0, atol=0.03)
+    torch.testing.assert_close(lag2, torch.full_like(lag2, rho**2), rtol=0, atol=0.03)

@@ -57,6 +57,13 @@ class PlannerConfig:
     temperature: float = param(0.5, "MPPI: weights exp((score - max) / temperature)", gt=0)
     momentum: float = param(0.1, "weight of the old mean/std in each refit (alpha)", ge=0, lt=1)
     init_std: float = param(0.3, "initial sampling std, fraction of the half action range", gt=0)
+    noise_correlation: float = param(
+        0.0,
+        "correlation of the sampling noise between consecutive planned steps (AR(1), each step's "
+        "marginal std unchanged): > 0 samples sustained pushes instead of per-step jitter",
+        ge=0,
+        lt=1,
+    )
     min_std: float = param(0.05, "floor of the sampling std, fraction of the half range", ge=0)
     gamma: float = param(0.99, "discount per control tick (match the value function)", gt=0, le=1)
     action_repeat: int = param(1, "control ticks each planned action is held for", ge=1)
@@ -127,6 +134,12 @@ class MPCPlanner:
         self.std_min = (cfg.min_std * half).expand(k, a).contiguous()  # k x A
         self.discount = cfg.gamma ** torch.arange(self.num_ticks + 1, dtype=torch.float32)  # K+1
         self.noise = torch.empty(k, n, a)  # reused sampling buffer
+        # AR(1) noise along the horizon as one matmul: Cholesky factor of rho^|i-j| (k x k)
+        rho = cfg.noise_correlation
+        lags = torch.arange(k, dtype=torch.float64)
+        self.noise_mix = (
+            torch.linalg.cholesky(rho ** (lags[:, None] - lags[None, :]).abs()).float() if rho > 0 else None
+        )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         mask = getattr(model, "angle_mask", None)  # angle channels (wrapped once per rollout)
         self.angle_mask = (
@@ -186,6 +199,8 @@ class MPCPlanner:
         for _ in range(cfg.iterations):
             # 2. sample N sequences around the mean (candidate 0 is the mean itself), clip to bounds
             torch.randn(self.noise.shape, generator=self.gen, out=self.noise)
+            if self.noise_mix is not None:
+                self.noise = (self.noise_mix @ self.noise.view(cfg.horizon, -1)).view_as(self.noise)
             cand = torch.addcmul(mean.unsqueeze(1), std.unsqueeze(1), self.noise)
             cand = cand.clamp_(self.low, self.high)
             cand[:, 0] = mean
