@@ -49,6 +49,13 @@ class TaskConfig:
     solved_fraction: float = param(
         0.8, "fraction of the maximum episode return that counts as solved", gt=0, le=1
     )
+    solved_min_mpc_fraction: float = param(
+        0.9,
+        "solved also needs the learned controller in charge (not the fallback) for at least this "
+        "fraction of the evaluation ticks: a safe policy that does the task alone is not a learning result",
+        ge=0,
+        le=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,19 @@ def test_train_writes_the_run_directory(trained):
     ):
         assert (out / name).exists(), name
     assert "run dir:" in r.stdout
+    evals = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+    ]
+    assert evals and all(0.0 <= e["eval_mpc_fraction"] <= 1.0 for e in evals)
+
+
+def test_solved_needs_the_threshold_and_the_learned_controller_in_charge():
+    from robot_mbrl.runtime.train import is_solved
+
+    assert is_solved(151.0, 150.0, 0.95, 0.9)
+    assert not is_solved(149.0, 150.0, 1.0, 0.9)  # below the threshold
+    assert not is_solved(200.0, 150.0, 0.0, 0.9)  # the fallback did the task (e.g. a balancing LQR)
+    assert not is_solved(200.0, None, 1.0, 0.9)  # no threshold: never solved
 
 
 def test_run_replays_the_checkpoint_gated(trained, tmp_path):

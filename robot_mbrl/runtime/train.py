@@ -157,6 +157,12 @@ def train_job(
     return summary, run.path
 
 
+def is_solved(mean_return: float, target: float | None, mpc_fraction: float, min_mpc_fraction: float) -> bool:
+    """Evaluation verdict: the mean return reaches ``target`` with the learned controller in charge
+    for at least ``min_mpc_fraction`` of the ticks (``task.solved_min_mpc_fraction``)."""
+    return target is not None and mean_return >= target and mpc_fraction >= min_mpc_fraction
+
+
 def _evaluate(cfg: Config, agent: MPCAgent, robot, task, run: RunDir, tally: Tally, episode: int,
               target: float | None) -> bool:  # fmt: skip
     """Measurement only: gated MPC on a separate twin, not counted, not learned from."""
@@ -169,11 +175,13 @@ def _evaluate(cfg: Config, agent: MPCAgent, robot, task, run: RunDir, tally: Tal
             first_episode=episode * 1000, seed_offset=90_000, progress=quiet, kind="eval",
         )  # fmt: skip
     mean = float(np.mean([r.ret for r in results]))
-    solved = target is not None and mean >= target
+    fallback = sum(r.fallback_ticks for r in results)
+    mpc_fraction = 1.0 - fallback / max(sum(r.steps for r in results), 1)
+    solved = is_solved(mean, target, mpc_fraction, cfg.task.solved_min_mpc_fraction)
     run.metric({
         "kind": "eval", "episode": episode, "real_steps": tally.real_steps, "eval_return": round(mean, 3),
         "eval_returns": [round(r.ret, 3) for r in results], "eval_violations": sum(r.violations for r in results),
-        "eval_fallback_ticks": sum(r.fallback_ticks for r in results), "solved": solved,
+        "eval_fallback_ticks": fallback, "eval_mpc_fraction": round(mpc_fraction, 4), "solved": solved,
         "plan_ms_p50": round(float(np.median(scratch.plan_s) * 1e3), 3) if scratch.plan_s else None,
     })  # fmt: skip
     tally.plan_s += scratch.plan_s
