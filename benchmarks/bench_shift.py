@@ -84,7 +84,7 @@ def residual_stats(cfg, checkpoint, *, episodes: int, shift_tick: int, seed: int
     and mean change; ``kl`` = the Gaussian KL divergence per tick between the two (summed over
     channels as if independent). Any detector with in-control ARL ``A`` needs on average at least
     ``log(A) / kl`` ticks after the change (Lorden 1971): the floor under the detection delay."""
-    from robot_mbrl.agents.mpc import predictive
+    from robot_mbrl.agents.predictive import predictive
 
     robot = make_robot(cfg, seed=seed)
     task = make_task(cfg)

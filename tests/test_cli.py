@@ -181,7 +181,8 @@ def test_k_step_residuals_follow_the_applied_actions_open_loop(trained):
     gives on held-out segments, where it is calibrated); the first k-1 ticks and a gap give NaN."""
     import numpy as np
 
-    from robot_mbrl.agents.mpc import MPCAgent, open_loop
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.agents.predictive import open_loop
     from robot_mbrl.config import load_config
     from robot_mbrl.data.buffer import ReplayBuffer
     from robot_mbrl.factory import make_robot, make_task
