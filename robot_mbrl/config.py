@@ -38,6 +38,19 @@ class GymConfig:
     env_id: str = param("InvertedPendulum-v5", "gymnasium id, e.g. InvertedPendulum-v5")
     control_hz: float = param(25.0, "the env's control rate (1 / env dt)", gt=0)
     kwargs: dict[str, Any] = param(factory=dict, doc="keyword arguments for gymnasium.make")
+    terminal_channels: tuple[str, ...] = param(
+        (), "the env's documented termination rule, for the planner: these observation channels ..."
+    )
+    terminal_low: tuple[float, ...] = param((), "... end the episode below these values (one per channel)")
+    terminal_high: tuple[float, ...] = param((), "... or above these values (one per channel)")
+
+    def validate(self) -> None:
+        n = len(self.terminal_channels)
+        if len(self.terminal_low) != n or len(self.terminal_high) != n:
+            raise ValueError(
+                f"terminal_low and terminal_high with one value per terminal channel ({n}; they have "
+                f"{len(self.terminal_low)} and {len(self.terminal_high)})"
+            )
 
 
 @dataclass(frozen=True)

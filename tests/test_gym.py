@@ -131,3 +131,33 @@ def test_gym_robot_rate_limit_and_determinism():
 def test_gym_robot_rejects_non_box_spaces():
     with pytest.raises(TypeError):
         GymRobot(gymnasium.make("CartPole-v1"), control_hz=50.0)
+
+
+def test_env_termination_box_for_the_planner(pendulum_robot):
+    """gym.terminal_*: the env's documented termination rule as a box on observation channels."""
+    import torch
+
+    from robot_mbrl.agents.mpc import EnvRewardTask
+    from robot_mbrl.config import load_config
+
+    cfg = load_config("inverted_pendulum_gym")
+    g = cfg.gym
+    assert g.terminal_channels == ("obs_1",) and g.terminal_low == (-0.2,) and g.terminal_high == (0.2,)
+    task = EnvRewardTask(pendulum_robot.spec, g.terminal_channels, g.terminal_low, g.terminal_high)
+    obs = torch.tensor(
+        [[0.0, 0.1, 0.0, 0.0], [0.0, -0.25, 0.0, 0.0], [0.5, 0.21, 0.0, 0.0], [0.0, float("nan"), 0, 0]]
+    )
+    assert task.terminated(obs).tolist() == [False, True, True, True]
+    assert not EnvRewardTask().terminated(obs).any()  # no rule: never
+    with pytest.raises(ValueError, match="gym.terminal_channels: expected observation channels"):
+        EnvRewardTask(pendulum_robot.spec, ("hinge",), (-0.2,), (0.2,))
+
+
+def test_env_termination_box_needs_one_bound_per_channel():
+    from robot_mbrl.config import load_config
+    from robot_mbrl.typedconfig import ConfigError
+
+    with pytest.raises(
+        ConfigError, match="terminal_low and terminal_high with one value per terminal channel"
+    ):
+        load_config("inverted_pendulum_gym", ["gym.terminal_low=[-0.2, -1]"])

@@ -43,7 +43,7 @@ from robot_mbrl.safety.fallback import make_fallback
 from robot_mbrl.safety.gate import SafetyGate
 from robot_mbrl.safety.monitors import ShiftMonitor
 from robot_mbrl.tasks.base import Task
-from robot_mbrl.typedconfig import build, to_dict
+from robot_mbrl.typedconfig import ConfigError, build, to_dict
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -51,12 +51,31 @@ MODEL_FILE = "model.pt"
 
 class EnvRewardTask(Task):
     """For backends whose reward is only known from the environment: the planner uses the
-    ensemble's learned reward head; no constraints, no known termination."""
+    ensemble's learned reward head; no constraints. Termination: the env's documented rule as a box
+    on observation channels (``gym.terminal_*``), else never (the value function alone must learn
+    where episodes end)."""
 
     name = "env"
 
+    def __init__(self, spec: RobotSpec | None = None, channels=(), low=(), high=()):
+        unknown = [c for c in channels if spec is None or c not in spec.obs_names]
+        if unknown:
+            names = list(spec.obs_names) if spec is not None else []
+            raise ConfigError(
+                "config", "gym.terminal_channels", f"observation channels of the env {names}", unknown
+            )
+        self.idx = torch.as_tensor([spec.index(c) for c in channels], dtype=torch.long) if channels else None
+        self.low = torch.as_tensor(low, dtype=torch.float32)
+        self.high = torch.as_tensor(high, dtype=torch.float32)
+
     def reward(self, obs, act, next_obs):  # pragma: no cover - the planner uses the model's reward
         raise NotImplementedError("EnvRewardTask has no known reward; plan with reward_source='model'")
+
+    def terminated(self, next_obs):
+        if self.idx is None:
+            return super().terminated(next_obs)
+        x = next_obs[..., self.idx]
+        return ((x < self.low) | (x > self.high) | ~torch.isfinite(x)).any(-1)
 
 
 class ShieldedTask(Task):
@@ -131,7 +150,12 @@ class MPCAgent:
             if cfg.model.learn_reward == learn_reward
             else _with(cfg.model, learn_reward=learn_reward)
         )
-        self.task = task if task is not None else EnvRewardTask()
+        g = cfg.gym
+        self.task = (
+            task
+            if task is not None
+            else EnvRewardTask(spec, g.terminal_channels, g.terminal_low, g.terminal_high)
+        )
         self.model = ProbabilisticEnsemble(
             spec.obs_dim, spec.act_dim, spec.angle_mask, model_cfg, seed=self.seed
         )
