@@ -137,7 +137,7 @@ def test_env_termination_box_for_the_planner(pendulum_robot):
     """gym.terminal_*: the env's documented termination rule as a box on observation channels."""
     import torch
 
-    from robot_mbrl.agents.mpc import EnvRewardTask
+    from robot_mbrl.agents.planning_tasks import EnvRewardTask
     from robot_mbrl.config import load_config
 
     cfg = load_config("inverted_pendulum_gym")
