@@ -2,10 +2,12 @@
 
 :class:`ShiftMonitor` combines three detectors and turns their states into debounced alarm events:
 
-* :class:`CusumMonitor` - two-sided CUSUM on one-step (or k-step, ``residual_horizon``) residuals ``z = (real next obs - ensemble
-  mean) / predicted std``; detects the dynamics drifting away from the model.
-* :class:`~robot_mbrl.safety.ood.OODMonitor` - how far the current input (s, a) lies from the training inputs
-  (k-NN or Mahalanobis distance in normalized units), thresholded at a calibrated quantile.
+* :class:`CusumMonitor` - two-sided CUSUM on one-step (or k-step, ``residual_horizon``)
+  residuals ``z = (real next obs - ensemble mean) / predicted std``; detects the dynamics
+  drifting away from the model.
+* :class:`~robot_mbrl.safety.ood.OODMonitor` - how far the current input (s, a) lies from the
+  training inputs (k-NN or Mahalanobis distance in normalized units), thresholded at a
+  calibrated quantile.
 * :class:`ValLossMonitor` - the trainer's "loss on fresh data / loss on holdout" ratio.
 
 Alarms clear on :meth:`ShiftMonitor.on_retrain` (the model has seen the new data).
