@@ -127,3 +127,44 @@ def test_one_head_loads_a_checkpoint_from_before_the_heads() -> None:
     x = torch.randn(6, 2)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), vf(x), rtol=0, atol=0)
+
+
+def test_prior_functions_are_fixed_and_the_heads_still_fit_the_data() -> None:
+    """With randomized priors each head is trained network + fixed prior: the sum fits the chain,
+    the heads agree on it and spread off it, and the prior networks are never trained."""
+    cfg = ValueConfig(gamma=0.9, n_step=4, tau=0.05, lr=3e-3, batch_size=64, hidden=32, heads=5, seed=4,
+                      prior_scale=2.0)  # fmt: skip
+    vf = ValueFunction(1, config=cfg)
+    assert vf.prior is not None and all(not p.requires_grad for p in vf.prior.parameters())
+    prior0 = {k: v.clone() for k, v in vf.prior.state_dict().items()}
+    on, off = torch.linspace(0, 7 / 8, 8).unsqueeze(-1), torch.tensor([[4.0], [-3.0], [6.0]])
+    with torch.no_grad():
+        before = vf.head_values(off).std(0).mean()
+    vf.fit(*chain(8, 40), epochs=60)
+    assert all(torch.equal(prior0[k], v) for k, v in vf.prior.state_dict().items())
+    truth = (1 - 0.9 ** (8 - torch.arange(8.0))) / (1 - 0.9)
+    with torch.no_grad():
+        heads_on = vf.head_values(on)
+        assert torch.allclose(heads_on.mean(0), truth, atol=0.3)
+        assert vf.head_values(off).std(0).mean() > 3 * heads_on.std(0).mean()
+        assert before > 0  # the priors alone already disagree (no data needed)
+    plain = ValueFunction(1, config=ValueConfig(heads=5, seed=4))
+    assert plain.prior is None and not any(k.startswith("prior") for k in plain.state_dict())
+
+
+def test_regress_fits_fixed_targets_and_syncs_the_targets() -> None:
+    cfg = ValueConfig(gamma=0.9, lr=3e-3, batch_size=64, hidden=32, heads=3, seed=6)
+    vf = ValueFunction(1, config=cfg)
+    with pytest.raises(ValueError, match="fit"):
+        vf.regress(np.zeros((4, 1)), torch.zeros(3, 4), epochs=1)
+    vf.fit(*chain(8, 10), epochs=2)
+    x = np.linspace(0, 1, 64, dtype=np.float32)[:, None]
+    want = torch.tensor(3.0 * np.sin(3 * x[:, 0])).expand(3, -1).clone()
+    want[1, 0] = float("nan")  # a non-finite target drops its row for every head
+    with pytest.raises(ValueError, match="targets"):
+        vf.regress(x, want[:2], epochs=1)
+    vf.regress(x, want, epochs=300)
+    xt = torch.as_tensor(x)
+    with torch.no_grad():
+        assert torch.allclose(vf.head_values(xt)[:, 1:], want[:, 1:], atol=0.15)
+        torch.testing.assert_close(vf.target_value(xt), vf.head_values(xt), rtol=0, atol=0)

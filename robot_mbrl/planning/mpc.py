@@ -226,8 +226,12 @@ class MPCPlanner:
         info.solve_time_s = time.perf_counter() - t_start
         return info
 
-    def _rollout(self, s0: torch.Tensor, cand: torch.Tensor, threshold: float | None) -> _Rollout:
-        """Propagate ``cand`` (``k x N x A``) from ``s0`` (``S``) through all members."""
+    def _rollout(
+        self, s0: torch.Tensor, cand: torch.Tensor, threshold: float | None, value_fn: ValueFn | None = None
+    ) -> _Rollout:
+        """Propagate ``cand`` (``k x N x A``) from ``s0`` (``S``, or ``N x S``: one start per
+        candidate) through all members. ``value_fn`` overrides the planner's tail; it may return
+        ``H x E x N`` (one value per head), and then ``tail`` is ``H x E x N`` too."""
         cfg, e, n, ticks = self.cfg, self.model.num_members, cand.shape[1], self.num_ticks
         state = s0.expand(e, n, -1)
         states, dis, rews = [state], [], []
@@ -267,9 +271,10 @@ class MPCPlanner:
         idx = tau.view(1, 1, n).expand(1, e, n)
         alive_tau = alive.gather(0, idx)[0]  # E x N
         tail = torch.zeros_like(ret)
-        if self.value_fn is not None:
+        value_fn = self.value_fn if value_fn is None else value_fn
+        if value_fn is not None:
             s_tau = traj.gather(0, idx.unsqueeze(-1).expand(1, e, n, traj.shape[-1]))[0]
-            tail = torch.where(alive_tau, self.discount[tau] * self.value_fn(s_tau), 0.0)
+            tail = torch.where(alive_tau, self.discount[tau] * value_fn(s_tau), 0.0)
         return _Rollout(cand, traj, d, g, ret, tail, tau, self._penalties(d, trusted, term & use, g))
 
     def _penalties(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,24 @@ class ValueConfig:
         5, "independent V networks (own initialization and minibatch order); see ValueFunction", ge=1
     )
     pessimism: float = param(1.0, "V(s) = mean over heads - pessimism x std over heads", ge=0)
+    prior_scale: float = param(
+        0.0,
+        "scale of a fixed random prior network added to each head (randomized prior functions): the "
+        "heads then disagree off the data, so pessimism and learning-time optimism mean something",
+        ge=0,
+    )
+    learning_pessimism: float | None = param(
+        None,
+        "pessimism of the planner's V in learning episodes (negative: optimism, seek states V is "
+        "unsure of); None: the same as in evaluation and deployment",
+    )
+    planned_rounds: int = param(
+        0,
+        "rounds of fitted value iteration with planned targets after each fit on real n-step returns "
+        "(robot_mbrl.planning.value_targets; 0: n-step targets only)",
+        ge=0,
+    )
+    planned_epochs: int = param(40, "epochs of regression on the planned targets per round", ge=1)
     seed: int = param(0, "seed of initialization and minibatch order")
 
 
@@ -119,7 +138,24 @@ class ValueFunction(torch.nn.Module):
         self.target = _Heads(n_in, cfg.hidden, cfg.layers, cfg.heads, gen)
         self.target.load_state_dict(self.net.state_dict())
         self.target.requires_grad_(False)
+        # randomized prior functions (Osband et al. 2018): a fixed random network per head, added to
+        # the trained one; the data pin the sum down, off the data the heads keep their priors' spread
+        self.prior: _Heads | None = None
+        if cfg.prior_scale > 0:
+            self.prior = _Heads(
+                n_in, cfg.hidden, cfg.layers, cfg.heads, torch.Generator().manual_seed(cfg.seed + 7919)
+            )
+            self.prior.requires_grad_(False)
         self.fitted = False
+
+    def _out(self, heads: _Heads, f: torch.Tensor) -> torch.Tensor:
+        """``heads(f)`` plus the scaled prior, in value units."""
+        v = heads(f)
+        if self.prior is not None:
+            with torch.no_grad():
+                p = self.prior(f)
+            v = v + self.cfg.prior_scale * p
+        return v * self.out_scale
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """``... x S -> ... x F``: normalized linear channels, sin and cos of the angles."""
@@ -130,8 +166,8 @@ class ValueFunction(torch.nn.Module):
     def head_values(self, obs: torch.Tensor) -> torch.Tensor:
         """``... x S -> K x ...``: every head's value."""
         lead = obs.shape[:-1]
-        v = self.net(self.features(obs.float()).reshape(-1, self.net.w0.shape[1]))
-        return v.reshape(self.cfg.heads, *lead) * self.out_scale
+        v = self._out(self.net, self.features(obs.float()).reshape(-1, self.net.w0.shape[1]))
+        return v.reshape(self.cfg.heads, *lead)
 
     def forward(self, obs: torch.Tensor, pessimism: float | None = None) -> torch.Tensor:
         """``... x S -> ...`` state values: mean over heads minus ``pessimism`` (default: the
@@ -146,7 +182,7 @@ class ValueFunction(torch.nn.Module):
         """``... x S -> K x ...``: every head's target network (no gradient)."""
         with torch.no_grad():
             f = self.features(obs.float())
-            return self.target(f.reshape(-1, f.shape[-1])).reshape(-1, *obs.shape[:-1]) * self.out_scale
+            return self._out(self.target, f.reshape(-1, f.shape[-1])).reshape(-1, *obs.shape[:-1])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         """Checkpoints written before the heads (``net.{2i}.weight`` of one ``nn.Sequential``) load as
@@ -198,25 +234,61 @@ class ValueFunction(torch.nn.Module):
         ret_t = torch.as_tensor(ret, dtype=torch.float32)
         idx_t = torch.as_tensor(boot_idx)
         disc_t = torch.as_tensor(boot_disc, dtype=torch.float32)
+
+        def td_target(b: torch.Tensor) -> torch.Tensor:  # head k's own target network on its rows
+            return ret_t[b] + disc_t[b] * self._out(self.target, self.features(no[idx_t[b]]))
+
+        return self._train(o, td_target, cfg.epochs if epochs is None else epochs, seed, polyak=True, t0=t0)
+
+    def regress(
+        self, obs: np.ndarray, targets: torch.Tensor, epochs: int, seed: int | None = None
+    ) -> ValueFitReport:
+        """Fit every head to fixed targets (``N x S``, ``K x N``; rows with a non-finite target of any
+        head are dropped), then copy the heads into their target networks: one round of fitted
+        value iteration (see :mod:`robot_mbrl.planning.value_targets`). Needs a fitted V."""
+        if not self.fitted:
+            raise ValueError("regress: fit() the value function on real transitions first")
+        t0 = time.perf_counter()
+        o = torch.as_tensor(np.array(obs, np.float32))
+        y = torch.as_tensor(targets, dtype=torch.float32)
+        if y.shape != (self.cfg.heads, len(o)):
+            raise ValueError(f"regress: expected targets {self.cfg.heads} x {len(o)}, got {tuple(y.shape)}")
+        ok = torch.isfinite(y).all(0)
+        o, y = o[ok], y[:, ok]
+        rows = torch.arange(self.cfg.heads).unsqueeze(1)
+        report = self._train(o, lambda b: y[rows, b], epochs, seed, polyak=False, t0=t0)
+        self.target.load_state_dict(self.net.state_dict())
+        return report
+
+    def _train(
+        self,
+        o: torch.Tensor,
+        target_fn: Callable[[torch.Tensor], torch.Tensor],
+        epochs: int,
+        seed: int | None,
+        polyak: bool,
+        t0: float,
+    ) -> ValueFitReport:
+        """Minibatch MSE on ``target_fn(b)`` (``K x B`` targets for row indices ``b``, ``K x B``),
+        every head its own minibatch order; Polyak-update the targets after each step if ``polyak``."""
+        cfg, n, heads = self.cfg, len(o), self.cfg.heads
         gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        epochs = cfg.epochs if epochs is None else epochs
         losses, updates = [], 0
-        heads = cfg.heads
         for _ in range(epochs):
-            # every head its own minibatch order (head k regresses its rows on its own target)
             perm = torch.stack([torch.randperm(n, generator=gen) for _ in range(heads)])  # K x N
             total = 0.0
             for start in range(0, n, cfg.batch_size):
                 b = perm[:, start : start + cfg.batch_size]  # K x B
-                with torch.no_grad():  # head k's own target network on head k's rows
-                    y = ret_t[b] + disc_t[b] * self.target(self.features(no[idx_t[b]])) * self.out_scale
-                v = self.net(self.features(o[b])) * self.out_scale  # K x B
+                with torch.no_grad():
+                    y = target_fn(b)
+                v = self._out(self.net, self.features(o[b]))  # K x B
                 loss = F.mse_loss(v / self.out_scale, y / self.out_scale)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                self._polyak(cfg.tau)
+                if polyak:
+                    self._polyak(cfg.tau)
                 total += float(loss.detach()) * b.shape[1]
                 updates += 1
             losses.append(total / max(n, 1))
