@@ -1,4 +1,4 @@
-"""`robot-mbrl`: train, run, emulate, config.
+"""`robot-mbrl`: train, run, commission, emulate, config.
 
 Errors a user can fix (bad config, missing checkpoint, corrupt file) print one line on stderr and
 exit with code 2; no traceback.
@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", default=None, help="serial port or URL for --backend serial (e.g. /dev/ttyUSB0)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser(
+        "commission",
+        help="calibrate a checkpoint's shift monitors on an in-control run of its own controller (Phase I)",
+    )
+    _common(p)
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint dir (a run dir or its checkpoint/)"
+    )
+    p.add_argument("--episodes", type=int, default=4, help="episodes of the commissioning run (default 4)")
+    p.add_argument("--backend", choices=("twin", "serial", "gym"), default=None, help="override backend")
+    p.add_argument("--port", default=None, help="serial port or URL for --backend serial")
+    p.set_defaults(func=cmd_commission)
+
     p = sub.add_parser("emulate", help="serve the twin as a virtual device behind the wire protocol")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -126,6 +139,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, checkpoint=args.checkpoint, out=args.out, port=args.port, progress=not args.quiet
     )
     _report(summary, out)
+    return 0
+
+
+def cmd_commission(args: argparse.Namespace) -> int:
+    from robot_mbrl.runtime.jobs import commission_job
+
+    extra = [f"run.episodes={args.episodes}"]
+    if args.no_gate:
+        extra.append("run.gate=false")
+    if args.backend is not None:
+        extra.append(f"backend={args.backend}")
+    if args.config is None and (args.checkpoint / "config.yaml").is_file():
+        args.config = str(args.checkpoint / "config.yaml")  # the run's own config
+    cfg = _load(args, extra)
+    if not args.checkpoint.exists():
+        raise UserError(
+            f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"
+        )
+    summary, out = commission_job(cfg, checkpoint=args.checkpoint, out=args.out, port=args.port,
+                                  progress=not args.quiet)  # fmt: skip
+    _report(summary, out)
+    c = summary["commission"]
+    print(f"commissioned {args.checkpoint} on {c['transitions']} transitions: OOD threshold "
+          f"{c['before']['ood']:.4g} -> {c['after']['ood']:.4g}")  # fmt: skip
     return 0
 
 

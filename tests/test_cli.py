@@ -219,3 +219,70 @@ def test_k_step_residuals_follow_the_applied_actions_open_loop(trained):
         np.testing.assert_allclose(seen[j], want[0], rtol=1e-5, atol=1e-6)
     feed(first[2])  # not the continuation of the last transition: the predictions restart
     assert np.isnan(seen[-1]).all()
+
+
+def test_commission_recalibrates_the_monitors_on_the_controllers_own_run(trained, tmp_path):
+    """`commission` runs the checkpoint's controller (monitors observing only), pools its real
+    transitions with the held-out set, writes the checkpoint back, and `run` uses the result."""
+    import shutil
+
+    import numpy as np
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot, make_task
+
+    out = tmp_path / "ck"
+    shutil.copytree(trained[0], out)
+    r = cli("commission", "--checkpoint", str(out), "--episodes", "2", "--out", str(tmp_path / "c"), *TINY,
+            "--set", "monitor.ood_tail=gpd", "--set", "monitor.ood_false_alarm_rate=1e-4")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "commissioned" in r.stdout
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["ticks"] == 120 and summary["commission"]["transitions"] == 120
+    cfg = load_config(None, ["task.episode_steps=60", "monitor.autocorr_batch_ticks=20"])
+    robot = make_robot(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    ref = agent.ood_reference
+    assert len(ref["commission_obs"]) == 120 and set(np.unique(ref["commission_episode"])) == {0, 1}
+    fresh = MPCAgent.load(trained[0], cfg, robot.spec, make_task(cfg))
+    a, b = agent.controller().monitor, fresh.controller().monitor
+    assert not np.allclose(a.residual_whiten, b.residual_whiten)  # pooled calibration + inflation
+    assert all(x >= 1.0 for x in agent.thresholds["residual_inflation"])
+    r = cli("run", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "run"), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("commission", "--checkpoint", str(tmp_path / "missing"), *TINY)
+    assert r.returncode == 2 and "--checkpoint" in r.stderr
+
+
+def test_loaded_value_stays_fitted_and_learning_episodes_can_plan_optimistically(trained):
+    """A loaded trained agent's V keeps its normalizers (a resumed run continues it instead of
+    refitting them); value.learning_pessimism changes only the learning controller's V; planned
+    value rounds run on the buffer's real states and keep the heads finite."""
+    import dataclasses
+
+    import torch
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.data.buffer import ReplayBuffer
+    from robot_mbrl.factory import make_robot, make_task
+
+    out, _ = trained
+    cfg = load_config(None, ["task.episode_steps=60", "value.learning_pessimism=-1.0", "value.planned_rounds=1",
+                             "value.planned_epochs=2"])  # fmt: skip
+    robot = make_robot(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    assert agent.value.fitted
+    s = torch.zeros(3, robot.spec.obs_dim)
+    s[:, 3] = torch.tensor([0.0, 4.0, 8.0])
+    learn_v = agent.controller(learning=True).planner.value_fn(s)
+    deploy_v = agent.controller().planner.value_fn(s)
+    torch.testing.assert_close(learn_v, agent.value(s, pessimism=-1.0))
+    torch.testing.assert_close(deploy_v, agent.value(s))
+    assert bool((learn_v >= deploy_v).all())
+    agent.value.cfg = dataclasses.replace(agent.value.cfg, planned_rounds=1, planned_epochs=2)
+    data = ReplayBuffer.open(out / "buffer").arrays()
+    rep = agent._planned_value_rounds(data)
+    assert rep is not None and rep.epochs == 2
+    assert bool(torch.isfinite(agent.value.head_values(torch.tensor(data["obs"]))).all())

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from robot_mbrl.agents.monitor_calibration import SEGMENT_TICKS, calibrate_monitor, commission
 from robot_mbrl.agents.planning_tasks import EnvRewardTask, ShieldedTask
-from robot_mbrl.agents.predictive import open_loop, predictive, predictive_parts, predictive_std
+from robot_mbrl.agents.predictive import predictive, predictive_parts
 from robot_mbrl.config import Config
 from robot_mbrl.data.buffer import ReplayBuffer
 from robot_mbrl.hal.robot import Observation, RobotSpec
@@ -32,13 +33,12 @@ from robot_mbrl.models.ensemble import ProbabilisticEnsemble
 from robot_mbrl.models.trainer import EnsembleTrainer, TrainReport
 from robot_mbrl.planning.mpc import MPCPlanner
 from robot_mbrl.planning.value import ValueConfig, ValueFunction
+from robot_mbrl.planning.value_targets import logged_action_plans, planned_value_targets
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
 from robot_mbrl.safety.calibration import (
     calibrate_threshold,
-    fit_variance_model,
     plan_disagreement_scores,
-    residual_calibration,
 )
 from robot_mbrl.safety.fallback import make_fallback
 from robot_mbrl.safety.gate import SafetyGate
@@ -50,9 +50,8 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 
 
-#: length of the held-out real segments kept in the checkpoint for k-step residual calibration
-#: (the largest ``monitor.residual_horizon``)
-SEGMENT_TICKS = 10
+#: ValueConfig keys that define the learned V (network shapes, priors, discount): a checkpoint's win
+VALUE_FUNCTION_KEYS = ("hidden", "layers", "heads", "prior_scale", "gamma", "seed")
 
 
 def segments(
@@ -107,10 +106,11 @@ class MPCAgent:
         record for metrics (losses, shift signal, thresholds)."""
         report = self.trainer.train(buffer, max_epochs=max_epochs)
         data = buffer.arrays()
+        self._calibrate(data, report.holdout_idx)  # the planned value targets truncate with it
         vrep = self.value.fit(
             data["obs"], data["reward"], data["next_obs"], data["terminated"], data["truncated"]
         )
-        self._calibrate(data, report.holdout_idx)
+        vrep = self._planned_value_rounds(data) or vrep
         self.trained = True
         self.retrains += 1
         record = {
@@ -131,6 +131,25 @@ class MPCAgent:
         }
         log.info("retrain %d: %s", self.retrains, record)
         return report, record
+
+    def _planned_value_rounds(self, data: dict[str, np.ndarray]):  # -> ValueFitReport | None
+        """``value.planned_rounds`` rounds of fitted value iteration on the real states, the
+        planner (with its constraint shield and calibrated truncation) as the improvement step."""
+        vcfg, pcfg = self.value.cfg, self.cfg.planner
+        rep = None
+        if vcfg.planned_rounds == 0 or len(data["obs"]) == 0:
+            return rep
+        planner = self.planner()
+        logged = logged_action_plans(
+            data["act"], data["terminated"], data["truncated"], pcfg.horizon, pcfg.action_repeat
+        )
+        for r in range(vcfg.planned_rounds):
+            seed = self.seed * 7919 + self.retrains * 101 + r
+            targets = planned_value_targets(
+                planner, self.value, data["obs"], logged, self.thresholds["disagreement"], seed
+            )
+            rep = self.value.regress(data["obs"], targets, vcfg.planned_epochs, seed=seed)
+        return rep
 
     def _calibrate(self, data: dict[str, np.ndarray], holdout: np.ndarray) -> None:
         """Gate thresholds from held-out, in-distribution real segments (never trained on)."""
@@ -161,7 +180,7 @@ class MPCAgent:
         self.ood_reference.update(segment_obs0=seg_obs0, segment_act=seg_act, segment_next_obs=seg_next)
 
     # -- control ---------------------------------------------------------------------------
-    def planner(self) -> MPCPlanner:
+    def planner(self, learning: bool = False) -> MPCPlanner:
         reward_source = "model" if isinstance(self.task, EnvRewardTask) else "task"
         task = self.task
         if self.cfg.explore.plan_shield and reward_source == "task":
@@ -171,70 +190,49 @@ class MPCAgent:
             task,
             self.spec.act_low,
             self.spec.act_high,
-            value_fn=self.value,
+            value_fn=self._learning_value() if learning else self.value,
             config=_with(self.cfg.planner, seed=self.seed),
             reward_source=reward_source,
         )
 
-    def controller(self, gate: bool = True, learning: bool = False) -> GatedMPC:
+    def _learning_value(self):  # -> ValueFn
+        kappa = self.value.cfg.learning_pessimism
+        if kappa is None:
+            return self.value
+        value = self.value
+        return lambda states: value(states, pessimism=kappa)
+
+    def controller(
+        self, gate: bool = True, learning: bool = False, monitors_gate: bool | None = None
+    ) -> GatedMPC:
         """The gated per-tick controller. ``learning=True`` (the learning episodes of ``train``):
         unless ``monitor.gate_while_learning``, the shift monitors still observe and log their alarms
         but do not switch to the fallback - learning visits states the model has not seen by design,
         where the disagreement trigger and the constraint shield protect the robot and the answer to
-        a large residual is the next retrain. Deployment (``run``) and evaluation: monitors gate."""
+        a large residual is the next retrain. Deployment (``run``) and evaluation: monitors gate.
+        ``monitors_gate`` overrides that choice (``commission`` runs with monitors observing only)."""
         monitor = ShiftMonitor(self.spec, self.cfg.monitor)
         self._calibrate_monitor(monitor)
         gate_cfg = _with(self.cfg.gate, no_gate=not gate)
-        gating = monitor if (not learning or self.cfg.monitor.gate_while_learning) else None
+        if monitors_gate is None:
+            monitors_gate = not learning or self.cfg.monitor.gate_while_learning
+        gating = monitor if monitors_gate else None
         safety = SafetyGate(self.spec, gate_cfg, make_fallback(self.cfg.fallback, self.spec), gating)
         if self.thresholds["disagreement"] is not None:
             safety.set_thresholds(disagreement=self.thresholds["disagreement"])
-        return GatedMPC(self, self.planner(), safety, monitor, self.cfg.loop.plan_budget_fraction)
+        return GatedMPC(self, self.planner(learning), safety, monitor, self.cfg.loop.plan_budget_fraction)
 
     def _calibrate_monitor(self, monitor: ShiftMonitor) -> None:
-        """OOD threshold and CUSUM residual calibration from the model's training and held-out
-        data (kept in the checkpoint), for the current model and monitor config."""
-        ref = self.ood_reference
-        if ref is None or len(ref["holdout_obs"]) < 10:
-            return
-        n = len(ref["holdout_obs"])
-        if self.cfg.monitor.ood_method == "knn":  # + leave-one-out scores of the reference
-            n += min(len(ref["train_obs"]), self.cfg.monitor.ood_max_reference)
-        rate = max(self.cfg.monitor.ood_false_alarm_rate, 1.0 / (n + 1))  # what n samples certify
-        ood = monitor.fit_ood(
-            ref["train_obs"], ref["train_act"], ref["holdout_obs"], ref["holdout_act"], rate
-        )
-        self.thresholds["ood"] = float(ood)
-        k = self.cfg.monitor.residual_horizon
-        if k > 1:
-            self.variance_coef = None
-            if len(ref.get("segment_obs0", ())) >= 2 * self.spec.obs_dim:
-                pred = open_loop(
-                    self.model, ref["segment_obs0"], ref["segment_act"][:, :k], self.spec.angle_mask
-                )
-                target = ref["segment_next_obs"][:, k - 1]
-                z = monitor.residual_z(target, pred, np.ones_like(pred), calibrated=False)
-                bias, whiten = residual_calibration(z, full=self.cfg.monitor.whiten)
-                monitor.set_residual_calibration(bias, whiten)
-                self.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
-            else:
-                log.warning(
-                    "monitor.residual_horizon=%d: the checkpoint holds no held-out %d-tick segments; "
-                    "residual CUSUM uncalibrated", k, SEGMENT_TICKS,
-                )  # fmt: skip
-        elif "holdout_next_obs" in ref and len(ref["holdout_obs"]) >= 2 * self.spec.obs_dim:
-            mean, ale, epi = predictive_parts(
-                self.model, ref["holdout_obs"], ref["holdout_act"], self.spec.angle_mask
-            )
-            nxt = ref["holdout_next_obs"]
-            self.variance_coef = None
-            if self.cfg.monitor.variance_model:  # fitted on the raw (angle-wrapped) residuals
-                raw = monitor.residual_z(nxt, mean, np.ones_like(mean), calibrated=False)
-                self.variance_coef = fit_variance_model(raw, ale, epi)
-            z = monitor.residual_z(nxt, mean, predictive_std(ale, epi, self.variance_coef), calibrated=False)
-            bias, whiten = residual_calibration(z, full=self.cfg.monitor.whiten)
-            monitor.set_residual_calibration(bias, whiten)
-            self.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
+        """OOD threshold and CUSUM residual calibration for the current model and monitor config
+        (:func:`robot_mbrl.agents.monitor_calibration.calibrate_monitor`)."""
+        calibrate_monitor(self, monitor)
+
+    def commission(
+        self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray, episode: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """Phase-I calibration of the monitors on this controller's own in-control real transitions
+        (:func:`robot_mbrl.agents.monitor_calibration.commission`)."""
+        return commission(self, obs, act, next_obs, episode)
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -253,9 +251,7 @@ class MPCAgent:
     @classmethod
     def load(cls, directory: str | Path, cfg: Config, spec: RobotSpec, task: Task | None) -> MPCAgent:
         """Load from a checkpoint dir (or a run dir holding ``checkpoint/``)."""
-        path = Path(directory)
-        if (path / "checkpoint" / MODEL_FILE).is_file():
-            path = path / "checkpoint"
+        path = checkpoint_dir(directory)
         model, extra, meta = load_checkpoint(path / MODEL_FILE)
         if model.obs_dim != spec.obs_dim or model.act_dim != spec.act_dim:
             raise ValueError(
@@ -266,7 +262,10 @@ class MPCAgent:
         sections = {"model": model.cfg}
         if "value_config" in meta:
             # checkpoints from before the value ensemble hold one network
-            vcfg = {"heads": 1, **meta["value_config"]}
+            vcfg = {"heads": 1, "prior_scale": 0.0, **meta["value_config"]}
+            # what defines the learned function comes from the checkpoint; how the planner uses it
+            # (pessimism, planned rounds, ...) from the run config
+            vcfg = {**to_dict(cfg.value), **{k: vcfg[k] for k in VALUE_FUNCTION_KEYS if k in vcfg}}
             sections["value"] = build(ValueConfig, vcfg, source=str(path / MODEL_FILE), prefix="value")
         cfg = _with(cfg, **sections)
         agent = cls(cfg, spec, task, seed=int(meta.get("seed", cfg.seed)))
@@ -278,6 +277,8 @@ class MPCAgent:
             agent.ood_reference = {k: v.numpy() for k, v in extra["ood_reference"].items()}
         agent.thresholds = dict(meta.get("thresholds", agent.thresholds))
         agent.retrains, agent.trained = int(meta.get("retrains", 0)), bool(meta.get("trained", False))
+        # every retrain fits V: a trained agent's V keeps its normalizers (a resumed run continues it)
+        agent.value.fitted = agent.trained
         return agent
 
 
@@ -349,6 +350,12 @@ class GatedMPC:
         pred = states[done][0] if done.any() else np.full(spec.obs_dim, np.nan)  # NaN: CUSUM waits
         self._open_loop = (states[~done], ages[~done], np.asarray(tr.next_obs, dtype=float))
         return self.monitor.observe(tr.obs, tr.act, tr.next_obs, pred, np.ones(spec.obs_dim), self.tick)
+
+
+def checkpoint_dir(directory: str | Path) -> Path:
+    """The checkpoint folder of a run directory (``RUN/checkpoint``) or the folder itself."""
+    path = Path(directory)
+    return path / "checkpoint" if (path / "checkpoint" / MODEL_FILE).is_file() else path
 
 
 def _with(section, **changes):

@@ -111,7 +111,11 @@ def run_job(
     task = make_task(cfg)
     judge = make_judge(task, robot)
     if checkpoint is not None:
+        import torch
+
         from robot_mbrl.agents.mpc import MPCAgent
+
+        torch.set_num_threads(1)  # the onboard CPU budget, as in train
 
         controller: Controller = MPCAgent.load(checkpoint, cfg, robot.spec, task).controller(
             gate=cfg.run.gate
@@ -130,6 +134,56 @@ def run_job(
     summary = tally.summary(
         clamped_commands=robot.clamp_count, checkpoint=str(checkpoint) if checkpoint else None
     )
+    run.write_summary(summary)
+    write_plots(run, getattr(controller, "trace", None))
+    return summary, run.path
+
+
+def commission_job(
+    cfg: Config, *, checkpoint: Path, out: Path | None, port: str | None, progress: bool
+) -> tuple[dict, Path]:
+    """Phase-I calibration: run the checkpoint's gated controller for ``run.episodes`` episodes with
+    the shift monitors observing only (the gate's other triggers act as always), then recalibrate
+    the monitors on these real transitions (:meth:`MPCAgent.commission`) and write the checkpoint
+    back in place. Run it once on the unchanged robot after training and before deployment."""
+    import numpy as np
+    import torch
+
+    from robot_mbrl.agents.mpc import MPCAgent, checkpoint_dir
+
+    torch.set_num_threads(1)  # the onboard CPU budget, as in train and run
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+
+    run = RunDir(out or default_run_path("commission"))
+    run.write_config(config_to_dict(cfg))
+    robot = make_robot(cfg, port=port)
+    task = make_task(cfg)
+    judge = make_judge(task, robot)
+    ck = checkpoint_dir(checkpoint)
+    agent = MPCAgent.load(ck, cfg, robot.spec, task)
+    controller = agent.controller(gate=cfg.run.gate, monitors_gate=False)
+    rows: list = []
+    tally = Tally()
+    t0 = time.monotonic()
+    with (
+        Progress(cfg.run.episodes * cfg.task.episode_steps, "commission", enabled=progress) as bar,
+        robot_session(robot),
+    ):
+        run_episodes(
+            cfg, robot, judge, controller, run, tally, episodes=cfg.run.episodes, first_episode=0,
+            seed_offset=70_000, progress=bar, kind="commission", on_transition=rows.append,
+        )  # fmt: skip
+    tally.wall_s = time.monotonic() - t0
+    if tally.violations:
+        log.warning(
+            "commission: %d constraint-violating ticks: is the robot in its normal state?", tally.violations
+        )
+    obs = np.array([tr.obs for tr in rows], dtype=np.float32)
+    act = np.array([tr.act for tr in rows], dtype=np.float32)
+    nxt = np.array([tr.next_obs for tr in rows], dtype=np.float32)
+    result = agent.commission(obs, act, nxt, np.array([tr.episode for tr in rows]))
+    agent.save(ck)
+    summary = tally.summary(checkpoint=str(ck), commission=result)
     run.write_summary(summary)
     write_plots(run, getattr(controller, "trace", None))
     return summary, run.path

@@ -64,6 +64,46 @@ def calibrate_threshold(scores: np.ndarray, target_false_alarm_rate: float) -> f
     return threshold
 
 
+def tail_threshold(scores: np.ndarray, target_false_alarm_rate: float, tail_fraction: float = 0.1,
+                   min_exceedances: int = 20) -> float:  # fmt: skip
+    """Threshold for a false-alarm rate below what the ``n`` scores certify (``alpha < 1/(n+1)``),
+    by peaks over threshold: a generalized Pareto distribution (GPD) fitted to the exceedances over
+    the empirical ``1 - tail_fraction`` quantile ``u`` and extrapolated to ``alpha``
+    (Pickands-Balkema-de Haan; the streaming version is SPOT, Siffer et al., KDD 2017).
+
+    The GPD shape ``xi`` and scale ``sigma`` come from probability-weighted moments (Hosking &
+    Wallis 1987), closed form and robust on a few dozen exceedances; ``xi`` is clipped to
+    ``[-0.5, 0.5]`` (beyond 0.5 the PWM estimate is invalid, and a very short tail would claim a
+    finite end point from few points). The result is ``u + sigma / xi ((alpha n / N_u)^(-xi) - 1)``,
+    never below the largest score. Where ``n`` certifies ``alpha`` this is
+    :func:`calibrate_threshold` (the conformal quantile, no model). Raises ``ValueError`` for
+    non-finite scores or fewer than ``min_exceedances`` points in the tail."""
+    alpha = float(target_false_alarm_rate)
+    s = np.sort(np.asarray(scores, dtype=float).reshape(-1))
+    n = s.size
+    if n + 1 >= 1.0 / alpha or not np.all(np.isfinite(s)):
+        return calibrate_threshold(s, alpha)  # certifiable (or: raises on non-finite scores)
+    n_u = max(min_exceedances, int(round(tail_fraction * n)))
+    if n_u >= n:
+        raise ValueError(f"tail extrapolation needs more than {n_u} calibration scores, got {n}")
+    u = s[n - n_u - 1]
+    y = s[n - n_u :] - u  # ascending exceedances
+    a0 = float(y.mean())
+    if a0 <= 0:  # a flat top: nothing to extrapolate
+        return float(s[-1])
+    p = (np.arange(1, n_u + 1) - 0.35) / n_u
+    a1 = float(np.mean((1.0 - p) * y))
+    k = a0 / (a0 - 2.0 * a1) - 2.0  # Hosking's k = -xi
+    xi = float(np.clip(-k, -0.5, 0.5))
+    sigma = max(2.0 * a0 * a1 / (a0 - 2.0 * a1), 1e-12) if a0 > 2.0 * a1 else a0
+    tail = alpha * n / n_u  # conditional exceedance probability beyond u
+    excess = sigma * math.log(1.0 / tail) if abs(xi) < 1e-6 else sigma / xi * (tail ** (-xi) - 1.0)
+    threshold = max(float(u + excess), float(s[-1]))
+    log.debug("tail threshold %.4g from %d scores (alpha=%g, xi=%.3f, sigma=%.3g, u=%.4g)",
+              threshold, n, alpha, xi, sigma, u)  # fmt: skip
+    return threshold
+
+
 @torch.no_grad()
 def plan_disagreement_scores(
     model: DynamicsModel,
@@ -162,6 +202,30 @@ def residual_calibration(
     evals, evecs = np.linalg.eigh(cov)
     whiten = (evecs / np.sqrt(np.maximum(evals, min_var))) @ evecs.T
     return bias, whiten
+
+
+def long_run_inflation(z: np.ndarray, groups: np.ndarray, batch: int, min_batches: int = 5) -> np.ndarray:
+    """Per-channel factor ``lambda >= 1`` by which serial correlation (and a bias) of calibrated
+    residuals ``z`` (``N x S``, rows in time order, ``groups`` ``N`` episode ids) inflates the
+    variance of their sums: ``lambda^2 = batch * mean(batch_mean^2)`` over non-overlapping batches of
+    ``batch`` consecutive rows within a group (the batch-means estimate of the long-run variance
+    about 0, in units of the nominal variance 1). A CUSUM accumulates sums, so its in-control run
+    length on autocorrelated residuals is that of i.i.d. residuals with std ``lambda``: dividing
+    ``z`` by ``lambda`` restores the ARL0 that Siegmund's levels promise. Ones (no change) with fewer
+    than ``min_batches`` batches; non-finite rows are dropped."""
+    z = np.asarray(z, dtype=float)
+    groups = np.asarray(groups).reshape(-1)
+    ok = np.all(np.isfinite(z), axis=1)
+    means = []
+    for g in np.unique(groups[ok]):
+        zg = z[ok & (groups == g)]
+        nb = len(zg) // batch
+        if nb:
+            means.append(zg[: nb * batch].reshape(nb, batch, -1).mean(axis=1))
+    if sum(len(m) for m in means) < min_batches:
+        return np.ones(z.shape[1])
+    m = np.concatenate(means)
+    return np.sqrt(np.maximum(batch * np.mean(m**2, axis=0), 1.0))
 
 
 def fit_variance_model(residual: np.ndarray, aleatoric: np.ndarray, epistemic: np.ndarray) -> np.ndarray:

@@ -69,10 +69,22 @@ class ShiftConfig:
         ge=1,
         le=10,
     )
+    autocorr_batch_ticks: int = param(
+        25,
+        "with commissioning data (robot-mbrl commission): batch length of the long-run variance "
+        "estimate that scales the CUSUM residuals for serial correlation (0: off)",
+        ge=0,
+    )
     ood_method: str = param("knn", "input OOD score", choices=("knn", "mahalanobis"))
     knn_k: int = param(5, "k of the k-NN distance", ge=1)
     ood_max_reference: int = param(20_000, "training inputs kept as k-NN reference (seeded subsample)", ge=10)
-    ood_false_alarm_rate: float = param(1e-3, "per-tick false-alarm rate of the OOD threshold", gt=0, lt=1)
+    ood_false_alarm_rate: float = param(1e-4, "per-tick false-alarm rate of the OOD threshold", gt=0, lt=1)
+    ood_tail: str = param(
+        "gpd",
+        "OOD threshold below the rate n calibration scores certify (1/(n+1)): 'empirical' calibrates "
+        "at 1/(n+1) instead (the largest score), 'gpd' extrapolates a generalized Pareto tail fit",
+        choices=("empirical", "gpd"),
+    )
     ood_persist_ticks: int = param(3, "OOD score must exceed its threshold this many ticks in a row", ge=1)
     val_loss_factor: float = param(2.0, "alarm when fresh loss / holdout loss exceeds this", gt=1)
     debounce_ticks: int = param(100, "an alarm re-fires only after it stayed clear this long", ge=0)
@@ -207,7 +219,10 @@ class ShiftMonitor:
         """Fit the OOD monitor on the model's training inputs; returns the calibrated threshold."""
         rate = self.cfg.ood_false_alarm_rate if false_alarm_rate is None else false_alarm_rate
         return self.ood.fit(
-            self.features(train_obs, train_act), self.features(holdout_obs, holdout_act), rate
+            self.features(train_obs, train_act),
+            self.features(holdout_obs, holdout_act),
+            rate,
+            extrapolate=self.cfg.ood_tail == "gpd",
         )
 
     def set_ood_threshold(self, threshold: float) -> None:

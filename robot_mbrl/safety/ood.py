@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robot_mbrl.safety.calibration import calibrate_threshold
+from robot_mbrl.safety.calibration import calibrate_threshold, tail_threshold
 
 
 class OODMonitor:
@@ -15,7 +15,8 @@ class OODMonitor:
     Inputs are normalized by the training mean and std. ``knn``: distance to the k-th nearest
     training input (a seeded subsample of at most ``max_reference`` points); ``mahalanobis``:
     ``sqrt(d^T Sigma^-1 d)`` with a slightly regularized covariance. The threshold is the
-    calibrated quantile (:func:`calibrate_threshold`) of the scores of held-out training inputs.
+    calibrated quantile (:func:`calibrate_threshold`) of the scores of held-out training inputs,
+    or with ``extrapolate`` a tail fit beyond them (:func:`tail_threshold`) for rates below 1/n.
     """
 
     def __init__(self, method: str = "knn", k: int = 5, max_reference: int = 20_000, seed: int = 0):
@@ -29,7 +30,13 @@ class OODMonitor:
     def fitted(self) -> bool:
         return self._mean is not None
 
-    def fit(self, train_inputs: np.ndarray, holdout_inputs: np.ndarray, false_alarm_rate: float) -> float:
+    def fit(
+        self,
+        train_inputs: np.ndarray,
+        holdout_inputs: np.ndarray,
+        false_alarm_rate: float,
+        extrapolate: bool = False,
+    ) -> float:
         """Fit on N x D training inputs, calibrate on M x D held-out inputs; returns the threshold."""
         x = np.asarray(train_inputs, dtype=float)
         if x.ndim != 2 or x.shape[0] < max(self.k + 1, 2):
@@ -45,7 +52,8 @@ class OODMonitor:
                 rng = np.random.default_rng(self.seed)
                 xn = xn[rng.choice(xn.shape[0], self.max_reference, replace=False)]
             self._reference = xn
-        self.threshold = calibrate_threshold(self.calibration_scores(holdout_inputs), false_alarm_rate)
+        calibrate = tail_threshold if extrapolate else calibrate_threshold
+        self.threshold = calibrate(self.calibration_scores(holdout_inputs), false_alarm_rate)
         return self.threshold
 
     def calibration_scores(self, holdout_inputs: np.ndarray) -> np.ndarray:
