@@ -257,7 +257,8 @@ def test_commission_recalibrates_the_monitors_on_the_controllers_own_run(trained
 
 def test_loaded_value_stays_fitted_and_learning_episodes_can_plan_optimistically(trained):
     """A loaded trained agent's V keeps its normalizers (a resumed run continues it instead of
-    refitting them); value.learning_pessimism changes only the learning controller's V; planned
+    refitting them); value.learning_pessimism and planner.exploration_bonus change only the learning
+    controller; planned
     value rounds run on the buffer's real states and keep the heads finite."""
     import dataclasses
 
@@ -270,7 +271,7 @@ def test_loaded_value_stays_fitted_and_learning_episodes_can_plan_optimistically
 
     out, _ = trained
     cfg = load_config(None, ["task.episode_steps=60", "value.learning_pessimism=-1.0", "value.planned_rounds=1",
-                             "value.planned_epochs=2"])  # fmt: skip
+                             "value.planned_epochs=2", "planner.exploration_bonus=0.5"])  # fmt: skip
     robot = make_robot(cfg)
     agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
     assert agent.value.fitted
@@ -281,6 +282,8 @@ def test_loaded_value_stays_fitted_and_learning_episodes_can_plan_optimistically
     torch.testing.assert_close(learn_v, agent.value(s, pessimism=-1.0))
     torch.testing.assert_close(deploy_v, agent.value(s))
     assert bool((learn_v >= deploy_v).all())
+    assert agent.controller(learning=True).planner.cfg.exploration_bonus == 0.5
+    assert agent.controller().planner.cfg.exploration_bonus == 0.0  # evaluation and deployment: none
     agent.value.cfg = dataclasses.replace(agent.value.cfg, planned_rounds=1, planned_epochs=2)
     data = ReplayBuffer.open(out / "buffer").arrays()
     rep = agent._planned_value_rounds(data)

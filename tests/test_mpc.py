@@ -261,3 +261,24 @@ def test_noise_correlation_gives_ar1_candidates_with_unchanged_marginal_std(rho:
     lag1, lag2 = torch.diagonal(corr, 1), torch.diagonal(corr, 2)
     torch.testing.assert_close(lag1, torch.full_like(lag1, rho), rtol=0, atol=0.03)
     torch.testing.assert_close(lag2, torch.full_like(lag2, rho**2), rtol=0, atol=0.03)
+
+
+class Unsure(Integrator):
+    """Integrator whose members disagree more the farther x is from 0 (data only near 0)."""
+
+    def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
+        pred = super().predict(obs, act)
+        dis = pred.mean[0, :, 0].abs()
+        return Prediction(pred.mean, pred.var, pred.reward, dis, dis)
+
+
+def test_exploration_bonus_seeks_disagreement_within_the_trusted_horizon() -> None:
+    """r = -(x')^2 pulls to 0; a bonus per tick of disagreement / threshold (<= 1 per tick) pushes out,
+    but never past the threshold, where the return would stop being trusted."""
+    x0 = np.array([0.0, 0.0])
+    calm = planner(Unsure(), Quadratic(), horizon=3, seed=0).plan(x0, disagreement_threshold=1.5)
+    eager = planner(Unsure(), Quadratic(), horizon=3, seed=0, exploration_bonus=5.0)
+    info = eager.plan(x0, disagreement_threshold=1.5)
+    assert abs(calm.action[0]) < 0.15
+    assert abs(info.action[0]) > 0.5
+    assert float(info.disagreement.max()) <= 1.5 + 1e-6  # stays where the return is trusted

@@ -191,7 +191,11 @@ class MPCAgent:
             self.spec.act_low,
             self.spec.act_high,
             value_fn=self._learning_value() if learning else self.value,
-            config=_with(self.cfg.planner, seed=self.seed),
+            config=_with(
+                self.cfg.planner,
+                seed=self.seed,
+                exploration_bonus=self.cfg.planner.exploration_bonus if learning else 0.0,
+            ),
             reward_source=reward_source,
         )
 

@@ -68,6 +68,12 @@ class PlannerConfig:
     gamma: float = param(0.99, "discount per control tick (match the value function)", gt=0, le=1)
     action_repeat: int = param(1, "control ticks each planned action is held for", ge=1)
     disagreement_penalty: float = param(0.0, "score -= this * sum of disagreement over trusted steps", ge=0)
+    exploration_bonus: float = param(
+        0.0,
+        "score += this * sum over trusted ticks of disagreement / threshold (each tick adds at most "
+        "this); MPCAgent applies it in train's learning episodes only: seek what the model does not know",
+        ge=0,
+    )
     truncation_penalty: float = param(0.0, "score -= this when a candidate's return is truncated", ge=0)
     constraint_penalty: float = param(
         10.0, "score -= this per tick where any member violates g(x) <= 0", ge=0
@@ -275,7 +281,12 @@ class MPCPlanner:
         if value_fn is not None:
             s_tau = traj.gather(0, idx.unsqueeze(-1).expand(1, e, n, traj.shape[-1]))[0]
             tail = torch.where(alive_tau, self.discount[tau] * value_fn(s_tau), 0.0)
-        return _Rollout(cand, traj, d, g, ret, tail, tau, self._penalties(d, trusted, term & use, g))
+        pen = self._penalties(d, trusted, term & use, g)
+        if cfg.exploration_bonus > 0:
+            scale = threshold if threshold is not None and threshold > 0 else 1.0
+            bonus = torch.where(trusted, torch.nan_to_num(d, nan=0.0) / scale, 0.0).clamp(max=1.0).sum(0)
+            pen = pen - cfg.exploration_bonus * bonus
+        return _Rollout(cand, traj, d, g, ret, tail, tau, pen)
 
     def _penalties(
         self, d: torch.Tensor, trusted: torch.Tensor, died: torch.Tensor, g: torch.Tensor
