@@ -7,6 +7,10 @@ alarms over N ticks and the fraction of ticks on MPC.
 
     python benchmarks/bench_shift.py --checkpoint RUN_DIR [--config cartpole_swingup] [--episodes 4]
         [--set monitor.arl0_ticks=1e5 ...] [--id-only] [--residual-stats]
+
+Deployment order, as in the README: ``robot-mbrl train``, ``robot-mbrl commission --checkpoint
+RUN_DIR`` (Phase-I calibration of the monitors on the twin's own seeds, not the ones used here),
+then this benchmark on RUN_DIR.
 """
 
 from __future__ import annotations

@@ -184,6 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, out=args.resume or args.out, resume=args.resume is not None, progress=not args.quiet
     )
     _report(summary, out)
+    if (out / "checkpoint").is_dir():
+        print(f"next: robot-mbrl commission --checkpoint {out}   (calibrate the monitors before deployment)")
     return 0
 
 
