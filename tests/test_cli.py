@@ -253,6 +253,9 @@ def test_commission_recalibrates_the_monitors_on_the_controllers_own_run(trained
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("commission", "--checkpoint", str(tmp_path / "missing"), *TINY)
     assert r.returncode == 2 and "--checkpoint" in r.stderr
+    MPCAgent(cfg, robot.spec, make_task(cfg)).save(tmp_path / "untrained")  # no held-out data in it
+    r = cli("commission", "--checkpoint", str(tmp_path / "untrained"), *TINY)
+    assert r.returncode == 2 and "held-out calibration data" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_loaded_value_stays_fitted_and_learning_episodes_can_plan_optimistically(trained):

@@ -121,7 +121,7 @@ def commission(
         raise ValueError(f"commission: expected N x S obs/next_obs and N x A act, got {obs.shape}, "
                          f"{act.shape}, {nxt.shape}")  # fmt: skip
     if agent.ood_reference is None:
-        raise ValueError("commission: the checkpoint has no calibration data (train it first)")
+        raise ValueError("commission: the agent has no held-out calibration data (train it first)")
     keep = np.all(np.isfinite(obs), 1) & np.all(np.isfinite(act), 1) & np.all(np.isfinite(nxt), 1)
     ep = np.zeros(len(obs), np.int64) if episode is None else np.asarray(episode, np.int64).reshape(-1)
     if len(ep) != len(obs):

@@ -149,7 +149,8 @@ def commission_job(
     import numpy as np
     import torch
 
-    from robot_mbrl.agents.mpc import MPCAgent, checkpoint_dir
+    from robot_mbrl.agents.mpc import MODEL_FILE, MPCAgent, checkpoint_dir
+    from robot_mbrl.models.checkpoint import CheckpointError
 
     torch.set_num_threads(1)  # the onboard CPU budget, as in train and run
     from robot_mbrl.factory import make_judge, make_robot, make_task
@@ -161,6 +162,8 @@ def commission_job(
     judge = make_judge(task, robot)
     ck = checkpoint_dir(checkpoint)
     agent = MPCAgent.load(ck, cfg, robot.spec, task)
+    if agent.ood_reference is None:  # before any robot time is spent
+        raise CheckpointError(ck / MODEL_FILE, "a trained checkpoint with held-out calibration data", "none")
     controller = agent.controller(gate=cfg.run.gate, monitors_gate=False)
     rows: list = []
     tally = Tally()
