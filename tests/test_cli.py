@@ -251,6 +251,13 @@ def test_commission_recalibrates_the_monitors_on_the_controllers_own_run(trained
     assert all(x >= 1.0 for x in agent.thresholds["residual_inflation"])
     r = cli("run", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "run"), *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
+    steps = json.loads((out / "summary.json").read_text())["real_steps"]
+    r = cli("train", "--resume", str(out), "--steps", str(steps + 60), *TINY)  # one more episode + retrain
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    assert (
+        again.retrains > agent.retrains and "commission_obs" not in again.ood_reference
+    )  # new model: dropped
     r = cli("commission", "--checkpoint", str(tmp_path / "missing"), *TINY)
     assert r.returncode == 2 and "--checkpoint" in r.stderr
     MPCAgent(cfg, robot.spec, make_task(cfg)).save(tmp_path / "untrained")  # no held-out data in it

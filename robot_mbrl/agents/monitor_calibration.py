@@ -73,6 +73,7 @@ def calibrate_monitor(agent: MPCAgent, monitor: ShiftMonitor) -> None:
         return
     bias, whiten = residual_calibration(z, full=agent.cfg.monitor.whiten)
     batch = agent.cfg.monitor.autocorr_batch_ticks
+    agent.thresholds.pop("residual_inflation", None)
     if batch > 0 and n_comm > 0:  # commissioning rows are in time order, after the held-out ones
         infl = long_run_inflation((z[len(z) - n_comm :] - bias) @ whiten.T, groups, batch)
         whiten = whiten / infl[:, None]

@@ -169,6 +169,7 @@ class MPCAgent:
             self.thresholds["disagreement"] = thr * self.cfg.calibration.margin
         train_mask = np.ones(len(data["obs"]), dtype=bool)
         train_mask[holdout] = False
+        self.thresholds.pop("commission_transitions", None)  # a new model needs a new commissioning
         self.ood_reference = {
             "train_obs": data["obs"][train_mask],
             "train_act": data["act"][train_mask],
