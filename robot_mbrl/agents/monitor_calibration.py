@@ -82,13 +82,34 @@ def calibrate_monitor(agent: MPCAgent, monitor: ShiftMonitor) -> None:
     agent.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
 
 
+def segment_starts(episode: np.ndarray, terminated: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
+    """The ``rows`` (time-ordered indices) whose next ``length`` ticks stay inside one episode and do
+    not pass a termination before the last of them."""
+    n = len(episode)
+    starts = np.asarray(rows)[np.asarray(rows) + length <= n]
+    ok = np.array([episode[i] == episode[i + length - 1] and not terminated[i : i + length - 1].any() for i in starts],
+                  dtype=bool)  # fmt: skip
+    return starts[ok] if len(starts) else starts
+
+
+def segments(
+    arrays: dict[str, np.ndarray], rows: np.ndarray, length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real segments that start at ``rows`` and continue ``length`` ticks inside one episode.
+
+    Returns ``obs0`` (N x S), the actions that really followed (N x length x A) and the
+    observations they led to (N x length x S)."""
+    starts = segment_starts(arrays["episode_id"], arrays["terminated"], rows, length)
+    idx = starts[:, None] + np.arange(length)[None, :]
+    return arrays["obs"][starts], arrays["act"][idx], arrays["next_obs"][idx]
+
+
 def commission_windows(ref: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, ...]:
     """Every ``k``-tick window of the commissioning run that stays inside one episode, in time
     order: ``obs0`` (M x S), the ``k`` actions applied (M x k x A), the observation after the last
     (M x S), and each window's episode id (M)."""
     obs, act, nxt, ep = (ref[f"commission_{key}"] for key in ("obs", "act", "next_obs", "episode"))
-    starts = np.arange(max(len(obs) - k + 1, 0))
-    starts = starts[ep[starts] == ep[starts + k - 1]] if len(starts) else starts
+    starts = segment_starts(ep, np.zeros(len(ep), bool), np.arange(len(ep)), k)
     idx = starts[:, None] + np.arange(k)[None, :]
     return obs[starts], act[idx], nxt[starts + k - 1], ep[starts]
 

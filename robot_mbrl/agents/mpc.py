@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robot_mbrl.agents.monitor_calibration import SEGMENT_TICKS, calibrate_monitor, commission
+from robot_mbrl.agents.monitor_calibration import SEGMENT_TICKS, calibrate_monitor, commission, segments
 from robot_mbrl.agents.planning_tasks import EnvRewardTask, ShieldedTask
 from robot_mbrl.agents.predictive import predictive, predictive_parts
 from robot_mbrl.config import Config
@@ -31,8 +31,8 @@ from robot_mbrl.hal.robot import Observation, RobotSpec
 from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
 from robot_mbrl.models.ensemble import ProbabilisticEnsemble
 from robot_mbrl.models.trainer import EnsembleTrainer, TrainReport
-from robot_mbrl.planning.mpc import MPCPlanner
-from robot_mbrl.planning.value import ValueConfig, ValueFunction
+from robot_mbrl.planning.mpc import MPCPlanner, ValueFn
+from robot_mbrl.planning.value import ValueConfig, ValueFitReport, ValueFunction
 from robot_mbrl.planning.value_targets import logged_action_plans, planned_value_targets
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
@@ -52,23 +52,6 @@ MODEL_FILE = "model.pt"
 
 #: ValueConfig keys that define the learned V (network shapes, priors, discount): a checkpoint's win
 VALUE_FUNCTION_KEYS = ("hidden", "layers", "heads", "prior_scale", "gamma", "seed")
-
-
-def segments(
-    arrays: dict[str, np.ndarray], rows: np.ndarray, length: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Real segments that start at ``rows`` and continue ``length`` ticks inside one episode.
-
-    Returns ``obs0`` (N x S), the actions that really followed (N x length x A) and the
-    observations they led to (N x length x S)."""
-    n = len(arrays["obs"])
-    ep = arrays["episode_id"]
-    starts = rows[rows + length <= n]
-    ok = np.array([ep[i] == ep[i + length - 1] and not arrays["terminated"][i : i + length - 1].any() for i in starts],
-                  dtype=bool)  # fmt: skip
-    starts = starts[ok] if len(starts) else starts
-    idx = starts[:, None] + np.arange(length)[None, :]
-    return arrays["obs"][starts], arrays["act"][idx], arrays["next_obs"][idx]
 
 
 class MPCAgent:
@@ -132,7 +115,7 @@ class MPCAgent:
         log.info("retrain %d: %s", self.retrains, record)
         return report, record
 
-    def _planned_value_rounds(self, data: dict[str, np.ndarray]):  # -> ValueFitReport | None
+    def _planned_value_rounds(self, data: dict[str, np.ndarray]) -> ValueFitReport | None:
         """``value.planned_rounds`` rounds of fitted value iteration on the real states, the
         planner (with its constraint shield and calibrated truncation) as the improvement step."""
         vcfg, pcfg = self.value.cfg, self.cfg.planner
@@ -200,7 +183,7 @@ class MPCAgent:
             reward_source=reward_source,
         )
 
-    def _learning_value(self):  # -> ValueFn
+    def _learning_value(self) -> ValueFn:
         kappa = self.value.cfg.learning_pessimism
         if kappa is None:
             return self.value

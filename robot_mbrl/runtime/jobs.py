@@ -100,16 +100,38 @@ def run_episodes(
     return results
 
 
-def run_job(
-    cfg: Config, *, checkpoint: Path | None, out: Path | None, port: str | None, progress: bool
-) -> tuple[dict, Path]:
+def _open_job(cfg: Config, kind: str, out: Path | None, port: str | None):  # -> RunDir, robot, task, judge
+    """Run directory (config written), robot, task and judge for a ``run``-like job."""
     from robot_mbrl.factory import make_judge, make_robot, make_task
 
-    run = RunDir(out or default_run_path("run"))
+    run = RunDir(out or default_run_path(kind))
     run.write_config(config_to_dict(cfg))
     robot = make_robot(cfg, port=port)
     task = make_task(cfg)
-    judge = make_judge(task, robot)
+    return run, robot, task, make_judge(task, robot)
+
+
+def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run: RunDir, *, kind: str,
+           seed_offset: int, progress: bool, on_transition=None) -> Tally:  # fmt: skip
+    """``run.episodes`` episodes in one robot session, with a progress bar; the tally (wall time set)."""
+    tally = Tally()
+    t0 = time.monotonic()
+    with (
+        Progress(cfg.run.episodes * cfg.task.episode_steps, kind, enabled=progress) as bar,
+        robot_session(robot),
+    ):
+        run_episodes(
+            cfg, robot, judge, controller, run, tally, episodes=cfg.run.episodes, first_episode=0,
+            seed_offset=seed_offset, progress=bar, kind=kind, on_transition=on_transition,
+        )  # fmt: skip
+    tally.wall_s = time.monotonic() - t0
+    return tally
+
+
+def run_job(
+    cfg: Config, *, checkpoint: Path | None, out: Path | None, port: str | None, progress: bool
+) -> tuple[dict, Path]:
+    run, robot, task, judge = _open_job(cfg, "run", out, port)
     if checkpoint is not None:
         import torch
 
@@ -122,15 +144,7 @@ def run_job(
         )
     else:
         controller = simple_controller(cfg, robot)
-    tally = Tally()
-    t0 = time.monotonic()
-    total = cfg.run.episodes * cfg.task.episode_steps
-    with Progress(total, "run", enabled=progress) as bar, robot_session(robot):
-        run_episodes(
-            cfg, robot, judge, controller, run, tally,
-            episodes=cfg.run.episodes, first_episode=0, seed_offset=50_000, progress=bar, kind="run",
-        )  # fmt: skip
-    tally.wall_s = time.monotonic() - t0
+    tally = _drive(cfg, robot, judge, controller, run, kind="run", seed_offset=50_000, progress=progress)
     summary = tally.summary(
         clamped_commands=robot.clamp_count, checkpoint=str(checkpoint) if checkpoint else None
     )
@@ -153,30 +167,15 @@ def commission_job(
     from robot_mbrl.models.checkpoint import CheckpointError
 
     torch.set_num_threads(1)  # the onboard CPU budget, as in train and run
-    from robot_mbrl.factory import make_judge, make_robot, make_task
-
-    run = RunDir(out or default_run_path("commission"))
-    run.write_config(config_to_dict(cfg))
-    robot = make_robot(cfg, port=port)
-    task = make_task(cfg)
-    judge = make_judge(task, robot)
+    run, robot, task, judge = _open_job(cfg, "commission", out, port)
     ck = checkpoint_dir(checkpoint)
     agent = MPCAgent.load(ck, cfg, robot.spec, task)
     if agent.ood_reference is None:  # before any robot time is spent
         raise CheckpointError(ck / MODEL_FILE, "a trained checkpoint with held-out calibration data", "none")
     controller = agent.controller(gate=cfg.run.gate, monitors_gate=False)
     rows: list = []
-    tally = Tally()
-    t0 = time.monotonic()
-    with (
-        Progress(cfg.run.episodes * cfg.task.episode_steps, "commission", enabled=progress) as bar,
-        robot_session(robot),
-    ):
-        run_episodes(
-            cfg, robot, judge, controller, run, tally, episodes=cfg.run.episodes, first_episode=0,
-            seed_offset=70_000, progress=bar, kind="commission", on_transition=rows.append,
-        )  # fmt: skip
-    tally.wall_s = time.monotonic() - t0
+    tally = _drive(cfg, robot, judge, controller, run, kind="commission", seed_offset=70_000,
+                   progress=progress, on_transition=rows.append)  # fmt: skip
     if tally.violations:
         log.warning(
             "commission: %d constraint-violating ticks: is the robot in its normal state?", tally.violations
