@@ -387,3 +387,32 @@ def test_cusum_level_for_large_shifts_does_not_overflow():
 
     h = solve_cusum_h(k=1.0, one_sided_arl0=1e4)  # shift_sigma = 2 used to raise OverflowError
     assert 0 < h < 20 and abs(siegmund_arl(h, 1.0, 0.0) / 1e4 - 1) < 1e-3
+
+
+def test_jump_check_alarms_at_the_step_holds_until_the_episode_ends_and_gates():
+    """A sensor offset as a one-tick residual spike: the clipped CUSUM counts it as one ordinary tick
+    (no alarm); the jump check alarms at that tick, stays in alarm on the following quiet ticks and
+    clears with the next episode; the gate writes the fallback's action while it holds."""
+    rng = np.random.default_rng(2)
+    mon = ShiftMonitor(SPEC, ShiftConfig(arl0_ticks=1e6, z_clip=3.0, debounce_ticks=0))
+    mon.set_jump_threshold(6.0)
+    pred, std = np.zeros(3), np.ones(3)
+    events = []
+    for t in range(200):
+        events += mon.observe(pred, np.zeros(1), rng.normal(0.0, 1.0, 3).clip(-4, 4), pred, std, t)
+    assert events == [] and mon.jump_score <= 4.0
+    spike = np.array([0.0, 0.0, 20.0])
+    (event,) = mon.observe(pred, np.zeros(1), spike, pred, std, 200)
+    assert event["trigger"] == "jump" and event["score"] == pytest.approx(20.0) and event["threshold"] == 6.0
+    assert not mon.cusum.alarm  # the CUSUM saw at most z_clip from it
+    for t in range(201, 220):
+        mon.observe(pred, np.zeros(1), rng.normal(0.0, 1.0, 3).clip(-4, 4), pred, std, t)
+    assert [name for name, _, _ in mon.active_alarms()] == ["jump"]
+    fallback = make_fallback(FallbackConfig(kind="hold"), SPEC)
+    gate = SafetyGate(SPEC, GateConfig(disagreement_threshold=1.0), fallback, mon)
+    d = gate.decide(220, 0.0, Observation(np.zeros(3), 0.0), None, None, False)
+    assert "monitor:jump" in {t.name for t in d.triggers} and d.source == "fallback"
+    mon.new_episode()
+    assert mon.active_alarms() == []
+    with pytest.raises(ValueError, match="jump threshold"):
+        mon.set_jump_threshold(float("nan"))

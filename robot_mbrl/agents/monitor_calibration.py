@@ -10,7 +10,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from robot_mbrl.agents.predictive import open_loop, predictive_parts, predictive_std
-from robot_mbrl.safety.calibration import fit_variance_model, long_run_inflation, residual_calibration
+from robot_mbrl.safety.calibration import (
+    fit_variance_model,
+    long_run_inflation,
+    residual_calibration,
+    tail_threshold,
+)
 from robot_mbrl.safety.monitors import ShiftMonitor
 
 if TYPE_CHECKING:
@@ -80,6 +85,21 @@ def calibrate_monitor(agent: MPCAgent, monitor: ShiftMonitor) -> None:
         agent.thresholds["residual_inflation"] = infl.tolist()
     monitor.set_residual_calibration(bias, whiten)
     agent.thresholds.update(residual_bias=bias.tolist(), residual_whiten=whiten.tolist())
+    _calibrate_jump(agent, monitor, (z - bias) @ whiten.T)
+
+
+def _calibrate_jump(agent: MPCAgent, monitor: ShiftMonitor, z: np.ndarray) -> None:
+    """Threshold of the jump check: a GPD tail fit of the largest calibrated |z| per calibration
+    row (held-out + commissioning) at ``monitor.jump_false_alarm_rate`` (off below 200 rows)."""
+    rate = agent.cfg.monitor.jump_false_alarm_rate
+    scores = np.abs(z[:, monitor.watched]).max(1) if len(z) else np.zeros(0)
+    scores = scores[np.isfinite(scores)]
+    if rate <= 0 or len(scores) < 200:
+        agent.thresholds.pop("jump", None)
+        return
+    thr = tail_threshold(scores, rate)
+    monitor.set_jump_threshold(thr)
+    agent.thresholds["jump"] = float(thr)
 
 
 def segment_starts(episode: np.ndarray, terminated: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:

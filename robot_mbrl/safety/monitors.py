@@ -8,6 +8,9 @@
 * :class:`~robot_mbrl.safety.ood.OODMonitor` - how far the current input (s, a) lies from the
   training inputs (k-NN or Mahalanobis distance in normalized units), thresholded at a
   calibrated quantile.
+* jump - a Shewhart check on the same residuals: the largest calibrated ``|z|`` of one tick above
+  a tail-fitted threshold (a step change such as a sensor offset, which the clipped CUSUM counts
+  as one ordinary tick); latched until the episode ends.
 * :class:`ValLossMonitor` - the trainer's "loss on fresh data / loss on holdout" ratio.
 
 Alarms clear on :meth:`ShiftMonitor.on_retrain` (the model has seen the new data).
@@ -85,6 +88,15 @@ class ShiftConfig:
         "at 1/(n+1) instead (the largest score), 'gpd' extrapolates a generalized Pareto tail fit",
         choices=("empirical", "gpd"),
     )
+    jump_false_alarm_rate: float = param(
+        1e-6,
+        "Shewhart check on the largest calibrated residual |z| of a tick (0: off): a step change (a "
+        "sensor offset, a slipped encoder, a loose coupling) shows as one large residual that the "
+        "clipped CUSUM counts as one ordinary tick; threshold from a GPD tail fit of the calibration "
+        "residuals at this per-tick rate; the alarm holds until the episode ends or a retrain",
+        ge=0,
+        lt=1,
+    )
     ood_persist_ticks: int = param(3, "OOD score must exceed its threshold this many ticks in a row", ge=1)
     val_loss_factor: float = param(2.0, "alarm when fresh loss / holdout loss exceeds this", gt=1)
     debounce_ticks: int = param(100, "an alarm re-fires only after it stayed clear this long", ge=0)
@@ -158,7 +170,7 @@ class ShiftMonitor:
     "score", "threshold"}``. :meth:`active_alarms` is what the gate reads before each write.
     """
 
-    NAMES = ("cusum", "cusum_var", "ood", "val_loss")
+    NAMES = ("cusum", "cusum_var", "ood", "jump", "val_loss")
 
     def __init__(self, spec: RobotSpec, cfg: ShiftConfig | None = None):
         self.spec = spec
@@ -196,6 +208,8 @@ class ShiftMonitor:
         self.val_loss = ValLossMonitor(cfg.val_loss_factor)
         self.ood_score = 0.0
         self._ood_streak = 0
+        self.jump_threshold = math.inf  # set by calibration (set_jump_threshold)
+        self.jump_score, self._jump_latched = 0.0, False
         self.residual_bias, self.residual_whiten = np.zeros(spec.obs_dim), np.eye(spec.obs_dim)
         self._debounce = {name: _Debounce(cfg.debounce_ticks) for name in self.NAMES}
 
@@ -229,6 +243,12 @@ class ShiftMonitor:
         if not math.isfinite(threshold):
             raise ValueError(f"OOD threshold must be finite, got {threshold}")
         self.ood.threshold = float(threshold)
+
+    def set_jump_threshold(self, threshold: float) -> None:
+        """Threshold of the largest calibrated residual |z| of a tick (inf: off)."""
+        if not threshold > 0:
+            raise ValueError(f"jump threshold must be > 0, got {threshold}")
+        self.jump_threshold = float(threshold)
 
     def set_residual_calibration(self, bias: np.ndarray, whiten: np.ndarray) -> None:
         """Held-out calibration of :meth:`residual_z`: ``bias`` ``S`` and whitening ``S x S``
@@ -272,6 +292,8 @@ class ShiftMonitor:
         a = np.asarray(act, dtype=float).reshape(-1)
         z = self.residual_z(s_next, prediction_mean, prediction_std)
         if np.all(np.isfinite(z)):
+            self.jump_score = float(np.abs(z[self.watched]).max())
+            self._jump_latched |= self.jump_score > self.jump_threshold
             self.cusum.update(z[self.watched])
             if self.variance is not None:
                 self.variance.update(z[self.watched])
@@ -285,7 +307,7 @@ class ShiftMonitor:
         ):
             self.ood_score = float(self.ood.score(self.features(s, a)))
             self._ood_streak = self._ood_streak + 1 if self.ood_score > self.ood.threshold else 0
-        return self._events(tick, ("cusum", "cusum_var", "ood"))
+        return self._events(tick, ("cusum", "cusum_var", "ood", "jump"))
 
     def report_val_loss(self, fresh_loss: float, holdout_loss: float, tick: int) -> list[dict]:
         """The trainer's shift signal (loss of the current model on fresh data vs holdout)."""
@@ -294,7 +316,9 @@ class ShiftMonitor:
 
     def new_episode(self) -> None:
         """A new episode starts: the residual CUSUMs and the OOD streak restart (alarm debouncing
-        and the val-loss signal carry on). No-op with ``reset_each_episode: false``."""
+        and the val-loss signal carry on; ``reset_each_episode: false`` keeps them too). A jump alarm
+        ends with its episode either way."""
+        self.jump_score, self._jump_latched = 0.0, False
         if not self.cfg.reset_each_episode:
             return
         self.cusum.reset()
@@ -311,6 +335,7 @@ class ShiftMonitor:
             self.variance.reset()
         self.val_loss.reset()
         self._ood_streak, self.ood_score = 0, 0.0
+        self.jump_score, self._jump_latched = 0.0, False
         self._debounce = {name: _Debounce(self.cfg.debounce_ticks) for name in self.NAMES}
 
     # -- state -----------------------------------------------------------------------------
@@ -324,6 +349,8 @@ class ShiftMonitor:
         if name == "ood":
             thr = self.ood.threshold if self.ood.threshold is not None else math.inf
             return self._ood_streak >= self.cfg.ood_persist_ticks, self.ood_score, thr
+        if name == "jump":
+            return self._jump_latched, self.jump_score, self.jump_threshold
         if name == "val_loss":
             return self.val_loss.alarm, self.val_loss.score, self.val_loss.threshold
         raise KeyError(name)
