@@ -299,3 +299,33 @@ def test_loaded_value_stays_fitted_and_learning_episodes_can_plan_optimistically
     rep = agent._planned_value_rounds(data)
     assert rep is not None and rep.epochs == 2
     assert bool(torch.isfinite(agent.value.head_values(torch.tensor(data["obs"]))).all())
+
+
+def test_terminal_value_from_the_buffer_is_stored_and_the_run_config_switches_it(trained, tmp_path):
+    """value.terminal=lqr: a checkpoint without one gets it from its run's buffer (a linear fit of
+    the best real transitions), V at the goal is at least the LQR value, the planner gets the LQR
+    candidate, a save/load keeps the same gains, and value.terminal=none turns all of it off."""
+    import numpy as np
+    import torch
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot, make_task
+
+    out, _ = trained
+    cfg = load_config(None, ["task.episode_steps=60", "value.terminal=lqr"])
+    robot = make_robot(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    assert agent.terminal is not None and agent.value.has_terminal
+    goal = torch.zeros(robot.spec.obs_dim)
+    assert float(agent.value(goal).detach()) >= agent.terminal.v0 - 1e-4
+    assert agent.controller().planner.prior is not None
+    agent.save(tmp_path)
+    again = MPCAgent.load(tmp_path, cfg, robot.spec, make_task(cfg))
+    np.testing.assert_allclose(again.terminal.K, agent.terminal.K)
+    slope_cfg = load_config(None, ["task.episode_steps=60", "value.terminal=lqr_model"])
+    slope = MPCAgent.load(out, slope_cfg, robot.spec, make_task(slope_cfg))  # the ensemble's slope
+    assert slope.terminal is not None and not np.allclose(slope.terminal.K, agent.terminal.K)
+    off_cfg = load_config(None, ["task.episode_steps=60"])
+    off = MPCAgent.load(tmp_path, off_cfg, robot.spec, make_task(off_cfg))
+    assert off.terminal is None and not off.value.has_terminal and off.controller().planner.prior is None

@@ -252,7 +252,7 @@ def test_noise_correlation_gives_ar1_candidates_with_unchanged_marginal_std(rho:
                 noise_correlation=rho)  # fmt: skip
     seen = []
     rollout = p._rollout
-    p._rollout = lambda s0, cand, thr: seen.append(cand.clone()) or rollout(s0, cand, thr)
+    p._rollout = lambda s0, cand, thr, **kw: seen.append(cand.clone()) or rollout(s0, cand, thr, **kw)
     p.plan(X0)
     dev = seen[0][:, 1:, 0]  # k x N (candidate 0 is the mean itself); the mean is the bound centre 0
     std = dev.std(1)

@@ -32,6 +32,7 @@ from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
 from robot_mbrl.models.ensemble import ProbabilisticEnsemble
 from robot_mbrl.models.trainer import EnsembleTrainer, TrainReport
 from robot_mbrl.planning.mpc import MPCPlanner, ValueFn
+from robot_mbrl.planning.terminal import TerminalValue, linearize, local_linear_fit, lqr_policy, lqr_terminal
 from robot_mbrl.planning.value import ValueConfig, ValueFitReport, ValueFunction
 from robot_mbrl.planning.value_targets import logged_action_plans, planned_value_targets
 from robot_mbrl.runtime.episode import Decision, Transition
@@ -80,6 +81,7 @@ class MPCAgent:
         self.thresholds: dict[str, Any] = {"disagreement": None, "ood": None}  # + residual calibration
         self.ood_reference: dict[str, np.ndarray] | None = None
         self.variance_coef: np.ndarray | None = None  # residual variance model of the monitor (2 x S)
+        self.terminal: TerminalValue | None = None  # LQR terminal value of the current model
         self.trained = False
         self.retrains = 0
 
@@ -90,6 +92,7 @@ class MPCAgent:
         report = self.trainer.train(buffer, max_epochs=max_epochs)
         data = buffer.arrays()
         self._calibrate(data, report.holdout_idx)  # the planned value targets truncate with it
+        self._set_terminal(data)
         vrep = self.value.fit(
             data["obs"], data["reward"], data["next_obs"], data["terminated"], data["truncated"]
         )
@@ -114,6 +117,26 @@ class MPCAgent:
         }
         log.info("retrain %d: %s", self.retrains, record)
         return report, record
+
+    def _set_terminal(self, data: dict[str, np.ndarray] | None) -> None:
+        """Refresh V's LQR terminal value (``value.terminal``) from a linear fit of the
+        ``value.terminal_rows`` real transitions of highest reward in ``data`` (None: off)."""
+        goal = self.task.goal(self.spec.obs_dim, self.spec.act_dim)
+        self.terminal = None
+        vcfg = self.value.cfg
+        if vcfg.terminal != "none" and goal is not None and data is not None:
+            top = np.argsort(data["reward"], kind="stable")[-vcfg.terminal_rows :]
+            if len(top) < 2 * (self.spec.obs_dim + self.spec.act_dim + 1):
+                log.info("terminal value: %d transitions are too few for the local fit", len(top))
+            else:
+                if vcfg.terminal == "lqr":
+                    rows = (data["obs"][top], data["act"][top], data["next_obs"][top])
+                    A, B = local_linear_fit(*rows, goal[0], goal[1], self.spec.angle_mask)
+                else:
+                    anchors = np.concatenate([data["obs"][top], data["act"][top]], axis=1)
+                    A, B = linearize(self.model, goal[0], goal[1], anchors)
+                self.terminal = lqr_terminal(self.task, goal[0], goal[1], A, B, vcfg.gamma)
+        self.value.set_terminal(self.terminal)
 
     def _planned_value_rounds(self, data: dict[str, np.ndarray]) -> ValueFitReport | None:
         """``value.planned_rounds`` rounds of fitted value iteration on the real states, the
@@ -181,6 +204,9 @@ class MPCAgent:
                 exploration_bonus=self.cfg.planner.exploration_bonus if learning else 0.0,
             ),
             reward_source=reward_source,
+            prior=lqr_policy(self.terminal, self.spec.angle_mask)
+            if self.cfg.planner.policy_candidate
+            else None,
         )
 
     def _learning_value(self) -> ValueFn:
@@ -233,6 +259,7 @@ class MPCAgent:
             "retrains": self.retrains,
             "trained": self.trained,
             "seed": self.seed,
+            "terminal": None if self.terminal is None else self.terminal.to_dict(),
         }
         save_checkpoint(Path(directory) / MODEL_FILE, self.model, extra=extra, meta=meta)
 
@@ -267,6 +294,17 @@ class MPCAgent:
         agent.retrains, agent.trained = int(meta.get("retrains", 0)), bool(meta.get("trained", False))
         # every retrain fits V: a trained agent's V keeps its normalizers (a resumed run continues it)
         agent.value.fitted = agent.trained
+        # the run config decides whether V uses the terminal value; the checkpoint holds the one
+        # its last retrain computed (older checkpoints: fitted from the run's buffer, if it is there)
+        stored = meta.get("terminal")
+        if not agent.trained or cfg.value.terminal == "none":
+            agent.value.set_terminal(None)
+        elif stored is not None:
+            agent.terminal = TerminalValue.from_dict(stored)
+            agent.value.set_terminal(agent.terminal)
+        else:
+            buffer_dir = path.parent / "buffer"
+            agent._set_terminal(ReplayBuffer.open(buffer_dir).arrays() if buffer_dir.is_dir() else None)
         return agent
 
 

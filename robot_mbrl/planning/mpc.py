@@ -45,6 +45,7 @@ from robot_mbrl.typedconfig import param
 log = logging.getLogger(__name__)
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]  # E x N x S -> E x N
+PriorPolicy = Callable[[torch.Tensor], torch.Tensor]  # M x S (angles unwrapped) -> M x A
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class PlannerConfig:
         "score += this * sum over trusted ticks of disagreement / threshold (each tick adds at most "
         "this); MPCAgent applies it in train's learning episodes only: seek what the model does not know",
         ge=0,
+    )
+    policy_candidate: bool = param(
+        True,
+        "when the agent has a feedback law (the LQR of value.terminal), candidate 1 of every "
+        "iteration follows it through the ensemble: a guide the sampler rarely finds by itself",
     )
     truncation_penalty: float = param(0.0, "score -= this when a candidate's return is truncated", ge=0)
     constraint_penalty: float = param(
@@ -122,12 +128,14 @@ class MPCPlanner:
         value_fn: ValueFn | None = None,
         config: PlannerConfig | None = None,
         reward_source: str = "task",
+        prior: PriorPolicy | None = None,
     ):
         if reward_source not in ("task", "model"):
             raise ValueError(f"reward_source: expected 'task' or 'model', got {reward_source!r}")
         self.cfg = cfg = config or PlannerConfig()
         cfg.validate()
         self.model, self.task, self.value_fn, self.reward_source = model, task, value_fn, reward_source
+        self.prior = prior
         self.low = torch.as_tensor(np.asarray(action_low, dtype=np.float32)).reshape(-1)
         self.high = torch.as_tensor(np.asarray(action_high, dtype=np.float32)).reshape(-1)
         if self.low.shape != self.high.shape or not bool((self.low <= self.high).all()):
@@ -211,7 +219,9 @@ class MPCPlanner:
             cand = cand.clamp_(self.low, self.high)
             cand[:, 0] = mean
             # 3. roll every candidate through every member at once, score with masks
-            roll = self._rollout(s0, cand, threshold)
+            # (candidate 1 follows the prior feedback policy, when there is one)
+            slots = None if self.prior is None else torch.arange(cand.shape[1]) == 1
+            roll = self._rollout(s0, cand, threshold, prior_slots=slots)
             score = self._score(roll)  # N
             # 4. remember the best evaluated candidate (its trajectory is what we report)
             top = torch.topk(score, cfg.elites)
@@ -233,16 +243,29 @@ class MPCPlanner:
         return info
 
     def _rollout(
-        self, s0: torch.Tensor, cand: torch.Tensor, threshold: float | None, value_fn: ValueFn | None = None
+        self,
+        s0: torch.Tensor,
+        cand: torch.Tensor,
+        threshold: float | None,
+        value_fn: ValueFn | None = None,
+        prior_slots: torch.Tensor | None = None,
     ) -> _Rollout:
         """Propagate ``cand`` (``k x N x A``) from ``s0`` (``S``, or ``N x S``: one start per
         candidate) through all members. ``value_fn`` overrides the planner's tail; it may return
-        ``H x E x N`` (one value per head), and then ``tail`` is ``H x E x N`` too."""
+        ``H x E x N`` (one value per head), and then ``tail`` is ``H x E x N`` too. ``prior_slots``
+        (``N`` bool): these candidates follow the prior policy on their member-mean state instead
+        (their actions are written into ``cand``, clipped to the bounds)."""
         cfg, e, n, ticks = self.cfg, self.model.num_members, cand.shape[1], self.num_ticks
         state = s0.expand(e, n, -1)
         states, dis, rews = [state], [], []
         step = self._stepper()
+        fb = self.prior is not None and prior_slots is not None and bool(prior_slots.any())
         for t in range(ticks):
+            if fb and t % cfg.action_repeat == 0:
+                a_fb = self.prior(state[:, prior_slots].mean(0))  # M x A
+                cand[t // cfg.action_repeat, prior_slots] = torch.minimum(
+                    torch.maximum(a_fb, self.low), self.high
+                )
             act = cand[t // cfg.action_repeat].expand(e, -1, -1)  # E x N x A
             state, d, rew = step(state, act)
             states.append(state)

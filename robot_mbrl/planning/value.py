@@ -16,6 +16,7 @@ with 0, a truncation with V of its ``next_obs``. Use the planner's ``gamma`` (pe
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robot_mbrl.planning.terminal import TerminalValue
 from robot_mbrl.typedconfig import build, param, to_dict
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,16 @@ class ValueConfig:
         "rounds of fitted value iteration with planned targets after each fit on real n-step returns "
         "(robot_mbrl.planning.value_targets; 0: n-step targets only)",
         ge=0,
+    )
+    terminal: str = param(
+        "none",
+        "terminal value around the task's goal: 'lqr' = max(V, LQR cost-to-go of the learned model's "
+        "linearization) where higher (robot_mbrl.planning.terminal), refreshed after each "
+        "model fit; tasks without a goal equilibrium ignore it",
+        choices=("none", "lqr", "lqr_model"),
+    )
+    terminal_rows: int = param(
+        128, "real transitions of highest reward the terminal value's linear fit uses", ge=1
     )
     planned_epochs: int = param(40, "epochs of regression on the planned targets per round", ge=1)
     seed: int = param(0, "seed of initialization and minibatch order")
@@ -146,7 +158,38 @@ class ValueFunction(torch.nn.Module):
                 n_in, cfg.hidden, cfg.layers, cfg.heads, torch.Generator().manual_seed(cfg.seed + 7919)
             )
             self.prior.requires_grad_(False)
+        # LQR terminal value (robot_mbrl.planning.terminal), set after each model fit; term_on 0: off
+        self.register_buffer("term_goal", torch.zeros(obs_dim))
+        self.register_buffer("term_P", torch.zeros(obs_dim, obs_dim))
+        self.register_buffer("term_on", torch.zeros(()))
+        self.register_buffer("term_v0", torch.zeros(()))
         self.fitted = False
+
+    def set_terminal(self, term: TerminalValue | None) -> None:
+        """Every head's value becomes ``max(V_h(s), V_T(s))`` with the LQR value of ``term`` (None: off)."""
+        if term is None:
+            self.term_on.zero_()
+            return
+        self.term_goal.copy_(torch.as_tensor(term.goal))
+        self.term_P.copy_(torch.as_tensor(term.P))
+        self.term_on.fill_(1.0)
+        self.term_v0.fill_(term.v0)
+
+    @property
+    def has_terminal(self) -> bool:
+        return bool(self.term_on > 0)
+
+    def _floor(self, obs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``K x ...`` head values raised to the terminal value where it is higher (``obs``: ``... x S``)."""
+        if not self.has_terminal:
+            return v
+        ds = obs.float() - self.term_goal
+        if len(self.angle_idx):
+            ds[..., self.angle_idx] = (
+                torch.remainder(ds[..., self.angle_idx] + math.pi, 2 * math.pi) - math.pi
+            )
+        q = torch.einsum("...i,ij,...j->...", ds, self.term_P, ds)
+        return torch.maximum(v, (self.term_v0 - 0.5 * q).expand_as(v))
 
     def _out(self, heads: _Heads, f: torch.Tensor) -> torch.Tensor:
         """``heads(f)`` plus the scaled prior, in value units."""
@@ -167,7 +210,7 @@ class ValueFunction(torch.nn.Module):
         """``... x S -> K x ...``: every head's value."""
         lead = obs.shape[:-1]
         v = self._out(self.net, self.features(obs.float()).reshape(-1, self.net.w0.shape[1]))
-        return v.reshape(self.cfg.heads, *lead)
+        return self._floor(obs, v.reshape(self.cfg.heads, *lead))
 
     def forward(self, obs: torch.Tensor, pessimism: float | None = None) -> torch.Tensor:
         """``... x S -> ...`` state values: mean over heads minus ``pessimism`` (default: the
@@ -182,11 +225,14 @@ class ValueFunction(torch.nn.Module):
         """``... x S -> K x ...``: every head's target network (no gradient)."""
         with torch.no_grad():
             f = self.features(obs.float())
-            return self._out(self.target, f.reshape(-1, f.shape[-1])).reshape(-1, *obs.shape[:-1])
+            v = self._out(self.target, f.reshape(-1, f.shape[-1])).reshape(-1, *obs.shape[:-1])
+            return self._floor(obs, v)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         """Checkpoints written before the heads (``net.{2i}.weight`` of one ``nn.Sequential``) load as
         a one-head ensemble."""
+        for key in ("term_goal", "term_P", "term_on", "term_v0"):  # before the terminal value: off
+            state_dict.setdefault(prefix + key, getattr(self, key).detach().clone().zero_())
         for part in ("net", "target"):
             i = 0
             while f"{prefix}{part}.{2 * i}.weight" in state_dict:
@@ -236,7 +282,8 @@ class ValueFunction(torch.nn.Module):
         disc_t = torch.as_tensor(boot_disc, dtype=torch.float32)
 
         def td_target(b: torch.Tensor) -> torch.Tensor:  # head k's own target network on its rows
-            return ret_t[b] + disc_t[b] * self._out(self.target, self.features(no[idx_t[b]]))
+            nb = no[idx_t[b]]
+            return ret_t[b] + disc_t[b] * self._floor(nb, self._out(self.target, self.features(nb)))
 
         return self._train(o, td_target, cfg.epochs if epochs is None else epochs, seed, polyak=True, t0=t0)
 

@@ -81,7 +81,10 @@ def planned_value_targets(
         cand = torch.minimum(torch.maximum(cand, planner.low), planner.high)
         cand[:, :, 0] = mean.clamp(planner.low, planner.high)
         s0 = o[start : start + b].repeat_interleave(p, 0)  # BP x S
-        roll = planner._rollout(s0, cand.reshape(k, b * p, a), threshold, value_fn=value.target_value)
+        slots = None if planner.prior is None else torch.arange(b * p) % p == 1
+        roll = planner._rollout(
+            s0, cand.reshape(k, b * p, a), threshold, value_fn=value.target_value, prior_slots=slots
+        )
         g = (roll.ret + roll.tail).mean(-2)  # H x BP: member mean per head
         score = g.mean(0) - kappa * g.std(0, correction=0) - roll.penalty
         score = torch.nan_to_num(score, nan=-1e30, posinf=-1e30, neginf=-1e30).view(b, p)

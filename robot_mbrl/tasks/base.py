@@ -23,6 +23,11 @@ class Task(ABC):
     def reward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
         """r(s, a, s'): ``... x S``, ``... x A``, ``... x S`` -> ``...``."""
 
+    def goal(self, obs_dim: int, act_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The equilibrium the task asks for, ``(s*, a*)`` (``S``, ``A``): a reward maximum the robot
+        can stay at. None (default): no single goal state (no LQR terminal value)."""
+        return None
+
     def terminated(self, next_obs: torch.Tensor) -> torch.Tensor:
         """True where the episode must end (``... x S`` -> ``...`` bool). Default: never."""
         return torch.zeros(next_obs.shape[:-1], dtype=torch.bool, device=next_obs.device)

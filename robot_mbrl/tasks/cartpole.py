@@ -8,6 +8,7 @@ terminates the episode.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from robot_mbrl.tasks.base import Task
@@ -35,6 +36,10 @@ class CartpoleTask(Task):
         small_control = (4.0 + (1.0 - u * u)) / 5.0
         small_velocity = (1.0 + torch.exp(-0.5 * (thetadot / 5.0) ** 2)) / 2.0
         return upright * centred * small_control * small_velocity
+
+    def goal(self, obs_dim: int, act_dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Upright, centred, at rest, no force (any extra channel, e.g. the echoed command, 0)."""
+        return np.zeros(obs_dim), np.zeros(act_dim)
 
     def terminated(self, next_obs: torch.Tensor) -> torch.Tensor:
         return next_obs[..., X].abs() >= self.end_stop_x_m
