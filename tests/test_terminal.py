@@ -195,3 +195,19 @@ def test_cartpole_goal_is_upright_at_rest() -> None:
     np.testing.assert_array_equal(s, np.zeros(5))
     np.testing.assert_array_equal(a, np.zeros(1))
     assert QuadraticReward(goal=False).goal(2, 1) is None
+
+
+def test_prior_slots_of_batched_start_states_follow_their_own_states() -> None:
+    """Value targets roll P candidates from each of B start states; slot 1 of every block follows
+    the prior from its own start, the other candidates keep their sampled actions."""
+    cfg = PlannerConfig(horizon=3, population=4, iterations=1, elites=1, gamma=0.95)
+    p = MPCPlanner(
+        LinearModel(), QuadraticReward(), np.array([-1.0]), np.array([1.0]), config=cfg,
+        prior=lambda s: -0.5 * s[:, :1],
+    )  # fmt: skip
+    starts = torch.tensor([[0.4, 0.0], [-0.8, 0.0]]).repeat_interleave(4, 0)  # B=2 x P=4
+    cand = torch.full((3, 8, 1), 0.3)
+    p._rollout(starts, cand, None, prior_slots=torch.arange(1, 8, 4))
+    torch.testing.assert_close(cand[0, [1, 5], 0], torch.tensor([-0.2, 0.4]))
+    assert bool((cand[:, [0, 2, 3, 4, 6, 7]] == 0.3).all())
+    assert float(cand[1, 1, 0]) != -0.2  # the state moved: the prior acted on it again

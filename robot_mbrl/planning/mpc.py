@@ -136,6 +136,7 @@ class MPCPlanner:
         cfg.validate()
         self.model, self.task, self.value_fn, self.reward_source = model, task, value_fn, reward_source
         self.prior = prior
+        self._prior_slot = torch.tensor([1])  # plan(): candidate 1 follows the prior
         self.low = torch.as_tensor(np.asarray(action_low, dtype=np.float32)).reshape(-1)
         self.high = torch.as_tensor(np.asarray(action_high, dtype=np.float32)).reshape(-1)
         if self.low.shape != self.high.shape or not bool((self.low <= self.high).all()):
@@ -220,7 +221,7 @@ class MPCPlanner:
             cand[:, 0] = mean
             # 3. roll every candidate through every member at once, score with masks
             # (candidate 1 follows the prior feedback policy, when there is one)
-            slots = None if self.prior is None else torch.arange(cand.shape[1]) == 1
+            slots = None if self.prior is None else self._prior_slot
             roll = self._rollout(s0, cand, threshold, prior_slots=slots)
             score = self._score(roll)  # N
             # 4. remember the best evaluated candidate (its trajectory is what we report)
@@ -253,19 +254,17 @@ class MPCPlanner:
         """Propagate ``cand`` (``k x N x A``) from ``s0`` (``S``, or ``N x S``: one start per
         candidate) through all members. ``value_fn`` overrides the planner's tail; it may return
         ``H x E x N`` (one value per head), and then ``tail`` is ``H x E x N`` too. ``prior_slots``
-        (``N`` bool): these candidates follow the prior policy on their member-mean state instead
+        (``M`` indices into ``N``): these candidates follow the prior policy on their member-mean state instead
         (their actions are written into ``cand``, clipped to the bounds)."""
         cfg, e, n, ticks = self.cfg, self.model.num_members, cand.shape[1], self.num_ticks
         state = s0.expand(e, n, -1)
         states, dis, rews = [state], [], []
         step = self._stepper()
-        fb = self.prior is not None and prior_slots is not None and bool(prior_slots.any())
+        fb = self.prior is not None and prior_slots is not None and len(prior_slots) > 0
         for t in range(ticks):
             if fb and t % cfg.action_repeat == 0:
-                a_fb = self.prior(state[:, prior_slots].mean(0))  # M x A
-                cand[t // cfg.action_repeat, prior_slots] = torch.minimum(
-                    torch.maximum(a_fb, self.low), self.high
-                )
+                a_fb = self.prior(state.index_select(1, prior_slots).mean(0))  # M x A
+                cand[t // cfg.action_repeat].index_copy_(0, prior_slots, a_fb.clamp(self.low, self.high))
             act = cand[t // cfg.action_repeat].expand(e, -1, -1)  # E x N x A
             state, d, rew = step(state, act)
             states.append(state)

@@ -81,7 +81,7 @@ def planned_value_targets(
         cand = torch.minimum(torch.maximum(cand, planner.low), planner.high)
         cand[:, :, 0] = mean.clamp(planner.low, planner.high)
         s0 = o[start : start + b].repeat_interleave(p, 0)  # BP x S
-        slots = None if planner.prior is None else torch.arange(b * p) % p == 1
+        slots = None if planner.prior is None else torch.arange(1, b * p, p)
         roll = planner._rollout(
             s0, cand.reshape(k, b * p, a), threshold, value_fn=value.target_value, prior_slots=slots
         )
