@@ -157,3 +157,23 @@ def test_stepper_matches_predict_up_to_angle_wrap(trained):
     nxt2, _, _ = step(nxt, act.expand(5, -1, -1))
     p2 = trained.predict(p.mean, act.expand(5, -1, -1))
     torch.testing.assert_close(wrap_angle(nxt2[..., 0]), p2.mean[..., 0], rtol=1e-4, atol=1e-4)
+
+
+def test_angle_products_encoding_and_checkpoint(tmp_path):
+    """angle_products: every non-angle input (observation channels, actions) times the sin and cos of
+    every angle, after the plain encoding; the network input grows accordingly and a checkpoint
+    rebuilds the same encoding."""
+    from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(angle_products=True), seed=0)
+    assert model.in_dim == 2 + 1 + 1 + 2 * 2  # sin, cos of theta; omega; u; (omega, u) x (sin, cos)
+    x = model.encode(torch.tensor([[0.3, 2.0]]), torch.tensor([[0.5]]))
+    s, c = math.sin(0.3), math.cos(0.3)
+    torch.testing.assert_close(x[0], torch.tensor([2.0, s, c, 0.5, 2.0 * s, 2.0 * c, 0.5 * s, 0.5 * c]))
+    plain = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(), seed=0)
+    torch.testing.assert_close(plain.encode(torch.tensor([[0.3, 2.0]]), torch.tensor([[0.5]]))[0], x[0, :4])
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.in_dim == model.in_dim
+    obs, act = torch.tensor([[0.3, 2.0], [-2.0, -1.0]]), torch.tensor([[0.5], [-0.2]])
+    torch.testing.assert_close(loaded.predict(obs, act).mean, model.predict(obs, act).mean)

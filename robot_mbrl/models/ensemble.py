@@ -51,6 +51,13 @@ class EnsembleConfig:
         doc="L2 weight decay per layer (input layer first, output layer last); "
         "missing entries repeat the last value, extra ones are ignored",
     )
+    angle_products: bool = param(
+        False,
+        "also feed every non-angle input (observation channels and actions) times the sin and cos "
+        "of every angle channel: in a rigid-body system forces and rates act through the angle "
+        "(cart-pole: the cart's push turns the pole with cos(theta), sign flipped between hanging "
+        "and upright), which a network otherwise has to learn separately in each region",
+    )
     min_logvar_init: float = param(-10.0, "initial lower soft bound of the normalized log-variance")
     max_logvar_init: float = param(0.5, "initial upper soft bound of the normalized log-variance")
 
@@ -93,7 +100,10 @@ class ProbabilisticEnsemble(torch.nn.Module):
         self._has_angles = bool(mask.any())  # the mask is fixed at construction
         self._angle_idx = torch.as_tensor(np.flatnonzero(mask))
         self._plain_idx = torch.as_tensor(np.flatnonzero(~mask))
-        self.in_dim = obs_dim + int(mask.sum()) + act_dim
+        n_ang = int(mask.sum())
+        self._products = cfg.angle_products and n_ang > 0
+        n_lin = obs_dim - n_ang + act_dim  # linear inputs: the non-angle channels and the actions
+        self.in_dim = obs_dim + n_ang + act_dim + (2 * n_ang * n_lin if self._products else 0)
         self.out_dim = obs_dim + int(cfg.learn_reward)
         self._act = ACTIVATIONS[cfg.activation]
         E, D = cfg.members, self.out_dim
@@ -133,11 +143,19 @@ class ProbabilisticEnsemble(torch.nn.Module):
 
     # -- encoding --------------------------------------------------------------------------
     def encode(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """``... x S``, ``... x A`` -> ``... x I`` raw network input (angles as sin, cos)."""
+        """``... x S``, ``... x A`` -> ``... x I`` raw network input (angles as sin, cos; with
+        ``angle_products`` also every other input times every sin and cos)."""
         if not self._has_angles:
             return torch.cat([obs, act], dim=-1)
         ang = obs.index_select(-1, self._angle_idx)
-        return torch.cat([obs.index_select(-1, self._plain_idx), torch.sin(ang), torch.cos(ang), act], dim=-1)
+        sc = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+        lin = torch.cat([obs.index_select(-1, self._plain_idx), act], dim=-1)
+        if not self._products:
+            return torch.cat([lin[..., : -act.shape[-1]], sc, act], dim=-1)
+        # every linear input times the sin and cos of every angle, input-major
+        return torch.cat(
+            [lin[..., : -act.shape[-1]], sc, act, (lin.unsqueeze(-1) * sc.unsqueeze(-2)).flatten(-2)], -1
+        )
 
     def target(self, obs: torch.Tensor, next_obs: torch.Tensor, reward: torch.Tensor | None) -> torch.Tensor:
         """``... x S``, ``... x S``, ``...`` -> ``... x D`` raw target (wrapped delta, reward)."""
