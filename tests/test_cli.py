@@ -329,3 +329,33 @@ def test_terminal_value_from_the_buffer_is_stored_and_the_run_config_switches_it
     off_cfg = load_config(None, ["task.episode_steps=60"])
     off = MPCAgent.load(tmp_path, off_cfg, robot.spec, make_task(off_cfg))
     assert off.terminal is None and not off.value.has_terminal and off.controller().planner.prior is None
+
+
+def test_controller_estimates_the_disturbance_from_one_step_residuals(trained):
+    """planner.disturbance_rate: the controller averages (real next obs - model mean) into the
+    planner's disturbance, clips a glitch to 3 x the model's per-tick scale, restarts per episode."""
+    import numpy as np
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.agents.predictive import predictive
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot, make_task
+    from robot_mbrl.hal.robot import Observation
+    from robot_mbrl.runtime.episode import Transition
+
+    out, _ = trained
+    cfg = load_config(None, ["task.episode_steps=60", "planner.disturbance_rate=0.5"])
+    robot = make_robot(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    ctrl = agent.controller()
+    obs, act = np.array([0.05, 3.0, 0.1, 0.2, 0.0]), np.array([0.3])
+    mean, _ = predictive(agent.model, obs[None], act[None], robot.spec.angle_mask, agent.variance_coef)
+    scale = agent.model.state_scale.detach().numpy()
+    offset = 0.5 * scale * np.array([1, -1, 1, -1, 1])
+    for _ in range(2):
+        ctrl.observe(Transition(obs, act, 0.0, mean[0] + offset, False, False, 0.0, 0))
+    np.testing.assert_allclose(ctrl.planner.disturbance.numpy(), 0.75 * offset, rtol=1e-3, atol=1e-5)
+    ctrl.observe(Transition(obs, act, 0.0, mean[0] + 100 * scale, False, False, 0.0, 0))  # a glitch
+    assert bool((ctrl.planner.disturbance.numpy() <= 0.375 * offset + 0.5 * 3 * scale + 1e-5).all())
+    ctrl.reset(Observation(obs, 0.0))
+    assert ctrl.planner.disturbance is None

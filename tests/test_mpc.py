@@ -282,3 +282,19 @@ def test_exploration_bonus_seeks_disagreement_within_the_trusted_horizon() -> No
     assert abs(calm.action[0]) < 0.15
     assert abs(info.action[0]) > 0.5
     assert float(info.disagreement.max()) <= 1.5 + 1e-6  # stays where the return is trusted
+
+
+def test_disturbance_is_added_to_every_imagined_tick() -> None:
+    """Offset-free MPC: x' = x + a + d with d = 0.3 known to the planner; from x = 0.7 the optimum
+    is a = -(0.7 + 0.3) first and a = -0.3 after (hold against the drift), each step's prediction
+    carries d."""
+    p = planner(horizon=3)
+    p.disturbance = torch.tensor([0.3, 0.0])
+    info = p.plan(X0)
+    assert abs(info.action[0] + 1.0) < 0.05
+    assert bool((info.actions[1:, 0] + 0.3).abs().max() < 0.08)
+    assert abs(info.expected_return) < 0.03
+    x = info.predicted_obs[:, 0, 0]
+    torch.testing.assert_close(x[1:] - x[:-1], info.actions[:, 0] + 0.3, rtol=0, atol=1e-5)
+    p.disturbance = None
+    assert abs(p.plan(X0).action[0] + 0.7) < 0.05

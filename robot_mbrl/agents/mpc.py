@@ -327,6 +327,7 @@ class GatedMPC:
         self.monitor.new_episode()
         self.warm = None
         self._open_loop = None
+        self.planner.disturbance = None  # a new episode starts without a disturbance estimate
 
     def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
         plan, error = None, None
@@ -358,9 +359,12 @@ class GatedMPC:
 
     def observe(self, tr: Transition) -> list[dict]:
         k, spec = self.monitor.cfg.residual_horizon, self.agent.spec
-        if k == 1:
+        mean = std = None
+        if k == 1 or self.planner.cfg.disturbance_rate > 0:
             mean, std = predictive(self.agent.model, tr.obs[None], tr.act[None], spec.angle_mask,
                                    self.agent.variance_coef)  # fmt: skip
+            self._update_disturbance(tr.next_obs, mean[0])
+        if k == 1:
             return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean[0], std[0], self.tick)
         # k open-loop predictions in flight, one started at each of the last k ticks, all advanced by
         # one batched model call with the action really applied; the oldest is compared with s_t+1
@@ -376,6 +380,20 @@ class GatedMPC:
         pred = states[done][0] if done.any() else np.full(spec.obs_dim, np.nan)  # NaN: CUSUM waits
         self._open_loop = (states[~done], ages[~done], np.asarray(tr.next_obs, dtype=float))
         return self.monitor.observe(tr.obs, tr.act, tr.next_obs, pred, np.ones(spec.obs_dim), self.tick)
+
+    def _update_disturbance(self, next_obs: np.ndarray, mean: np.ndarray) -> None:
+        """Offset-free MPC (``planner.disturbance_rate``): exponential average of the one-step
+        residuals, each clipped to 3 x the model's per-tick delta scale (one glitch cannot steer)."""
+        rate = self.planner.cfg.disturbance_rate
+        r = np.asarray(next_obs, dtype=float) - np.asarray(mean, dtype=float)
+        if rate <= 0 or not np.all(np.isfinite(r)):
+            return
+        mask = np.asarray(self.agent.spec.angle_mask, bool)
+        r[mask] = (r[mask] + np.pi) % (2 * np.pi) - np.pi
+        scale = 3.0 * self.agent.model.state_scale.detach().numpy()
+        r = torch.as_tensor(np.clip(r, -scale, scale), dtype=torch.float32)
+        old = self.planner.disturbance
+        self.planner.disturbance = rate * r if old is None else old + rate * (r - old)
 
 
 def checkpoint_dir(directory: str | Path) -> Path:

@@ -80,6 +80,14 @@ class PlannerConfig:
         "when the agent has a feedback law (the LQR of value.terminal), candidate 1 of every "
         "iteration follows it through the ensemble: a guide the sampler rarely finds by itself",
     )
+    disturbance_rate: float = param(
+        0.0,
+        "offset-free MPC: every imagined tick adds a constant disturbance, the exponential average "
+        "(this rate per tick) of the recent one-step residuals (real next obs - model mean), so a "
+        "model bias near an equilibrium does not become a steady drift (0: off)",
+        ge=0,
+        le=1,
+    )
     truncation_penalty: float = param(0.0, "score -= this when a candidate's return is truncated", ge=0)
     constraint_penalty: float = param(
         10.0, "score -= this per tick where any member violates g(x) <= 0", ge=0
@@ -137,6 +145,9 @@ class MPCPlanner:
         self.model, self.task, self.value_fn, self.reward_source = model, task, value_fn, reward_source
         self.prior = prior
         self._prior_slot = torch.tensor([1])  # plan(): candidate 1 follows the prior
+        self.disturbance: torch.Tensor | None = (
+            None  # S, added to every imagined tick (the controller's estimate)
+        )
         self.low = torch.as_tensor(np.asarray(action_low, dtype=np.float32)).reshape(-1)
         self.high = torch.as_tensor(np.asarray(action_high, dtype=np.float32)).reshape(-1)
         if self.low.shape != self.high.shape or not bool((self.low <= self.high).all()):
@@ -222,7 +233,7 @@ class MPCPlanner:
             # 3. roll every candidate through every member at once, score with masks
             # (candidate 1 follows the prior feedback policy, when there is one)
             slots = None if self.prior is None else self._prior_slot
-            roll = self._rollout(s0, cand, threshold, prior_slots=slots)
+            roll = self._rollout(s0, cand, threshold, prior_slots=slots, disturbance=self.disturbance)
             score = self._score(roll)  # N
             # 4. remember the best evaluated candidate (its trajectory is what we report)
             top = torch.topk(score, cfg.elites)
@@ -250,12 +261,14 @@ class MPCPlanner:
         threshold: float | None,
         value_fn: ValueFn | None = None,
         prior_slots: torch.Tensor | None = None,
+        disturbance: torch.Tensor | None = None,
     ) -> _Rollout:
         """Propagate ``cand`` (``k x N x A``) from ``s0`` (``S``, or ``N x S``: one start per
         candidate) through all members. ``value_fn`` overrides the planner's tail; it may return
         ``H x E x N`` (one value per head), and then ``tail`` is ``H x E x N`` too. ``prior_slots``
         (``M`` indices into ``N``): these candidates follow the prior policy on their member-mean state instead
-        (their actions are written into ``cand``, clipped to the bounds)."""
+        (their actions are written into ``cand``, clipped to the bounds). ``disturbance`` (``S``) is
+        added to every predicted tick."""
         cfg, e, n, ticks = self.cfg, self.model.num_members, cand.shape[1], self.num_ticks
         state = s0.expand(e, n, -1)
         states, dis, rews = [state], [], []
@@ -267,6 +280,8 @@ class MPCPlanner:
                 cand[t // cfg.action_repeat].index_copy_(0, prior_slots, a_fb.clamp(self.low, self.high))
             act = cand[t // cfg.action_repeat].expand(e, -1, -1)  # E x N x A
             state, d, rew = step(state, act)
+            if disturbance is not None:
+                state = state + disturbance
             states.append(state)
             dis.append(d)
             if self.reward_source == "model":
