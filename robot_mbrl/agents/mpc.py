@@ -32,7 +32,7 @@ from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
 from robot_mbrl.models.ensemble import ProbabilisticEnsemble
 from robot_mbrl.models.trainer import EnsembleTrainer, TrainReport
 from robot_mbrl.planning.mpc import MPCPlanner, ValueFn
-from robot_mbrl.planning.terminal import TerminalValue, linearize, local_linear_fit, lqr_policy, lqr_terminal
+from robot_mbrl.planning.terminal import TerminalValue, fit_terminal, lqr_policy
 from robot_mbrl.planning.value import ValueConfig, ValueFitReport, ValueFunction
 from robot_mbrl.planning.value_targets import logged_action_plans, planned_value_targets
 from robot_mbrl.runtime.episode import Decision, Transition
@@ -119,23 +119,14 @@ class MPCAgent:
         return report, record
 
     def _set_terminal(self, data: dict[str, np.ndarray] | None) -> None:
-        """Refresh V's LQR terminal value (``value.terminal``) from a linear fit of the
-        ``value.terminal_rows`` real transitions of highest reward in ``data`` (None: off)."""
-        goal = self.task.goal(self.spec.obs_dim, self.spec.act_dim)
-        self.terminal = None
+        """Refresh V's LQR terminal value (``value.terminal``) from ``data`` (None: off)."""
         vcfg = self.value.cfg
-        if vcfg.terminal != "none" and goal is not None and data is not None:
-            top = np.argsort(data["reward"], kind="stable")[-vcfg.terminal_rows :]
-            if len(top) < 2 * (self.spec.obs_dim + self.spec.act_dim + 1):
-                log.info("terminal value: %d transitions are too few for the local fit", len(top))
-            else:
-                if vcfg.terminal == "lqr":
-                    rows = (data["obs"][top], data["act"][top], data["next_obs"][top])
-                    A, B = local_linear_fit(*rows, goal[0], goal[1], self.spec.angle_mask)
-                else:
-                    anchors = np.concatenate([data["obs"][top], data["act"][top]], axis=1)
-                    A, B = linearize(self.model, goal[0], goal[1], anchors)
-                self.terminal = lqr_terminal(self.task, goal[0], goal[1], A, B, vcfg.gamma)
+        self.terminal = None
+        if vcfg.terminal != "none" and data is not None:
+            self.terminal = fit_terminal(
+                self.task, self.model, data, self.spec.act_dim, self.spec.angle_mask,
+                slope=vcfg.terminal == "lqr_model", rows=vcfg.terminal_rows, gamma=vcfg.gamma,
+            )  # fmt: skip
         self.value.set_terminal(self.terminal)
 
     def _planned_value_rounds(self, data: dict[str, np.ndarray]) -> ValueFitReport | None:
@@ -363,7 +354,8 @@ class GatedMPC:
         if k == 1 or self.planner.cfg.disturbance_rate > 0:
             mean, std = predictive(self.agent.model, tr.obs[None], tr.act[None], spec.angle_mask,
                                    self.agent.variance_coef)  # fmt: skip
-            self._update_disturbance(tr.next_obs, mean[0])
+            if self.planner.cfg.disturbance_rate > 0:
+                self.planner.observe_residual(tr.next_obs, mean[0])
         if k == 1:
             return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean[0], std[0], self.tick)
         # k open-loop predictions in flight, one started at each of the last k ticks, all advanced by
@@ -380,20 +372,6 @@ class GatedMPC:
         pred = states[done][0] if done.any() else np.full(spec.obs_dim, np.nan)  # NaN: CUSUM waits
         self._open_loop = (states[~done], ages[~done], np.asarray(tr.next_obs, dtype=float))
         return self.monitor.observe(tr.obs, tr.act, tr.next_obs, pred, np.ones(spec.obs_dim), self.tick)
-
-    def _update_disturbance(self, next_obs: np.ndarray, mean: np.ndarray) -> None:
-        """Offset-free MPC (``planner.disturbance_rate``): exponential average of the one-step
-        residuals, each clipped to 3 x the model's per-tick delta scale (one glitch cannot steer)."""
-        rate = self.planner.cfg.disturbance_rate
-        r = np.asarray(next_obs, dtype=float) - np.asarray(mean, dtype=float)
-        if rate <= 0 or not np.all(np.isfinite(r)):
-            return
-        mask = np.asarray(self.agent.spec.angle_mask, bool)
-        r[mask] = (r[mask] + np.pi) % (2 * np.pi) - np.pi
-        scale = 3.0 * self.agent.model.state_scale.detach().numpy()
-        r = torch.as_tensor(np.clip(r, -scale, scale), dtype=torch.float32)
-        old = self.planner.disturbance
-        self.planner.disturbance = rate * r if old is None else old + rate * (r - old)
 
 
 def checkpoint_dir(directory: str | Path) -> Path:

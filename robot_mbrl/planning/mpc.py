@@ -188,6 +188,22 @@ class MPCPlanner:
 
         return predict
 
+    def observe_residual(self, next_obs: np.ndarray, mean: np.ndarray) -> None:
+        """Offset-free MPC (``disturbance_rate``): fold one real transition's residual (real next
+        obs - model mean, ``S``; angles wrapped, clipped to 3 x the model's per-tick delta scale so
+        one glitch cannot steer) into the exponential average :attr:`disturbance`."""
+        rate = self.cfg.disturbance_rate
+        r = torch.as_tensor(np.asarray(next_obs, float) - np.asarray(mean, float), dtype=torch.float32)
+        if rate <= 0 or not bool(torch.isfinite(r).all()):
+            return
+        if self.angle_mask is not None:
+            r = torch.where(self.angle_mask, wrap_angle(r), r)
+        scale = getattr(self.model, "state_scale", None)
+        if scale is not None:
+            r = torch.clamp(r, -3.0 * scale.detach(), 3.0 * scale.detach())
+        old = self.disturbance
+        self.disturbance = rate * r if old is None else old + rate * (r - old)
+
     def reset(self, seed: int | None = None) -> None:
         """Restart the sampling generator (``seed`` defaults to the config's)."""
         self.gen.manual_seed(self.cfg.seed if seed is None else seed)

@@ -215,3 +215,36 @@ def lqr_policy(term: TerminalValue | None, angle_mask: np.ndarray) -> PriorPolic
         return act0 - torch.where(angles, wrap_angle(ds), ds) @ gain
 
     return policy
+
+
+def fit_terminal(
+    task: Task,
+    model: DynamicsModel,
+    data: dict[str, np.ndarray],
+    act_dim: int,
+    angle_mask: np.ndarray,
+    slope: bool,
+    rows: int,
+    gamma: float,
+) -> TerminalValue | None:
+    """The terminal value for ``task`` from the ``rows`` real transitions of highest reward in
+    ``data`` (buffer arrays): linearized by :func:`local_linear_fit` or, with ``slope``, by the
+    model's mean slope there (:func:`linearize`). None when the task has no goal or the rows are
+    too few for the fit."""
+    obs_dim = data["obs"].shape[1]
+    goal = task.goal(obs_dim, act_dim)
+    if goal is None:
+        return None
+    top = np.argsort(data["reward"], kind="stable")[-rows:]
+    if len(top) < 2 * (obs_dim + act_dim + 1):
+        log.info("terminal value: %d transitions are too few for the local fit", len(top))
+        return None
+    if slope:
+        A, B = linearize(
+            model, goal[0], goal[1], np.concatenate([data["obs"][top], data["act"][top]], axis=1)
+        )
+    else:
+        A, B = local_linear_fit(
+            data["obs"][top], data["act"][top], data["next_obs"][top], goal[0], goal[1], angle_mask
+        )
+    return lqr_terminal(task, goal[0], goal[1], A, B, gamma)

@@ -16,7 +16,6 @@ with 0, a truncation with V of its ``next_obs``. Use the planner's ``gamma`` (pe
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robot_mbrl.models.ensemble import wrap_angle
 from robot_mbrl.planning.terminal import TerminalValue
 from robot_mbrl.typedconfig import build, param, to_dict
 
@@ -184,10 +184,7 @@ class ValueFunction(torch.nn.Module):
         if not self.has_terminal:
             return v
         ds = obs.float() - self.term_goal
-        if len(self.angle_idx):
-            ds[..., self.angle_idx] = (
-                torch.remainder(ds[..., self.angle_idx] + math.pi, 2 * math.pi) - math.pi
-            )
+        ds[..., self.angle_idx] = wrap_angle(ds[..., self.angle_idx])
         q = torch.einsum("...i,ij,...j->...", ds, self.term_P, ds)
         return torch.maximum(v, (self.term_v0 - 0.5 * q).expand_as(v))
 
