@@ -3,6 +3,7 @@
     python benchmarks/bench_plan.py [--plans 300] [--population N] [--iterations I] [--sweep]
         [--members E] [--hidden H] [--layers L] [--net-sweep] [--rounds R]
     python benchmarks/bench_plan.py --config cartpole_swingup   # the default config's planner
+    python benchmarks/bench_plan.py --config cartpole_swingup --set model.control_affine=false  # a variant
 
 Model: the real ``robot_mbrl.models.ensemble`` (its ``EnsembleConfig`` defaults unless overridden;
 the planner then uses the lean ``ProbabilisticEnsemble.stepper``), else a stand-in with the same
@@ -164,7 +165,7 @@ def bench(cfg: PlannerConfig, plans: int, which: str) -> dict[str, float]:
     }
 
 
-def bench_config(name: str, plans: int) -> None:
+def bench_config(name: str, plans: int, sets: list[str] | None = None) -> None:
     """The planner exactly as ``robot-mbrl train/run`` builds it from config ``name`` (real ensemble
     shape, shielded task, value network, disagreement truncation); untrained weights (timing does not
     depend on them). FLOPs are the matmuls the planner's model calls execute (mean head only,
@@ -173,7 +174,7 @@ def bench_config(name: str, plans: int) -> None:
     from robot_mbrl.config import load_config
     from robot_mbrl.factory import make_robot, make_task
 
-    cfg = load_config(name)
+    cfg, sets = load_config(name, sets or []), sets or []
     robot = make_robot(cfg)
     agent = MPCAgent(cfg, robot.spec, make_task(cfg))
     planner = agent.planner()
@@ -188,10 +189,12 @@ def bench_config(name: str, plans: int) -> None:
             times.append(info.solve_time_s)
     robot.close()
     t = np.asarray(times) * 1e3
-    ws = agent.model._fused()[0]
+    ws, wg = agent.model._fused()[0], agent.model._fused()[4]  # wg: control_affine gains (or None)
     n, calls = agent.model.num_members * pc.population, pc.iterations * pc.horizon * pc.action_repeat
-    flops = calls * sum(2 * w.shape[0] * pc.population * w.shape[1] * w.shape[2] for w in ws)
+    mats = [*ws, *([wg] if wg is not None else [])]
+    flops = calls * sum(2 * w.shape[0] * pc.population * w.shape[1] * w.shape[2] for w in mats)
     x0 = torch.randn(agent.model.num_members, pc.population, ws[0].shape[1])
+    xg = None if wg is None else torch.randn(agent.model.num_members, pc.population, wg.shape[1])
     best = float("inf")
     with torch.inference_mode():
         for _ in range(20):
@@ -200,11 +203,15 @@ def bench_config(name: str, plans: int) -> None:
                 x = x0
                 for w in ws:
                     x = torch.bmm(x, w)
+                if xg is not None:
+                    torch.bmm(xg, wg)
             best = min(best, time.perf_counter() - t0)
     p50, p99 = float(np.percentile(t, 50)), float(np.percentile(t, 99))
     period_ms = 1e3 / robot.spec.control_hz
-    shape = " x ".join(str(w.shape[2]) for w in ws[:-1])
-    print(f"## Default-config plan time: `{name}` (1 thread, torch {torch.__version__})\n")
+    shape = " x ".join(str(w.shape[2]) for w in ws[:-1]) + (
+        " + control-affine gains" if wg is not None else ""
+    )
+    print(f"## Default-config plan time: `{name}` {' '.join(sets)} (1 thread, torch {torch.__version__})\n")
     print(f"ensemble {agent.model.num_members} members, hidden {shape} {cfg.model.activation}; planner "
           f"{pc.method} k={pc.horizon} x repeat {pc.action_repeat}, {pc.iterations} iteration(s) x "
           f"{pc.population} candidates; {plans} plans; batch per model call {n} rows\n")  # fmt: skip
@@ -238,10 +245,13 @@ def main() -> None:
     parser.add_argument(
         "--config", default=None, help="time the planner of this config (as train/run build it)"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.config:
-        bench_config(args.config, args.plans)
+        bench_config(args.config, args.plans, args.set)
         return
     set_net(args.members, args.hidden, args.layers)
     base = PlannerConfig()

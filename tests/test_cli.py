@@ -97,6 +97,20 @@ def test_user_errors_are_one_line_exit_2(args, needle):
     assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "sets, key",
+    [
+        (["model.control_affine=true", "model.control_channels=[bogus]"], "model.control_channels"),
+        (["monitor.residual_channels=[x_m, bogus]"], "monitor.residual_channels"),
+    ],
+)
+def test_unknown_channel_names_fail_before_any_robot_time(sets, key, tmp_path):
+    r = cli("train", "--out", str(tmp_path / "run"), *(a for v in sets for a in ("--set", v)), *TINY)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{key}: expected names from" in r.stderr and "'bogus'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # no progress bar: no robot time spent
+
+
 def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
     out, _ = trained
     bad = tmp_path / "ckpt"

@@ -177,3 +177,69 @@ def test_angle_products_encoding_and_checkpoint(tmp_path):
     assert loaded.in_dim == model.in_dim
     obs, act = torch.tensor([[0.3, 2.0], [-2.0, -1.0]]), torch.tensor([[0.5], [-0.2]])
     torch.testing.assert_close(loaded.predict(obs, act).mean, model.predict(obs, act).mean)
+
+
+def test_control_affine_encoding_exact_affinity_and_checkpoint(tmp_path):
+    """control_affine: the MLP sees the state without controls; every control (actions and the
+    control channels) times [1, sin, cos] feeds a linear gain, so each member's prediction is exactly
+    affine in the controls; the fused planning path equals the normalized forward; a checkpoint
+    keeps the control mask."""
+    from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
+
+    angle, ctrl = np.array([True, False, False]), np.array([False, False, True])  # theta, omega, u_echo
+    model = ProbabilisticEnsemble(3, 1, angle, small_cfg(control_affine=True), seed=0, control_mask=ctrl)
+    assert model.mlp_dim == 1 + 2 and model.in_dim == 3 + 2 * 3  # omega, sin, cos | (u_echo, a) x (1, s, c)
+    x = model.encode(torch.tensor([[0.3, 2.0, -0.4]]), torch.tensor([[0.5]]))
+    s, c = math.sin(0.3), math.cos(0.3)
+    torch.testing.assert_close(
+        x[0], torch.tensor([2.0, s, c, -0.4, -0.4 * s, -0.4 * c, 0.5, 0.5 * s, 0.5 * c])
+    )
+    with torch.no_grad():  # non-trivial gains and normalizers, as after training
+        model.gain.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+        feats = model.encode(torch.randn(64, 3), torch.randn(64, 1))
+        model.fit_normalizers(feats, torch.randn(64, 3) * 0.3 + 0.1)
+    obs = torch.tensor([[0.3, 2.0, -0.4], [2.9, -1.0, 0.8]])
+    step = model.stepper()  # angles not wrapped: the affinity is exact channel by channel
+    mean = {a: step(obs.expand(5, -1, -1), torch.full((5, 2, 1), a))[0] for a in (0.0, 1.0, -0.7)}
+    torch.testing.assert_close(mean[-0.7] - mean[0.0], -0.7 * (mean[1.0] - mean[0.0]), rtol=1e-4, atol=1e-5)
+    # the fused prediction (normalizers folded into the weights and gains) == the normalized forward
+    xin = model.in_norm.normalize(model.encode(obs, torch.tensor([[0.5], [-0.2]])))
+    with torch.no_grad():
+        mu, _ = model(xin)
+    delta = model.out_norm.denormalize(mu)
+    ref = obs + delta
+    ref[..., 0] = wrap_angle(ref[..., 0])
+    torch.testing.assert_close(
+        model.predict(obs, torch.tensor([[0.5], [-0.2]])).mean, ref, rtol=1e-4, atol=1e-5
+    )
+    nxt, _, _ = step(obs.expand(5, -1, -1), torch.tensor([[0.5], [-0.2]]).expand(5, -1, -1))
+    torch.testing.assert_close(wrap_angle(nxt[..., 0]), ref[..., 0], rtol=1e-4, atol=1e-5)
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.control_mask.tolist() == ctrl.tolist()
+    torch.testing.assert_close(
+        loaded.predict(obs, torch.ones(2, 1)).mean, model.predict(obs, torch.ones(2, 1)).mean
+    )
+    with pytest.raises(ValueError, match="control_affine and angle_products"):
+        small_cfg(control_affine=True, angle_products=True).validate()
+
+
+def test_control_affine_gain_carries_from_fast_to_slow_states(one_thread):
+    """The gains are trained, and they carry to states without data: pendulum with a cos(theta)
+    input gain, no training rows upright and slow (|theta| < 1 has |omega| > 4 only); the learned
+    gain at (0, 0) is within 20 % of the true one (untrained gains would give 0)."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    th, om, u = rng.uniform(-np.pi, np.pi, n), rng.uniform(-7, 7, n), rng.uniform(-1, 1, n)
+    keep = (np.abs(th) > 1.0) | (np.abs(om) > 4.0)
+    th, om, u = th[keep], om[keep], u[keep]
+    om2 = om + 0.05 * (9.81 * np.sin(th) + 20.0 * np.cos(th) * u - 0.1 * om)
+    th2 = np.pi - np.mod(np.pi - (th + 0.05 * om2), 2 * np.pi)
+    data = dict(obs=np.stack([th, om], 1), act=u[:, None], next_obs=np.stack([th2, om2], 1),
+                reward=np.zeros(len(th)))  # fmt: skip
+    model = ProbabilisticEnsemble(2, 1, ANGLE, small_cfg(control_affine=True), seed=0)
+    EnsembleTrainer(model, TrainerConfig(max_epochs=80, patience=10), seed=0).train(data)
+    at = torch.zeros(2, 2)
+    p = model.predict(at, torch.tensor([[1.0], [-1.0]])).mean.mean(0)
+    gain = float(p[0, 1] - p[1, 1]) / 2.0
+    assert abs(gain - 0.05 * 20.0) < 0.2 * 0.05 * 20.0, gain

@@ -45,7 +45,7 @@ from robot_mbrl.safety.fallback import make_fallback
 from robot_mbrl.safety.gate import SafetyGate
 from robot_mbrl.safety.monitors import ShiftMonitor
 from robot_mbrl.tasks.base import Task
-from robot_mbrl.typedconfig import build, to_dict
+from robot_mbrl.typedconfig import ConfigError, build, to_dict
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -73,9 +73,15 @@ class MPCAgent:
             if task is not None
             else EnvRewardTask(spec, g.terminal_channels, g.terminal_low, g.terminal_high)
         )
+        for key, names in (("model.control_channels", model_cfg.control_channels),
+                           ("monitor.residual_channels", cfg.monitor.residual_channels)):  # fmt: skip
+            unknown = sorted(set(names) - set(spec.obs_names))
+            if unknown:  # before any robot time is spent
+                raise ConfigError("config", key, f"names from {list(spec.obs_names)}", unknown)
         self.model = ProbabilisticEnsemble(
-            spec.obs_dim, spec.act_dim, spec.angle_mask, model_cfg, seed=self.seed
-        )
+            spec.obs_dim, spec.act_dim, spec.angle_mask, model_cfg, seed=self.seed,
+            control_mask=np.array([n in model_cfg.control_channels for n in spec.obs_names]),
+        )  # fmt: skip
         self.trainer = EnsembleTrainer(self.model, cfg.trainer, seed=self.seed)
         self.value = ValueFunction(spec.obs_dim, spec.angle_mask, _with(cfg.value, gamma=cfg.planner.gamma))
         self.thresholds: dict[str, Any] = {"disagreement": None, "ood": None}  # + residual calibration

@@ -2,7 +2,7 @@
 
 A checkpoint is one file holding plain data only (tensors, numbers, strings, lists, dicts)::
 
-    {"schema": SCHEMA, "config": {...EnsembleConfig...}, "obs_dim", "act_dim", "angle_mask", "seed",
+    {"schema": SCHEMA, "config": {...EnsembleConfig...}, "obs_dim", "act_dim", "angle_mask", "control_mask", "seed",
      "model": state_dict (weights, logvar bounds, normalizers, elites), "extra": {name: state_dict}}
 
 ``extra`` carries other components' state (e.g. ``{"value": value_fn.state_dict(),
@@ -47,6 +47,7 @@ def save_checkpoint(
         "obs_dim": model.obs_dim,
         "act_dim": model.act_dim,
         "angle_mask": [bool(b) for b in model.angle_mask.tolist()],
+        "control_mask": [bool(b) for b in model.control_mask.tolist()],
         "seed": model.seed,
         "model": model.state_dict(),
         "extra": dict(extra or {}),
@@ -79,7 +80,12 @@ def load_checkpoint(
     try:
         cfg = build(EnsembleConfig, payload["config"], source=str(path), prefix="config")
         model = ProbabilisticEnsemble(
-            payload["obs_dim"], payload["act_dim"], payload["angle_mask"], cfg, seed=payload["seed"]
+            payload["obs_dim"],
+            payload["act_dim"],
+            payload["angle_mask"],
+            cfg,
+            seed=payload["seed"],
+            control_mask=payload.get("control_mask"),  # absent before control_affine existed
         )
         model.load_state_dict(payload["model"])
     except ConfigError:

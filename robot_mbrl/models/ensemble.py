@@ -6,6 +6,8 @@ dim (``S`` + one extra per angle channel + ``A``), ``D`` output dim (``S``, plus
 Each member maps a normalized input ``[obs (angles as sin, cos), act]`` to a Gaussian over the
 normalized target ``[next_obs - obs (angle channels: wrapped difference), reward?]``. All members run
 in one computation: weights are stacked ``E x in x out`` and each layer is one ``torch.baddbmm``.
+With ``control_affine`` the MLP sees the state only and a linear gain map of the controls times
+``[1, sin, cos]`` of the angles is added to its mean (the prediction is affine in the controls).
 The log-variance is softly bounded between learned ``min_logvar`` and ``max_logvar`` (PETS softplus
 trick) so the NLL cannot collapse the variance outside the data.
 """
@@ -58,6 +60,19 @@ class EnsembleConfig:
         "(cart-pole: the cart's push turns the pole with cos(theta), sign flipped between hanging "
         "and upright), which a network otherwise has to learn separately in each region",
     )
+    control_affine: bool = param(
+        False,
+        "delta = f(state without controls) + sum_c u_c (g_c + sum_j g_cj sin th_j + h_cj cos th_j), "
+        "controls = actions + control_channels: a rigid body's input matrix M(q)^-1 B depends on the "
+        "configuration, not the velocities, so the push learned as the pole swings through upright "
+        "holds when it is upright and slow (an MLP on (state, u) learns it per region)",
+    )
+    control_channels: tuple[str, ...] = param(
+        (),
+        "observation channels that carry the actuation acting during the tick (the echoed, "
+        "rate-limited command of a drive with one tick of delay: the twin's u_applied); with "
+        "control_affine they enter like the actions (ignored without it)",
+    )
     min_logvar_init: float = param(-10.0, "initial lower soft bound of the normalized log-variance")
     max_logvar_init: float = param(0.5, "initial upper soft bound of the normalized log-variance")
 
@@ -68,6 +83,8 @@ class EnsembleConfig:
             raise ValueError("weight_decay: a non-empty list of values >= 0")
         if self.min_logvar_init >= self.max_logvar_init:
             raise ValueError("min_logvar_init < max_logvar_init")
+        if self.control_affine and self.angle_products:
+            raise ValueError("control_affine and angle_products: expected at most one, got both")
 
     def layer_decay(self, layer: int) -> float:
         """Weight decay of layer ``layer`` (0 = input layer, ``layers`` = output layer)."""
@@ -89,6 +106,7 @@ class ProbabilisticEnsemble(torch.nn.Module):
         angle_mask: np.ndarray | None = None,
         cfg: EnsembleConfig | None = None,
         seed: int = 0,
+        control_mask: np.ndarray | None = None,
     ):
         super().__init__()
         self.cfg = cfg = cfg or EnsembleConfig()
@@ -104,11 +122,24 @@ class ProbabilisticEnsemble(torch.nn.Module):
         self._products = cfg.angle_products and n_ang > 0
         n_lin = obs_dim - n_ang + act_dim  # linear inputs: the non-angle channels and the actions
         self.in_dim = obs_dim + n_ang + act_dim + (2 * n_ang * n_lin if self._products else 0)
+        ctrl = np.zeros(obs_dim, bool) if control_mask is None else np.asarray(control_mask, bool)
+        if ctrl.shape != (obs_dim,) or (ctrl & mask).any():
+            raise ValueError(
+                f"control_mask: expected {obs_dim} flags on non-angle channels, got {ctrl.tolist()}"
+            )
+        self.control_mask = ctrl  # not a buffer: checkpoints store it next to angle_mask
+        self._affine = cfg.control_affine
+        self.mlp_dim = self.in_dim  # inputs of the MLP; the rest (control_affine) feed the gains
+        if self._affine:  # MLP: the non-control channels; gains: every control x [1, sin, cos]
+            self._state_idx = torch.as_tensor(np.flatnonzero(~mask & ~ctrl))
+            self._ctrl_idx = torch.as_tensor(np.flatnonzero(ctrl))
+            self.mlp_dim = len(self._state_idx) + 2 * n_ang
+            self.in_dim = self.mlp_dim + (int(ctrl.sum()) + act_dim) * (1 + 2 * n_ang)
         self.out_dim = obs_dim + int(cfg.learn_reward)
         self._act = ACTIVATIONS[cfg.activation]
         E, D = cfg.members, self.out_dim
         gen = torch.Generator().manual_seed(seed)
-        dims = [self.in_dim] + [cfg.hidden] * cfg.layers + [2 * D]
+        dims = [self.mlp_dim] + [cfg.hidden] * cfg.layers + [2 * D]
         self.weights = torch.nn.ParameterList()
         self.biases = torch.nn.ParameterList()
         for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
@@ -116,6 +147,10 @@ class ProbabilisticEnsemble(torch.nn.Module):
             torch.nn.init.trunc_normal_(w, std=1.0 / (2.0 * math.sqrt(d_in)), generator=gen)
             self.weights.append(torch.nn.Parameter(w))
             self.biases.append(torch.nn.Parameter(torch.zeros(E, 1, d_out)))
+        # control_affine: the gains, a linear map of the control features to the mean (zero at start)
+        self.gain = (
+            torch.nn.Parameter(torch.zeros(E, self.in_dim - self.mlp_dim, D)) if self._affine else None
+        )
         self.max_logvar = torch.nn.Parameter(torch.full((E, 1, D), cfg.max_logvar_init))
         self.min_logvar = torch.nn.Parameter(torch.full((E, 1, D), cfg.min_logvar_init))
         self.in_norm = Normalizer(self.in_dim)
@@ -144,7 +179,15 @@ class ProbabilisticEnsemble(torch.nn.Module):
     # -- encoding --------------------------------------------------------------------------
     def encode(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """``... x S``, ``... x A`` -> ``... x I`` raw network input (angles as sin, cos; with
-        ``angle_products`` also every other input times every sin and cos)."""
+        ``angle_products`` also every other input times every sin and cos; with ``control_affine``
+        the MLP's inputs, then every control times ``[1, sin, cos]`` of every angle)."""
+        if self._affine:
+            ang = obs.index_select(-1, self._angle_idx)
+            sc = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+            ctrl = torch.cat([obs.index_select(-1, self._ctrl_idx), act], dim=-1)
+            basis = torch.cat([torch.ones_like(sc[..., :1]), sc], dim=-1)
+            feats = (ctrl.unsqueeze(-1) * basis.unsqueeze(-2)).flatten(-2)
+            return torch.cat([obs.index_select(-1, self._state_idx), sc, feats], dim=-1)
         if not self._has_angles:
             return torch.cat([obs, act], dim=-1)
         ang = obs.index_select(-1, self._angle_idx)
@@ -178,27 +221,33 @@ class ProbabilisticEnsemble(torch.nn.Module):
         n, inplace = len(self.weights), not torch.is_grad_enabled()
         if x.dim() == 2:  # shared input: expand (no copy); faster than broadcasting matmul on CPU
             x = x.expand(self.num_members, *x.shape)
+        x, u = x[..., : self.mlp_dim], x[..., self.mlp_dim :]
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             # planning path: bmm + in-place bias add measured faster than baddbmm at N=3500
             x = torch.bmm(x, w).add_(b) if inplace else torch.baddbmm(b, x, w)
             if i < n - 1:
                 x = self._act(x, inplace)
-        return self._split(x, self.max_logvar, self.min_logvar)
+        return self._split(
+            x, self.max_logvar, self.min_logvar, None if self.gain is None else torch.bmm(u, self.gain)
+        )
 
     def forward_member(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference single-member forward (``N x I`` -> ``N x D`` twice); for tests, not the hot path."""
         n = len(self.weights)
+        x, u = x[..., : self.mlp_dim], x[..., self.mlp_dim :]
         for i in range(n):
             x = x @ self.weights[i][e] + self.biases[i][e]
             if i < n - 1:
                 x = self._act(x, False)
-        return self._split(x, self.max_logvar[e], self.min_logvar[e])
+        return self._split(
+            x, self.max_logvar[e], self.min_logvar[e], None if self.gain is None else u @ self.gain[e]
+        )
 
     def _split(
-        self, out: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor
+        self, out: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, affine: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = out.chunk(2, dim=-1)
-        return mean, self._bound(logvar, hi, lo)
+        return mean if affine is None else mean + affine, self._bound(logvar, hi, lo)
 
     @staticmethod
     def _bound(logvar: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -207,25 +256,30 @@ class ProbabilisticEnsemble(torch.nn.Module):
         return lo + F.softplus(logvar - lo)
 
     # -- prediction ------------------------------------------------------------------------
-    def _fused(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _fused(
+        self,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Inference weights with the normalizers folded in, rebuilt whenever a parameter or buffer
         changes (tracked by tensor version counters, so training and load_state_dict invalidate it).
 
         Layer 0 takes the raw encoded input: ``W0 / s_in`` and ``b0 - (m_in / s_in) W0``. The output
         layer is split into the mean head, emitting the raw delta (``W * s_out``, ``b * s_out + m_out``),
         and the normalized log-variance head (``E x H x D`` each), so the planner skips the latter.
-        Returns weights, biases (``E x 1 x out``, last entry = mean head), log-variance W and b.
+        With ``control_affine`` the gains map the raw control features straight to the raw delta.
+        Returns weights, biases (``E x 1 x out``, last entry = mean head), log-variance W and b, gains
+        (``E x G x out`` or None).
         """
         n_in, n_out = self.in_norm, self.out_norm
         # iterating a ParameterList costs ~18 us, so the parameter objects are listed once
-        params = self.__dict__.get("_fused_params") or [*self.weights, *self.biases]
+        params = self.__dict__.get("_fused_params") or [*self.weights, *self.biases, *self._gains()]
         tensors = [*params, n_in.mean, n_in.std, n_out.mean, n_out.std]
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self.__dict__.get("_fused_key") == key:
             return self._fused_val
-        self._fused_params = [*self.weights, *self.biases]
+        self._fused_params = [*self.weights, *self.biases, *self._gains()]
         with torch.no_grad():
-            D, (m, s) = self.out_dim, (n_in.mean, n_in.std)
+            k = self.mlp_dim
+            D, (m, s), (mg, sg) = self.out_dim, (n_in.mean[:k], n_in.std[:k]), (n_in.mean[k:], n_in.std[k:])
             ws = [w.detach().clone() for w in self.weights]
             bs = [b.detach().clone() for b in self.biases]
             bs[0] = bs[0] - (m / s).view(1, 1, -1) @ ws[0]
@@ -235,8 +289,25 @@ class ProbabilisticEnsemble(torch.nn.Module):
             pad = -D % 16
             ws[-1] = F.pad(ws[-1][..., :D] * n_out.std, (0, pad)).contiguous()
             bs[-1] = F.pad(bs[-1][..., :D] * n_out.std + n_out.mean, (0, pad))
-        self._fused_key, self._fused_val = key, (ws, bs, w_lv, b_lv)
+            wg = None
+            if self.gain is not None:
+                g = self.gain.detach()
+                wg = F.pad(g / sg.view(1, -1, 1) * n_out.std, (0, pad)).contiguous()
+                bs[-1] = bs[-1] - F.pad((mg / sg).view(1, 1, -1) @ g * n_out.std, (0, pad))
+        self._fused_key, self._fused_val = key, (ws, bs, w_lv, b_lv, wg)
         return self._fused_val
+
+    def _gains(self) -> list[torch.Tensor]:
+        return [] if self.gain is None else [self.gain]
+
+    def _head(
+        self, x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor], wg: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw encoded input ``E x N x I`` -> raw mean head ``E x N x (D + pad)`` and the last
+        hidden layer: the MLP on the state inputs plus, with ``control_affine``, the gains."""
+        h = self._trunk(x[..., : self.mlp_dim], ws, bs)
+        raw = torch.baddbmm(bs[-1], h, ws[-1])
+        return (raw if wg is None else raw.baddbmm_(x[..., self.mlp_dim :], wg)), h
 
     def _trunk(self, x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
         """Raw input ``E x N x I`` (may be an expanded view) -> last hidden layer ``E x N x H``.
@@ -255,13 +326,14 @@ class ProbabilisticEnsemble(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The computation behind :meth:`predict`: -> next obs ``E x N x S``, disagreement ``N``,
         reward ``E x N`` or None, last hidden ``E x N x H``, normalized member differences ``E x N x S``."""
-        ws, bs, _, _ = self._fused()
+        ws, bs, _, _, wg = self._fused()
         dtype, E, S = self.in_norm.mean.dtype, self.num_members, self.obs_dim
         obs, act = obs.to(dtype), act.to(dtype)
         if obs.dim() == 2:  # shared input: expand (no copy); faster than broadcasting matmul on CPU
             obs, act = obs.expand(E, *obs.shape), act.expand(E, *act.shape)
-        h = self._trunk(self.encode(obs, act), ws, bs)
-        raw = torch.baddbmm(bs[-1], h, ws[-1])  # E x N x (D + pad) physical delta (and reward)
+        raw, h = self._head(
+            self.encode(obs, act), ws, bs, wg
+        )  # E x N x (D + pad) physical delta (and reward)
         nxt = obs + raw[..., :S]
         diff = nxt - nxt[:1]
         if self._has_angles:
@@ -290,18 +362,18 @@ class ProbabilisticEnsemble(torch.nn.Module):
         (centre, then average the squares) instead of reductions over the member axis, which are slow
         on CPU at planning sizes.
         """
-        ws, bs, _, _ = self._fused()
+        ws, bs, _, _, wg = self._fused()
         E, S, reward = self.num_members, self.obs_dim, self.cfg.learn_reward
         centre = torch.eye(E) - 1.0 / E  # x_e - mean over members, as one E x E matmul
         average = torch.full((1, E), 1.0 / E)
         per_channel = 1.0 / (self.state_scale.detach().clone() * S)  # mean over S of std / scale
-        encode, trunk = self.encode, self._trunk
+        encode, head = self.encode, self._head
 
         def step(
             obs: torch.Tensor, act: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             with torch.no_grad():
-                raw = torch.baddbmm(bs[-1], trunk(encode(obs, act), ws, bs), ws[-1])
+                raw, _ = head(encode(obs, act), ws, bs, wg)
                 nxt = obs + raw[..., :S]
                 spread = torch.mm(average, torch.mm(centre, nxt.reshape(E, -1)).square_())
                 dis = torch.mv(spread.view(-1, S).sqrt_(), per_channel)
@@ -318,7 +390,7 @@ class ProbabilisticEnsemble(torch.nn.Module):
         L2 distance between two members' predictions in the same units. Angle differences are wrapped.
         """
         nxt, disagreement, reward, h, diff = self._step(obs, act)
-        _, _, w_lv, b_lv = self._fused()
+        _, _, w_lv, b_lv, _ = self._fused()
         logvar = self._bound(torch.baddbmm(b_lv, h, w_lv), self.max_logvar, self.min_logvar)
         S, diff = self.obs_dim, diff.transpose(0, 1)  # N x E x S
         return Prediction(

@@ -117,6 +117,10 @@ class EnsembleTrainer:
             {"params": [w, b], "weight_decay": model.cfg.layer_decay(i)}
             for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True))
         ]
+        if model.gain is not None:  # control_affine: decayed like the output layer
+            groups.append(
+                {"params": [model.gain], "weight_decay": model.cfg.layer_decay(len(model.weights) - 1)}
+            )
         groups.append({"params": [model.max_logvar, model.min_logvar], "weight_decay": 0.0})
         self.optimizer = torch.optim.Adam(groups, lr=model.cfg.lr, fused=True)
         self.trained_upto = 0  # rows of the data seen by the last retrain

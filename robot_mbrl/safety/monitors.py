@@ -28,7 +28,7 @@ from robot_mbrl.hal.robot import Observation, RobotSpec
 from robot_mbrl.safety.calibration import calibrate_threshold, siegmund_arl, solve_cusum_h  # noqa: F401
 from robot_mbrl.safety.cusum import CusumMonitor, VarianceCusum
 from robot_mbrl.safety.ood import OODMonitor
-from robot_mbrl.typedconfig import param
+from robot_mbrl.typedconfig import ConfigError, param
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ class ShiftMonitor:
         self.cfg = cfg = cfg or ShiftConfig()
         unknown = set(cfg.residual_channels) - set(spec.obs_names)
         if unknown:
-            raise ValueError(
-                f"monitor.residual_channels: expected names from {list(spec.obs_names)}, got {sorted(unknown)}"
+            raise ConfigError(
+                "config", "monitor.residual_channels", f"names from {list(spec.obs_names)}", sorted(unknown)
             )
         # the observation channels whose residuals the CUSUMs watch (all when none are named)
         self.watched = np.array(
