@@ -67,6 +67,13 @@ class EnsembleConfig:
         "configuration, not the velocities, so the push learned as the pole swings through upright "
         "holds when it is upright and slow (an MLP on (state, u) learns it per region)",
     )
+    control_harmonics: int = param(
+        1,
+        "control_affine: harmonics of each angle in the gains (2 adds sin/cos of 2 theta: a cart's "
+        "own gain varies with cos^2 theta through the pole's inertia)",
+        ge=1,
+        le=4,
+    )
     control_channels: tuple[str, ...] = param(
         (),
         "observation channels that carry the actuation acting during the tick (the echoed, "
@@ -130,11 +137,12 @@ class ProbabilisticEnsemble(torch.nn.Module):
         self.control_mask = ctrl  # not a buffer: checkpoints store it next to angle_mask
         self._affine = cfg.control_affine
         self.mlp_dim = self.in_dim  # inputs of the MLP; the rest (control_affine) feed the gains
-        if self._affine:  # MLP: the non-control channels; gains: every control x [1, sin, cos]
+        if self._affine:  # MLP: the non-control channels; gains: the controls and them x sin, cos
             self._state_idx = torch.as_tensor(np.flatnonzero(~mask & ~ctrl))
             self._ctrl_idx = torch.as_tensor(np.flatnonzero(ctrl))
             self.mlp_dim = len(self._state_idx) + 2 * n_ang
-            self.in_dim = self.mlp_dim + (int(ctrl.sum()) + act_dim) * (1 + 2 * n_ang)
+            self._harmonics = torch.arange(1, cfg.control_harmonics + 1, dtype=torch.float32)
+            self.in_dim = self.mlp_dim + (int(ctrl.sum()) + act_dim) * (1 + 2 * n_ang * cfg.control_harmonics)
         self.out_dim = obs_dim + int(cfg.learn_reward)
         self._act = ACTIVATIONS[cfg.activation]
         E, D = cfg.members, self.out_dim
@@ -180,14 +188,18 @@ class ProbabilisticEnsemble(torch.nn.Module):
     def encode(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """``... x S``, ``... x A`` -> ``... x I`` raw network input (angles as sin, cos; with
         ``angle_products`` also every other input times every sin and cos; with ``control_affine``
-        the MLP's inputs, then every control times ``[1, sin, cos]`` of every angle)."""
+        the MLP's inputs, then the controls, then every control times every sin and cos)."""
         if self._affine:
             ang = obs.index_select(-1, self._angle_idx)
             sc = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
             ctrl = torch.cat([obs.index_select(-1, self._ctrl_idx), act], dim=-1)
-            basis = torch.cat([torch.ones_like(sc[..., :1]), sc], dim=-1)
-            feats = (ctrl.unsqueeze(-1) * basis.unsqueeze(-2)).flatten(-2)
-            return torch.cat([obs.index_select(-1, self._state_idx), sc, feats], dim=-1)
+            if len(self._harmonics) > 1:  # k theta for k = 1..H, harmonic-major
+                kth = (ang.unsqueeze(-2) * self._harmonics.to(ang.dtype).unsqueeze(-1)).flatten(-2)
+                sc_all = torch.cat([torch.sin(kth), torch.cos(kth)], dim=-1)
+            else:
+                sc_all = sc
+            feats = (ctrl.unsqueeze(-1) * sc_all.unsqueeze(-2)).flatten(-2)  # control-major
+            return torch.cat([obs.index_select(-1, self._state_idx), sc, ctrl, feats], dim=-1)
         if not self._has_angles:
             return torch.cat([obs, act], dim=-1)
         ang = obs.index_select(-1, self._angle_idx)
