@@ -67,13 +67,6 @@ class EnsembleConfig:
         "configuration, not the velocities, so the push learned as the pole swings through upright "
         "holds when it is upright and slow (an MLP on (state, u) learns it per region)",
     )
-    control_harmonics: int = param(
-        1,
-        "control_affine: harmonics of each angle in the gains (2 adds sin/cos of 2 theta: a cart's "
-        "own gain varies with cos^2 theta through the pole's inertia)",
-        ge=1,
-        le=4,
-    )
     control_channels: tuple[str, ...] = param(
         (),
         "observation channels that carry the actuation acting during the tick (the echoed, "
@@ -141,8 +134,7 @@ class ProbabilisticEnsemble(torch.nn.Module):
             self._state_idx = torch.as_tensor(np.flatnonzero(~mask & ~ctrl))
             self._ctrl_idx = torch.as_tensor(np.flatnonzero(ctrl))
             self.mlp_dim = len(self._state_idx) + 2 * n_ang
-            self._harmonics = torch.arange(1, cfg.control_harmonics + 1, dtype=torch.float32)
-            self.in_dim = self.mlp_dim + (int(ctrl.sum()) + act_dim) * (1 + 2 * n_ang * cfg.control_harmonics)
+            self.in_dim = self.mlp_dim + (int(ctrl.sum()) + act_dim) * (1 + 2 * n_ang)
         self.out_dim = obs_dim + int(cfg.learn_reward)
         self._act = ACTIVATIONS[cfg.activation]
         E, D = cfg.members, self.out_dim
@@ -159,6 +151,7 @@ class ProbabilisticEnsemble(torch.nn.Module):
         self.gain = (
             torch.nn.Parameter(torch.zeros(E, self.in_dim - self.mlp_dim, D)) if self._affine else None
         )
+        self._gain_params = [] if self.gain is None else [self.gain]  # for the fused-weights cache key
         self.max_logvar = torch.nn.Parameter(torch.full((E, 1, D), cfg.max_logvar_init))
         self.min_logvar = torch.nn.Parameter(torch.full((E, 1, D), cfg.min_logvar_init))
         self.in_norm = Normalizer(self.in_dim)
@@ -193,12 +186,7 @@ class ProbabilisticEnsemble(torch.nn.Module):
             ang = obs.index_select(-1, self._angle_idx)
             sc = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
             ctrl = torch.cat([obs.index_select(-1, self._ctrl_idx), act], dim=-1)
-            if len(self._harmonics) > 1:  # k theta for k = 1..H, harmonic-major
-                kth = (ang.unsqueeze(-2) * self._harmonics.to(ang.dtype).unsqueeze(-1)).flatten(-2)
-                sc_all = torch.cat([torch.sin(kth), torch.cos(kth)], dim=-1)
-            else:
-                sc_all = sc
-            feats = (ctrl.unsqueeze(-1) * sc_all.unsqueeze(-2)).flatten(-2)  # control-major
+            feats = (ctrl.unsqueeze(-1) * sc.unsqueeze(-2)).flatten(-2)  # control-major
             return torch.cat([obs.index_select(-1, self._state_idx), sc, ctrl, feats], dim=-1)
         if not self._has_angles:
             return torch.cat([obs, act], dim=-1)
@@ -283,12 +271,12 @@ class ProbabilisticEnsemble(torch.nn.Module):
         """
         n_in, n_out = self.in_norm, self.out_norm
         # iterating a ParameterList costs ~18 us, so the parameter objects are listed once
-        params = self.__dict__.get("_fused_params") or [*self.weights, *self.biases, *self._gains()]
+        params = self.__dict__.get("_fused_params") or [*self.weights, *self.biases, *self._gain_params]
         tensors = [*params, n_in.mean, n_in.std, n_out.mean, n_out.std]
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self.__dict__.get("_fused_key") == key:
             return self._fused_val
-        self._fused_params = [*self.weights, *self.biases, *self._gains()]
+        self._fused_params = [*self.weights, *self.biases, *self._gain_params]
         with torch.no_grad():
             k = self.mlp_dim
             D, (m, s), (mg, sg) = self.out_dim, (n_in.mean[:k], n_in.std[:k]), (n_in.mean[k:], n_in.std[k:])
@@ -308,9 +296,6 @@ class ProbabilisticEnsemble(torch.nn.Module):
                 bs[-1] = bs[-1] - F.pad((mg / sg).view(1, 1, -1) @ g * n_out.std, (0, pad))
         self._fused_key, self._fused_val = key, (ws, bs, w_lv, b_lv, wg)
         return self._fused_val
-
-    def _gains(self) -> list[torch.Tensor]:
-        return [] if self.gain is None else [self.gain]
 
     def _head(
         self, x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor], wg: torch.Tensor | None
