@@ -82,7 +82,6 @@ def oracle_score(twin, task, safe_x: float):
     sub, spec = cfg.substeps, mujoco.mjtState.mjSTATE_FULLPHYSICS
     datas = [mujoco.MjData(m) for _ in range(2)]
     step = twin.spec.act_rate_per_s[0] * twin.spec.dt_s if twin.spec.act_rate_per_s else 2.0
-    last = {"u": 0.0}
 
     def score(obs: np.ndarray, cand: np.ndarray) -> np.ndarray:
         st = np.empty(mujoco.mj_stateSize(m, spec))
@@ -90,7 +89,7 @@ def oracle_score(twin, task, safe_x: float):
         truth = twin.truth()
         n, h = cand.shape
         applied = np.empty_like(cand)  # what the HAL's rate limit lets through
-        prev = np.full(n, last["u"])
+        prev = np.full(n, truth.u_acting)  # the last command the HAL let through (it acts now)
         for k in range(h):
             prev = prev + np.clip(cand[:, k] - prev, -step, step)
             applied[:, k] = prev
@@ -104,10 +103,7 @@ def oracle_score(twin, task, safe_x: float):
         r = task.reward(nxt, torch.as_tensor(applied[..., None]), nxt).numpy()
         return r.sum(1) - PENALTY * (np.abs(x) > safe_x).sum(1)
 
-    def remember(u: float) -> None:
-        last["u"] = u
-
-    return score, remember
+    return score
 
 
 def model_score(agent: MPCAgent, task, horizon_value: bool, gamma: float):
@@ -145,22 +141,6 @@ def episodes(robot, judge, controller, n: int, seed: int, steps: int) -> tuple[l
     return rets, (time.perf_counter() - t0) / max(ticks, 1)
 
 
-class _Remembering:
-    """Policy adapter that tells the oracle which command it wrote (its rate-limit start)."""
-
-    def __init__(self, cem: RecedingCEM, remember):
-        self.cem, self.remember = cem, remember
-
-    def reset(self) -> None:
-        self.cem.reset()
-        self.remember(0.0)
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        u = self.cem.act(obs)
-        self.remember(float(u[0]))
-        return u
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None, help="run dir (model rows); without it only the oracle")
@@ -196,10 +176,9 @@ def main() -> None:
               flush=True)  # fmt: skip
 
     cem_args = dict(pop=args.pop, iters=args.iters, elites=args.elites, rho=args.rho, seed=args.seed)
-    score, remember = oracle_score(robot, task, cfg.twin.safe_x_m)
     if not args.no_oracle:
         row("oracle (true physics)", str(args.long),
-            PolicyController(_Remembering(RecedingCEM(score, args.long, **cem_args), remember)))  # fmt: skip
+            PolicyController(RecedingCEM(oracle_score(robot, task, cfg.twin.safe_x_m), args.long, **cem_args)))  # fmt: skip
     if args.checkpoint is None or args.oracle_only:
         return
     agent = MPCAgent.load(args.checkpoint, cfg, robot.spec, task)
