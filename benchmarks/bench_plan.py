@@ -189,7 +189,8 @@ def bench_config(name: str, plans: int, sets: list[str] | None = None) -> None:
             times.append(info.solve_time_s)
     robot.close()
     t = np.asarray(times) * 1e3
-    ws, _, _, _, wg = agent.model._fused()  # wg: control_affine gains (or None)
+    fused = agent.model._fused()
+    ws, wg = fused.ws, fused.wg  # wg: control_affine gains (or None)
     n, calls = agent.model.num_members * pc.population, pc.iterations * pc.horizon * pc.action_repeat
     mats = [*ws, *([wg] if wg is not None else [])]
     flops = calls * sum(2 * w.shape[0] * pc.population * w.shape[1] * w.shape[2] for w in mats)

@@ -159,6 +159,56 @@ def test_stepper_matches_predict_up_to_angle_wrap(trained):
     torch.testing.assert_close(wrap_angle(nxt2[..., 0]), p2.mean[..., 0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "angles, ctrl, kw",
+    [
+        ([False, False, False], None, {}),  # no angles: the training encoding
+        ([True, False, False], None, {}),  # angles: [obs, 1, sin, cos, act] with zero rows
+        ([True, False, True], None, {}),  # two angles
+        ([True, False, False], None, {"angle_products": True}),  # the training encoding
+        ([True, False, False], [False, False, True], {"control_affine": True}),
+        ([False, False, False], [False, False, True], {"control_affine": True}),  # no angles: K = 1
+        ([True, True, False], [False, False, True], {"control_affine": True, "learn_reward": True}),
+    ],
+)
+def test_inference_path_equals_normalized_forward(angles, ctrl, kw):
+    """Every encoding: predict and the planner's stepper (normalizers folded into the weights, the
+    planning layout of the inputs) give the same next state and reward as normalize -> forward ->
+    denormalize on the training encoding, with non-trivial normalizers and gains; the log-variance
+    too. Breaks if a weight row of the planning layout lands on the wrong input."""
+    angle = np.array(angles)
+    mask = None if ctrl is None else np.array(ctrl)
+    model = ProbabilisticEnsemble(3, 2, angle, small_cfg(**kw), seed=3, control_mask=mask)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        if model.gain is not None:
+            model.gain.normal_(0.0, 0.5, generator=gen)
+        for b in model.biases:
+            b.normal_(0.0, 0.3, generator=gen)
+        model.fit_normalizers(
+            model.encode(torch.randn(64, 3, generator=gen) * 2, torch.randn(64, 2, generator=gen)),
+            torch.randn(64, model.out_dim, generator=gen) * 0.3 + 0.1,
+        )
+    obs, act = torch.randn(6, 3, generator=gen) * 2, torch.randn(6, 2, generator=gen)
+    with torch.no_grad():
+        mu, logvar = model(model.in_norm.normalize(model.encode(obs, act)))
+    raw = model.out_norm.denormalize(mu)
+    ref = obs + raw[..., :3]
+    ref = torch.where(torch.as_tensor(angle), wrap_angle(ref), ref)
+    p = model.predict(obs, act)
+    torch.testing.assert_close(p.mean, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        p.var, logvar[..., :3].exp() * model.out_norm.std[:3] ** 2, rtol=1e-4, atol=1e-6
+    )
+    nxt, _, rew = model.stepper()(obs.expand(5, -1, -1), act.expand(5, -1, -1))
+    torch.testing.assert_close(
+        torch.where(torch.as_tensor(angle), wrap_angle(nxt), nxt), ref, rtol=1e-4, atol=1e-5
+    )
+    if model.cfg.learn_reward:
+        torch.testing.assert_close(rew, raw[..., 3], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p.reward, raw[..., 3], rtol=1e-4, atol=1e-5)
+
+
 def test_angle_products_encoding_and_checkpoint(tmp_path):
     """angle_products: every non-angle input (observation channels, actions) times the sin and cos of
     every angle, after the plain encoding; the network input grows accordingly and a checkpoint

@@ -167,4 +167,37 @@ def test_regress_fits_fixed_targets_and_syncs_the_targets() -> None:
     xt = torch.as_tensor(x)
     with torch.no_grad():
         assert torch.allclose(vf.head_values(xt)[:, 1:], want[:, 1:], atol=0.15)
-        torch.testing.assert_close(vf.target_value(xt), vf.head_values(xt), rtol=0, atol=0)
+        torch.testing.assert_close(
+            vf.target_value(xt), vf.head_values(xt), rtol=1e-5, atol=1e-5
+        )  # head_values: the folded inference path
+
+
+@pytest.mark.parametrize(
+    "angles, prior", [([False, True, False], 0.0), ([False, True, False], 0.7), ([False] * 3, 0.5)]
+)
+def test_inference_path_equals_the_trained_network(angles, prior):
+    """V without gradients (the planner's folded path: normalization in the first layer, prior heads
+    stacked, output scale in the last layer) equals the differentiable path head by head, and follows
+    a parameter or normalizer change (no stale cache)."""
+    vf = ValueFunction(3, np.array(angles), ValueConfig(heads=4, prior_scale=prior))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        vf.in_mean.copy_(torch.randn(len(vf.lin_idx), generator=gen))
+        vf.in_std.copy_(torch.rand(len(vf.lin_idx), generator=gen) + 0.5)
+        vf.out_scale.fill_(3.0)
+    obs = torch.randn(2, 7, 3, generator=gen) * 2
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            fast = vf.head_values(obs)
+        return fast, vf.head_values(obs).detach()  # grad enabled: the training path
+
+    fast, ref = both()
+    assert fast.shape == (4, 2, 7)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        vf.net.w1.mul_(1.5)
+        vf.in_std.mul_(2.0)
+    fast2, ref2 = both()
+    torch.testing.assert_close(fast2, ref2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast2, fast)

@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from robot_mbrl.models.base import Prediction
+from robot_mbrl.models.inference import Fused, fuse, head
 from robot_mbrl.models.normalizer import Normalizer
 from robot_mbrl.typedconfig import param
-
-_CHUNK = 256  # rows per chunk for large-batch inference (see ProbabilisticEnsemble._trunk)
 
 # name -> f(x, inplace); in-place variants save an allocation per layer on the no-grad planning path
 ACTIVATIONS = {
@@ -256,81 +255,31 @@ class ProbabilisticEnsemble(torch.nn.Module):
         return lo + F.softplus(logvar - lo)
 
     # -- prediction ------------------------------------------------------------------------
-    def _fused(
-        self,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Inference weights with the normalizers folded in, rebuilt whenever a parameter or buffer
-        changes (tracked by tensor version counters, so training and load_state_dict invalidate it).
-
-        Layer 0 takes the raw encoded input: ``W0 / s_in`` and ``b0 - (m_in / s_in) W0``. The output
-        layer is split into the mean head, emitting the raw delta (``W * s_out``, ``b * s_out + m_out``),
-        and the normalized log-variance head (``E x H x D`` each), so the planner skips the latter.
-        With ``control_affine`` the gains map the raw control features straight to the raw delta.
-        Returns weights, biases (``E x 1 x out``, last entry = mean head), log-variance W and b, gains
-        (``E x G x out`` or None).
-        """
+    def _fused(self) -> Fused:
+        """Inference weights (:func:`robot_mbrl.models.inference.fuse`), rebuilt whenever a parameter
+        or buffer changes (tracked by tensor version counters, so training and load_state_dict
+        invalidate it)."""
         n_in, n_out = self.in_norm, self.out_norm
         # iterating a ParameterList costs ~18 us, so the parameter objects are listed once
         params = self.__dict__.get("_fused_params") or [*self.weights, *self.biases, *self._gain_params]
         tensors = [*params, n_in.mean, n_in.std, n_out.mean, n_out.std]
         key = tuple((t.data_ptr(), t._version) for t in tensors)
-        if self.__dict__.get("_fused_key") == key:
-            return self._fused_val
-        self._fused_params = [*self.weights, *self.biases, *self._gain_params]
-        with torch.no_grad():
-            k = self.mlp_dim
-            D, (m, s), (mg, sg) = self.out_dim, (n_in.mean[:k], n_in.std[:k]), (n_in.mean[k:], n_in.std[k:])
-            ws = [w.detach().clone() for w in self.weights]
-            bs = [b.detach().clone() for b in self.biases]
-            bs[0] = bs[0] - (m / s).view(1, 1, -1) @ ws[0]
-            ws[0] = ws[0] / s.view(1, -1, 1)
-            w_lv, b_lv = ws[-1][..., D:].contiguous(), bs[-1][..., D:].contiguous()
-            # mean head zero-padded to 16 columns: MKL's batched gemm is ~2x faster than at D = 5
-            pad = -D % 16
-            ws[-1] = F.pad(ws[-1][..., :D] * n_out.std, (0, pad)).contiguous()
-            bs[-1] = F.pad(bs[-1][..., :D] * n_out.std + n_out.mean, (0, pad))
-            wg = None
-            if self.gain is not None:
-                g = self.gain.detach()
-                wg = F.pad(g / sg.view(1, -1, 1) * n_out.std, (0, pad)).contiguous()
-                bs[-1] = bs[-1] - F.pad((mg / sg).view(1, 1, -1) @ g * n_out.std, (0, pad))
-        self._fused_key, self._fused_val = key, (ws, bs, w_lv, b_lv, wg)
+        if self.__dict__.get("_fused_key") != key:
+            self._fused_params = [*self.weights, *self.biases, *self._gain_params]
+            self._fused_key, self._fused_val = key, fuse(self)
         return self._fused_val
-
-    def _head(
-        self, x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor], wg: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw encoded input ``E x N x I`` -> raw mean head ``E x N x (D + pad)`` and the last
-        hidden layer: the MLP on the state inputs plus, with ``control_affine``, the gains."""
-        h = self._trunk(x[..., : self.mlp_dim], ws, bs)
-        raw = torch.baddbmm(bs[-1], h, ws[-1])
-        return (raw if wg is None else raw.baddbmm_(x[..., self.mlp_dim :], wg)), h
-
-    def _trunk(self, x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
-        """Raw input ``E x N x I`` (may be an expanded view) -> last hidden layer ``E x N x H``.
-
-        Large batches go in row chunks of ``_CHUNK`` so the ``E x chunk x H`` activations stay in
-        cache (at N = 3500 unchunked bmm + SiLU is memory-bound and ~25 % slower)."""
-        n = x.shape[1]
-        if n > 2 * _CHUNK:
-            return torch.cat([self._trunk(x[:, i : i + _CHUNK], ws, bs) for i in range(0, n, _CHUNK)], 1)
-        for w, b in zip(ws[:-1], bs[:-1], strict=True):
-            x = self._act(torch.baddbmm(b, x, w), True)
-        return x
 
     def _step(
         self, obs: torch.Tensor, act: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The computation behind :meth:`predict`: -> next obs ``E x N x S``, disagreement ``N``,
         reward ``E x N`` or None, last hidden ``E x N x H``, normalized member differences ``E x N x S``."""
-        ws, bs, _, _, wg = self._fused()
+        fused = self._fused()
         dtype, E, S = self.in_norm.mean.dtype, self.num_members, self.obs_dim
         obs, act = obs.to(dtype), act.to(dtype)
         if obs.dim() == 2:  # shared input: expand (no copy); faster than broadcasting matmul on CPU
             obs, act = obs.expand(E, *obs.shape), act.expand(E, *act.shape)
-        raw, h = self._head(
-            self.encode(obs, act), ws, bs, wg
-        )  # E x N x (D + pad) physical delta (and reward)
+        raw, h = head(self, fused, obs, act)  # E x N x (D + pad) physical delta (and reward)
         nxt = obs + raw[..., :S]
         diff = nxt - nxt[:1]
         if self._has_angles:
@@ -359,18 +308,17 @@ class ProbabilisticEnsemble(torch.nn.Module):
         (centre, then average the squares) instead of reductions over the member axis, which are slow
         on CPU at planning sizes.
         """
-        ws, bs, _, _, wg = self._fused()
+        fused = self._fused()
         E, S, reward = self.num_members, self.obs_dim, self.cfg.learn_reward
         centre = torch.eye(E) - 1.0 / E  # x_e - mean over members, as one E x E matmul
         average = torch.full((1, E), 1.0 / E)
         per_channel = 1.0 / (self.state_scale.detach().clone() * S)  # mean over S of std / scale
-        encode, head = self.encode, self._head
 
         def step(
             obs: torch.Tensor, act: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             with torch.no_grad():
-                raw, _ = head(encode(obs, act), ws, bs, wg)
+                raw, _ = head(self, fused, obs, act)
                 nxt = obs + raw[..., :S]
                 spread = torch.mm(average, torch.mm(centre, nxt.reshape(E, -1)).square_())
                 dis = torch.mv(spread.view(-1, S).sqrt_(), per_channel)
@@ -387,8 +335,8 @@ class ProbabilisticEnsemble(torch.nn.Module):
         L2 distance between two members' predictions in the same units. Angle differences are wrapped.
         """
         nxt, disagreement, reward, h, diff = self._step(obs, act)
-        _, _, w_lv, b_lv, _ = self._fused()
-        logvar = self._bound(torch.baddbmm(b_lv, h, w_lv), self.max_logvar, self.min_logvar)
+        fused = self._fused()
+        logvar = self._bound(torch.baddbmm(fused.b_lv, h, fused.w_lv), self.max_logvar, self.min_logvar)
         S, diff = self.obs_dim, diff.transpose(0, 1)  # N x E x S
         return Prediction(
             mean=nxt,

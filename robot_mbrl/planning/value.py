@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from robot_mbrl.models.ensemble import wrap_angle
 from robot_mbrl.planning.terminal import TerminalValue
+from robot_mbrl.planning.value_net import HeadsInference, _Heads
 from robot_mbrl.typedconfig import build, param, to_dict
 
 log = logging.getLogger(__name__)
@@ -90,37 +91,6 @@ class ValueFitReport:
     wall_s: float
 
 
-class _Heads(torch.nn.Module):
-    """``K`` independent SiLU MLPs ``F -> 1`` as batched weights (one ``bmm`` per layer for all heads).
-
-    ``x``: ``M x F`` (every head sees the same rows) or ``K x M x F`` (head k sees row block k)
-    -> ``K x M``. Parameters ``w{i}`` (``K x in x out``) and ``b{i}`` (``K x 1 x out``), initialized
-    from ``gen`` with PyTorch's default uniform ranges, head after head."""
-
-    def __init__(self, n_in: int, hidden: int, layers: int, heads: int, gen: torch.Generator):
-        super().__init__()
-        dims = [n_in] + [hidden] * layers + [1]
-        self.heads, self.n_layers = heads, len(dims) - 1
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-            bound = a**-0.5
-            w, bias = torch.empty(heads, a, b), torch.empty(heads, 1, b)
-            for k in range(heads):
-                # same draw order as torch.nn.Linear(a, b) per head: weight (out x in), then bias
-                w[k] = torch.empty(b, a).uniform_(-bound, bound, generator=gen).T
-                bias[k] = torch.empty(1, b).uniform_(-bound, bound, generator=gen)
-            self.register_parameter(f"w{i}", torch.nn.Parameter(w))
-            self.register_parameter(f"b{i}", torch.nn.Parameter(bias))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            x = x.expand(self.heads, *x.shape)
-        for i in range(self.n_layers):
-            x = torch.baddbmm(getattr(self, f"b{i}"), x, getattr(self, f"w{i}"))
-            if i < self.n_layers - 1:
-                x = F.silu(x)
-        return x.squeeze(-1)
-
-
 class ValueFunction(torch.nn.Module):
     """``heads`` MLPs ``V_k(s)``, each with its own Polyak target network; ``vf(obs)`` maps
     ``... x S -> ...`` (physical units) to ``mean_k V_k - pessimism * std_k V_k``.
@@ -164,6 +134,7 @@ class ValueFunction(torch.nn.Module):
         self.register_buffer("term_on", torch.zeros(()))
         self.register_buffer("term_v0", torch.zeros(()))
         self.fitted = False
+        self._infer = HeadsInference()
 
     def set_terminal(self, term: TerminalValue | None) -> None:
         """Every head's value becomes ``max(V_h(s), V_T(s))`` with the LQR value of ``term`` (None: off)."""
@@ -204,7 +175,10 @@ class ValueFunction(torch.nn.Module):
         return torch.cat([lin, torch.sin(ang), torch.cos(ang)], dim=-1)
 
     def head_values(self, obs: torch.Tensor) -> torch.Tensor:
-        """``... x S -> K x ...``: every head's value."""
+        """``... x S -> K x ...``: every head's value (without gradients: the same numbers through
+        :class:`~robot_mbrl.planning.value_net.HeadsInference`, the planner's path)."""
+        if not torch.is_grad_enabled():
+            return self._floor(obs, self._infer(self, obs))
         lead = obs.shape[:-1]
         v = self._out(self.net, self.features(obs.float()).reshape(-1, self.net.w0.shape[1]))
         return self._floor(obs, v.reshape(self.cfg.heads, *lead))
@@ -216,7 +190,8 @@ class ValueFunction(torch.nn.Module):
         if self.cfg.heads == 1:
             return v[0]
         kappa = self.cfg.pessimism if pessimism is None else pessimism
-        return v.mean(0) - kappa * v.std(0, correction=0)
+        std, mean = torch.std_mean(v, 0, correction=0)
+        return mean - kappa * std
 
     def target_value(self, obs: torch.Tensor) -> torch.Tensor:
         """``... x S -> K x ...``: every head's target network (no gradient)."""
