@@ -76,8 +76,12 @@ class RecedingCEM:
         return np.array([float(np.clip(mean[0], -1.0, 1.0))])
 
 
-def oracle_score(twin, task, safe_x: float):
-    """Scores command sequences on the twin's true physics (MuJoCo rollouts from its live state)."""
+def oracle_score(twin, task, safe_x: float, observed: bool = False, rate_limit: bool = True):
+    """Scores command sequences on the twin's true physics (MuJoCo rollouts from its live state).
+
+    Ablations: ``observed`` starts the rollouts from the reading (encoder positions, the device's
+    filtered velocities) instead of the true state; ``rate_limit=False`` scores the commands as
+    requested, ignoring the HAL's rate limit, as the onboard planner does."""
     m, cfg = twin.model, twin.cfg
     sub, spec = cfg.substeps, mujoco.mjtState.mjSTATE_FULLPHYSICS
     datas = [mujoco.MjData(m) for _ in range(2)]
@@ -86,12 +90,14 @@ def oracle_score(twin, task, safe_x: float):
     def score(obs: np.ndarray, cand: np.ndarray) -> np.ndarray:
         st = np.empty(mujoco.mj_stateSize(m, spec))
         mujoco.mj_getState(m, twin.data, st, spec)
+        if observed:  # FULLPHYSICS layout: time, qpos (x, theta), qvel (xdot, thetadot), ...
+            st[1:5] = obs[:4]
         truth = twin.truth()
         n, h = cand.shape
         applied = np.empty_like(cand)  # what the HAL's rate limit lets through
         prev = np.full(n, truth.u_acting)  # the last command the HAL let through (it acts now)
         for k in range(h):
-            prev = prev + np.clip(cand[:, k] - prev, -step, step)
+            prev = prev + np.clip(cand[:, k] - prev, -step, step) if rate_limit else cand[:, k]
             applied[:, k] = prev
         # the command written now acts from the next tick (actuation delay of one period)
         acting = np.concatenate([np.full((n, 1), truth.u_acting), applied[:, :-1]], axis=1)
@@ -157,6 +163,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--oracle-only", action="store_true")
     ap.add_argument("--no-oracle", action="store_true")
+    ap.add_argument(
+        "--oracle-ablations",
+        action="store_true",
+        help="also the oracle from the observed state, and the oracle blind to the rate limit",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(f"{args.checkpoint}/config.yaml" if args.checkpoint else args.config)
@@ -179,6 +190,11 @@ def main() -> None:
     if not args.no_oracle:
         row("oracle (true physics)", str(args.long),
             PolicyController(RecedingCEM(oracle_score(robot, task, cfg.twin.safe_x_m), args.long, **cem_args)))  # fmt: skip
+    if args.oracle_ablations:
+        for name, kw in (("oracle from the observed state", {"observed": True}),
+                         ("oracle blind to the rate limit", {"rate_limit": False})):  # fmt: skip
+            score = oracle_score(robot, task, cfg.twin.safe_x_m, **kw)
+            row(name, str(args.long), PolicyController(RecedingCEM(score, args.long, **cem_args)))
     if args.checkpoint is None or args.oracle_only:
         return
     agent = MPCAgent.load(args.checkpoint, cfg, robot.spec, task)
