@@ -154,9 +154,13 @@ def test_stepper_matches_predict_up_to_angle_wrap(trained):
     torch.testing.assert_close(dis, p.disagreement, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(rew, p.reward, rtol=1e-5, atol=1e-5)
     # a second call from the unwrapped states keeps going and agrees with predict from wrapped ones
-    nxt2, _, _ = step(nxt, act.expand(5, -1, -1))
+    nxt2, dis2, _ = step(nxt, act.expand(5, -1, -1))
     p2 = trained.predict(p.mean, act.expand(5, -1, -1))
     torch.testing.assert_close(wrap_angle(nxt2[..., 0]), p2.mean[..., 0], rtol=1e-4, atol=1e-4)
+    # the planner's deferred disagreement: spread of the whole rollout == the per-tick values
+    lean, _, _ = trained.stepper(spread=False)(obs.expand(5, -1, -1), act.expand(5, -1, -1))
+    assert torch.equal(lean, nxt)
+    torch.testing.assert_close(trained.spread(torch.stack([nxt, nxt2])), torch.stack([dis, dis2]))
 
 
 @pytest.mark.parametrize(

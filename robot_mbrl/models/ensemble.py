@@ -295,36 +295,45 @@ class ProbabilisticEnsemble(torch.nn.Module):
         )
 
     def stepper(
-        self,
-    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        self, spread: bool = True
+    ) -> Callable[
+        [torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+    ]:
         """The planner's per-tick model call, bound to the current fused weights (take one per plan).
 
         ``E x N x S``, ``E x N x A`` -> next observations ``E x N x S`` with angles NOT wrapped (each
         member's angle stays continuous along a rollout; everything the planner computes from angles
         is periodic, and it wraps the trajectory once), ``disagreement`` ``N`` as in :meth:`predict`
         (population std over members / :attr:`state_scale`, mean over S; without the wrap it can only
-        be larger when members differ by more than pi) and the learned reward ``E x N`` or None.
-        About a third fewer tensor ops than :meth:`predict`: the member spread is two small matmuls
-        (centre, then average the squares) instead of reductions over the member axis, which are slow
-        on CPU at planning sizes.
+        be larger when members differ by more than pi; ``spread=False``: None, the caller takes
+        :meth:`spread` of the whole rollout at once) and the learned reward ``E x N`` or None.
+        About a third fewer tensor ops than :meth:`predict`.
         """
         fused = self._fused()
-        E, S, reward = self.num_members, self.obs_dim, self.cfg.learn_reward
-        centre = torch.eye(E) - 1.0 / E  # x_e - mean over members, as one E x E matmul
-        average = torch.full((1, E), 1.0 / E)
-        per_channel = 1.0 / (self.state_scale.detach().clone() * S)  # mean over S of std / scale
+        S, reward = self.obs_dim, self.cfg.learn_reward
 
         def step(
             obs: torch.Tensor, act: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
             with torch.no_grad():
                 raw, _ = head(self, fused, obs, act)
                 nxt = obs + raw[..., :S]
-                spread = torch.mm(average, torch.mm(centre, nxt.reshape(E, -1)).square_())
-                dis = torch.mv(spread.view(-1, S).sqrt_(), per_channel)
+                dis = self.spread(nxt.unsqueeze(0))[0] if spread else None
                 return nxt, dis, (raw[..., S] if reward else None)
 
         return step
+
+    @torch.no_grad()
+    def spread(self, states: torch.Tensor) -> torch.Tensor:
+        """``K x E x N x S`` member predictions (angles as the stepper leaves them) -> ``K x N``
+        disagreement, as :meth:`stepper`'s. The member spread is two small matmuls (centre, then
+        average the squares) instead of reductions over the member axis, which are slow on CPU at
+        planning sizes; a planner takes it once per rollout instead of once per tick."""
+        K, E, N, S = states.shape
+        centre = torch.eye(E) - 1.0 / E  # x_e - mean over members, as one E x E matmul
+        sq = torch.matmul(centre, states.reshape(K, E, N * S)).square_()
+        var = torch.matmul(torch.full((1, E), 1.0 / E), sq)  # K x 1 x NS
+        return torch.matmul(var.view(K, N, S).sqrt_(), 1.0 / (self.state_scale * S))  # mean over S
 
     @torch.no_grad()
     def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:

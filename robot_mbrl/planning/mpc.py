@@ -174,13 +174,16 @@ class MPCPlanner:
 
     def _stepper(
         self,
-    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """The model call for one rollout: ``E x N x S``, ``E x N x A`` -> next obs, disagreement ``N``,
-        reward or None. The model's lean ``stepper()`` when it has one (weights bound once per plan,
-        angles left unwrapped), else the :class:`DynamicsModel` ``predict`` contract."""
+    ) -> Callable[
+        [torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+    ]:
+        """The model call for one rollout: ``E x N x S``, ``E x N x A`` -> next obs, disagreement ``N``
+        (None: the model's ``spread`` of the whole rollout), reward or None. The model's lean
+        ``stepper()`` when it has one (weights bound once per plan, angles left unwrapped), else the
+        :class:`DynamicsModel` ``predict`` contract."""
         make = getattr(self.model, "stepper", None)
         if make is not None:
-            return make()
+            return make(spread=not hasattr(self.model, "spread"))
 
         def predict(obs: torch.Tensor, act: torch.Tensor):
             pred = self.model.predict(obs, act)
@@ -305,9 +308,9 @@ class MPCPlanner:
                     raise ValueError("reward_source='model' but the model has no reward head")
                 rews.append(rew)
         traj = torch.stack(states)  # (K+1) x E x N x S
+        d = self.model.spread(traj[1:]) if dis[0] is None else torch.stack(dis)  # K x N
         if self.angle_mask is not None:  # the model's stepper leaves angles continuous
             traj = torch.where(self.angle_mask, wrap_angle(traj), traj)
-        d = torch.stack(dis)  # K x N
         acts = cand.repeat_interleave(cfg.action_repeat, 0) if cfg.action_repeat > 1 else cand
         acts = acts.unsqueeze(1).expand(-1, e, -1, -1)  # K x E x N x A
         if self.reward_source == "task":
