@@ -17,6 +17,7 @@ import yaml
 
 from robot_mbrl.agents.explore import ExploreConfig
 from robot_mbrl.data.buffer import BufferConfig
+from robot_mbrl.data.symmetry import SymmetryConfig
 from robot_mbrl.drivers.config import SerialConfig
 from robot_mbrl.models.ensemble import EnsembleConfig
 from robot_mbrl.models.trainer import ScheduleConfig, TrainerConfig
@@ -131,6 +132,7 @@ class Config:
     monitor: ShiftConfig = param(factory=ShiftConfig)
     fallback: FallbackConfig = param(factory=FallbackConfig)
     explore: ExploreConfig = param(factory=ExploreConfig)
+    symmetry: SymmetryConfig = param(factory=SymmetryConfig)
 
 
 def packaged_configs() -> list[str]:

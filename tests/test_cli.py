@@ -102,6 +102,7 @@ def test_user_errors_are_one_line_exit_2(args, needle):
     [
         (["model.control_affine=true", "model.control_channels=[bogus]"], "model.control_channels"),
         (["monitor.residual_channels=[x_m, bogus]"], "monitor.residual_channels"),
+        (["symmetry.negate=[x_m, motor_u, bogus]"], "symmetry.negate"),
     ],
 )
 def test_unknown_channel_names_fail_before_any_robot_time(sets, key, tmp_path):

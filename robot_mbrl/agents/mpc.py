@@ -27,6 +27,7 @@ from robot_mbrl.agents.planning_tasks import EnvRewardTask, ShieldedTask
 from robot_mbrl.agents.predictive import predictive, predictive_parts
 from robot_mbrl.config import Config
 from robot_mbrl.data.buffer import ReplayBuffer
+from robot_mbrl.data.symmetry import mirror_signs, with_mirror
 from robot_mbrl.hal.robot import Observation, RobotSpec
 from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
 from robot_mbrl.models.ensemble import ProbabilisticEnsemble
@@ -82,7 +83,8 @@ class MPCAgent:
             spec.obs_dim, spec.act_dim, spec.angle_mask, model_cfg, seed=self.seed,
             control_mask=np.array([n in model_cfg.control_channels for n in spec.obs_names]),
         )  # fmt: skip
-        self.trainer = EnsembleTrainer(self.model, cfg.trainer, seed=self.seed)
+        self.mirror = mirror_signs(spec, cfg.symmetry)  # before any robot time is spent
+        self.trainer = EnsembleTrainer(self.model, cfg.trainer, seed=self.seed, mirror=self.mirror)
         self.value = ValueFunction(spec.obs_dim, spec.angle_mask, _with(cfg.value, gamma=cfg.planner.gamma))
         self.thresholds: dict[str, Any] = {"disagreement": None, "ood": None}  # + residual calibration
         self.ood_reference: dict[str, np.ndarray] | None = None
@@ -99,10 +101,11 @@ class MPCAgent:
         data = buffer.arrays()
         self._calibrate(data, report.holdout_idx)  # the planned value targets truncate with it
         self._set_terminal(data)
+        vdata = with_mirror(data, self.mirror)  # V learns the mirror images too (symmetry.negate)
         vrep = self.value.fit(
-            data["obs"], data["reward"], data["next_obs"], data["terminated"], data["truncated"]
+            vdata["obs"], vdata["reward"], vdata["next_obs"], vdata["terminated"], vdata["truncated"]
         )
-        vrep = self._planned_value_rounds(data) or vrep
+        vrep = self._planned_value_rounds(vdata) or vrep
         self.trained = True
         self.retrains += 1
         record = {

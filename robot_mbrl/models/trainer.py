@@ -10,6 +10,7 @@ One retrain (:meth:`EnsembleTrainer.train`):
    fresh MSE > ``shift_factor`` x the holdout MSE it had after the last retrain -> alarm, and this
    retrain may run ``shift_epoch_multiplier`` times more epochs;
 2. split off a random holdout (``holdout_fraction`` capped at ``max_holdout``), refit normalizers;
+   (with a declared mirror symmetry, every row's mirror image joins its row's side of the split);
 3. each member draws its own bootstrap resample of the training rows; every epoch walks all of it
    in minibatches; all members step together (one batched forward/backward);
 4. after each epoch, score the holdout per member; keep each member's best weights; stop when no
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from robot_mbrl.data.buffer import ReplayBuffer
+from robot_mbrl.data.symmetry import Signs, mirror
 from robot_mbrl.models.ensemble import ProbabilisticEnsemble
 from robot_mbrl.typedconfig import param
 
@@ -110,8 +112,16 @@ class TrainReport:
 class EnsembleTrainer:
     """Trains a :class:`ProbabilisticEnsemble` in place; keeps the optimizer and the shift reference."""
 
-    def __init__(self, model: ProbabilisticEnsemble, cfg: TrainerConfig | None = None, seed: int = 0):
-        self.model, self.cfg = model, cfg or TrainerConfig()
+    def __init__(
+        self,
+        model: ProbabilisticEnsemble,
+        cfg: TrainerConfig | None = None,
+        seed: int = 0,
+        mirror: Signs | None = None,
+    ):
+        """``mirror``: the robot's mirror symmetry (:mod:`robot_mbrl.data.symmetry`); every row then
+        also trains (or is held out) as its mirror image."""
+        self.model, self.cfg, self.mirror = model, cfg or TrainerConfig(), mirror
         self._gen = torch.Generator().manual_seed(seed)
         groups = [
             {"params": [w, b], "weight_decay": model.cfg.layer_decay(i)}
@@ -178,6 +188,10 @@ class EnsembleTrainer:
         perm = torch.randperm(n, generator=self._gen)
         n_hold = max(1, min(int(round(cfg.holdout_fraction * n)), cfg.max_holdout))
         hold, tr = perm[:n_hold], perm[n_hold:]
+        if self.mirror is not None:  # each row's mirror image goes where the row goes
+            xm, ym = self._tensors(mirror(arrays, self.mirror))
+            x, y = torch.cat([x, xm]), torch.cat([y, ym])
+            hold, tr = torch.cat([hold, hold + n]), torch.cat([tr, tr + n])
         model.fit_normalizers(x[tr], y[tr])
         x, y = model.in_norm.normalize(x), model.out_norm.normalize(y)
         x_tr, y_tr, x_ho, y_ho = x[tr], y[tr], x[hold], y[hold]
@@ -233,8 +247,8 @@ class EnsembleTrainer:
         report.holdout_nll = float(nll[el].mean())
         report.member_holdout_mse = best.tolist()
         report.fresh_mse, report.reference_mse = fresh_mse, self.reference_mse
-        report.n_train, report.n_holdout = n_tr, n_hold
-        report.holdout_idx = np.sort(hold.numpy())  # in-distribution rows never trained on (calibration)
+        report.n_train, report.n_holdout = n_tr, len(hold)
+        report.holdout_idx = np.sort(hold[hold < n].numpy())  # real rows never trained on (calibration)
         self.reference_mse, self.trained_upto = report.holdout_mse, n
         report.wall_s = time.perf_counter() - start
         log.info(
