@@ -83,7 +83,8 @@ def test_trainer_learns_the_mirror_side():
 
 
 def test_agent_fits_value_on_the_mirror_images(monkeypatch):
-    """With symmetry.negate the value function's fit sees every real row and its mirror image."""
+    """With symmetry.negate the value function's fit and the input OOD reference see every real row
+    and its mirror image."""
     from robot_mbrl.agents.mpc import MPCAgent
     from robot_mbrl.config import load_config
     from robot_mbrl.data.buffer import ReplayBuffer
@@ -114,3 +115,6 @@ def test_agent_fits_value_on_the_mirror_images(monkeypatch):
     assert len(seen["obs"]) == 600 and report.n_train + report.n_holdout == 600
     np.testing.assert_allclose(seen["obs"][300:], -seen["obs"][:300])
     assert seen["truncated"][299]
+    # the input OOD reference is what the model trained on: real training rows and their images
+    ref, n_real = agent.ood_reference["train_obs"], 300 - len(report.holdout_idx)
+    assert len(ref) == 2 * n_real and np.allclose(ref[n_real:], -ref[:n_real])

@@ -176,9 +176,12 @@ class MPCAgent:
         train_mask = np.ones(len(data["obs"]), dtype=bool)
         train_mask[holdout] = False
         self.thresholds.pop("commission_transitions", None)  # a new model needs a new commissioning
-        self.ood_reference = {
-            "train_obs": data["obs"][train_mask],
-            "train_act": data["act"][train_mask],
+        train = with_mirror(
+            {k: data[k][train_mask] for k in ("obs", "act", "next_obs", "truncated")}, self.mirror
+        )
+        self.ood_reference = {  # the input OOD reference: what the model trained on, mirror images too
+            "train_obs": train["obs"],
+            "train_act": train["act"],
             "holdout_obs": data["obs"][holdout],
             "holdout_act": data["act"][holdout],
             "holdout_next_obs": data["next_obs"][holdout],  # residual calibration of the CUSUM
