@@ -38,6 +38,14 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {key}: expected {expected}, got {got!r}")
 
 
+def require_names(key: str, names: Any, allowed: Any) -> None:
+    """Raise a one-line :class:`ConfigError` naming ``key`` if any of ``names`` is not in ``allowed``
+    (channel names in a config list, say)."""
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ConfigError("config", key, f"names from {list(allowed)}", unknown)
+
+
 def param(
     default: Any = dataclasses.MISSING,
     doc: str = "",

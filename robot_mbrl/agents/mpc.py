@@ -46,7 +46,7 @@ from robot_mbrl.safety.fallback import make_fallback
 from robot_mbrl.safety.gate import SafetyGate
 from robot_mbrl.safety.monitors import ShiftMonitor
 from robot_mbrl.tasks.base import Task
-from robot_mbrl.typedconfig import ConfigError, build, to_dict
+from robot_mbrl.typedconfig import build, require_names, to_dict
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -76,9 +76,7 @@ class MPCAgent:
         )
         for key, names in (("model.control_channels", model_cfg.control_channels),
                            ("monitor.residual_channels", cfg.monitor.residual_channels)):  # fmt: skip
-            unknown = sorted(set(names) - set(spec.obs_names))
-            if unknown:  # before any robot time is spent
-                raise ConfigError("config", key, f"names from {list(spec.obs_names)}", unknown)
+            require_names(key, names, spec.obs_names)  # before any robot time is spent
         self.model = ProbabilisticEnsemble(
             spec.obs_dim, spec.act_dim, spec.angle_mask, model_cfg, seed=self.seed,
             control_mask=np.array([n in model_cfg.control_channels for n in spec.obs_names]),
@@ -176,9 +174,7 @@ class MPCAgent:
         train_mask = np.ones(len(data["obs"]), dtype=bool)
         train_mask[holdout] = False
         self.thresholds.pop("commission_transitions", None)  # a new model needs a new commissioning
-        train = with_mirror(
-            {k: data[k][train_mask] for k in ("obs", "act", "next_obs", "truncated")}, self.mirror
-        )
+        train = with_mirror({k: data[k][train_mask] for k in ("obs", "act")}, self.mirror)
         self.ood_reference = {  # the input OOD reference: what the model trained on, mirror images too
             "train_obs": train["obs"],
             "train_act": train["act"],

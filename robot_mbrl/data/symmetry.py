@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from robot_mbrl.hal.robot import RobotSpec
-from robot_mbrl.typedconfig import ConfigError, param
+from robot_mbrl.typedconfig import param, require_names
 
 Signs = tuple[np.ndarray, np.ndarray]  # (S,), (A,): +1 keeps a channel, -1 flips it
 
@@ -43,31 +43,29 @@ def mirror_signs(spec: RobotSpec, cfg: SymmetryConfig) -> Signs | None:
     if not cfg.negate:
         return None
     names = (*spec.obs_names, *spec.act_names)
-    unknown = sorted(set(cfg.negate) - set(names))
-    if unknown:
-        raise ConfigError("config", "symmetry.negate", f"names from {list(names)}", unknown)
+    require_names("symmetry.negate", cfg.negate, names)
     flip = np.array([-1.0 if n in cfg.negate else 1.0 for n in names], dtype=np.float32)
     return flip[: spec.obs_dim], flip[spec.obs_dim :]
 
 
 def mirror(arrays: Mapping[str, np.ndarray], signs: Signs) -> dict[str, np.ndarray]:
-    """The mirror image of every row: ``obs``, ``next_obs`` and ``act`` times their signs."""
+    """The mirror image of every row: ``obs``, ``next_obs`` and ``act`` (those present) times their
+    signs; every other key unchanged."""
     s, a = signs
-    out = dict(arrays)
-    out["obs"], out["next_obs"] = np.asarray(arrays["obs"]) * s, np.asarray(arrays["next_obs"]) * s
-    out["act"] = np.asarray(arrays["act"]) * a
-    return out
+    sign = {"obs": s, "next_obs": s, "act": a}
+    return {k: np.asarray(v) * sign[k] if k in sign else v for k, v in arrays.items()}
 
 
 def with_mirror(arrays: Mapping[str, np.ndarray], signs: Signs | None) -> dict[str, np.ndarray]:
-    """The rows, then their mirror images (``signs`` None: the rows alone). The last real row is
-    marked truncated in the result, so no multi-step return runs from one copy into the other."""
+    """The rows, then their mirror images (``signs`` None: the rows alone). With a ``truncated`` key
+    the last real row is marked truncated in the result, so no multi-step return runs from one copy
+    into the other."""
     if signs is None:
         return dict(arrays)
     m = mirror(arrays, signs)
     out = {k: np.concatenate([np.asarray(v), np.asarray(m[k])]) for k, v in arrays.items()}
     n = len(arrays["obs"])
-    if n:
+    if n and "truncated" in out:
         out["truncated"] = out["truncated"].copy()
         out["truncated"][n - 1] = True
     return out

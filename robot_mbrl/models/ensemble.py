@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from robot_mbrl.models.base import Prediction
-from robot_mbrl.models.inference import Fused, fuse, head
+from robot_mbrl.models.inference import Fused, fuse, head, version_key
 from robot_mbrl.models.normalizer import Normalizer
 from robot_mbrl.typedconfig import param
 
@@ -263,7 +263,7 @@ class ProbabilisticEnsemble(torch.nn.Module):
         # iterating a ParameterList costs ~18 us, so the parameter objects are listed once
         params = self.__dict__.get("_fused_params") or [*self.weights, *self.biases, *self._gain_params]
         tensors = [*params, n_in.mean, n_in.std, n_out.mean, n_out.std]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = version_key(tensors)
         if self.__dict__.get("_fused_key") != key:
             self._fused_params = [*self.weights, *self.biases, *self._gain_params]
             self._fused_key, self._fused_val = key, fuse(self)

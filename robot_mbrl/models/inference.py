@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 CHUNK = 256  # rows per chunk for large-batch inference (see trunk)
 
 
+def version_key(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """Identity and version counter of every tensor: changes whenever one is replaced or modified in
+    place (an optimizer step, ``load_state_dict``, a normalizer refit), so inference caches keyed on
+    it never serve stale weights."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 class Fused(NamedTuple):
     """Inference weights (``E`` leading): ``ws``/``bs`` the MLP, the last entry the mean head emitting
     the raw delta (zero-padded to 16 columns); ``w_lv``/``b_lv`` the normalized log-variance head;

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from robot_mbrl.models.inference import version_key
+
 
 class _Heads(torch.nn.Module):
     """``K`` independent SiLU MLPs ``F -> 1`` as batched weights (one ``bmm`` per layer for all heads).
@@ -81,7 +83,7 @@ class HeadsInference:
         self.heads = vf.net.heads
 
     def __call__(self, vf, obs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        key = tuple((t.data_ptr(), t._version) for t in self._tensors(vf))
+        key = version_key(self._tensors(vf))
         if key != self._key:
             self._build(vf)
             self._key = key

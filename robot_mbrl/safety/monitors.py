@@ -28,7 +28,7 @@ from robot_mbrl.hal.robot import Observation, RobotSpec
 from robot_mbrl.safety.calibration import calibrate_threshold, siegmund_arl, solve_cusum_h  # noqa: F401
 from robot_mbrl.safety.cusum import CusumMonitor, VarianceCusum
 from robot_mbrl.safety.ood import OODMonitor
-from robot_mbrl.typedconfig import ConfigError, param
+from robot_mbrl.typedconfig import param, require_names
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,7 @@ class ShiftMonitor:
     def __init__(self, spec: RobotSpec, cfg: ShiftConfig | None = None):
         self.spec = spec
         self.cfg = cfg = cfg or ShiftConfig()
-        unknown = set(cfg.residual_channels) - set(spec.obs_names)
-        if unknown:
-            raise ConfigError(
-                "config", "monitor.residual_channels", f"names from {list(spec.obs_names)}", sorted(unknown)
-            )
+        require_names("monitor.residual_channels", cfg.residual_channels, spec.obs_names)
         # the observation channels whose residuals the CUSUMs watch (all when none are named)
         self.watched = np.array(
             [not cfg.residual_channels or n in cfg.residual_channels for n in spec.obs_names]
