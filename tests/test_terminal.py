@@ -10,9 +10,11 @@ import torch
 from robot_mbrl.models.base import Prediction
 from robot_mbrl.planning.mpc import MPCPlanner, PlannerConfig
 from robot_mbrl.planning.terminal import (
+    TerminalValue,
     discounted_lqr,
     linearize,
     local_linear_fit,
+    lqr_policy,
     lqr_terminal,
     reward_quadratic,
 )
@@ -165,6 +167,27 @@ def test_value_function_takes_the_higher_of_its_heads_and_the_terminal_value() -
     torch.testing.assert_close(vf.head_values(near), before_near)
 
 
+def test_terminal_value_measures_angle_deviations_the_short_way_round() -> None:
+    """V_T of a pole at goal + 2 pi + 0.05 is V_T at goal + 0.05 (with and without gradients), and
+    the other channels are never wrapped (a velocity of 4 is far from the goal, not 4 - 2 pi)."""
+    term = lqr_terminal(QuadraticReward(), np.zeros(2), np.zeros(1), A_TRUE, B_TRUE, 0.95)
+    vf = ValueFunction(2, np.array([True, False]), config=ValueConfig(heads=3, gamma=0.95))
+    vf.set_terminal(term)
+    near, wrapped = torch.tensor([0.05, 0.0]), torch.tensor([0.05 + 2 * np.pi, 0.0])
+    v_t = term.v0 - 0.5 * near.double().numpy() @ term.P @ near.double().numpy()
+    fast = np.array([0.0, 4.0])  # velocity 4: V_T far below the heads; wrapped to 4 - 2 pi, above
+    vf_heads = ValueFunction(2, np.array([True, False]), config=ValueConfig(heads=3, gamma=0.95))
+    heads_fast = vf_heads.head_values(torch.as_tensor(fast, dtype=torch.float32)).detach()
+    d = fast - [0, 2 * np.pi]
+    assert term.v0 - 0.5 * d @ term.P @ d > float(heads_fast.max())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = vf.head_values(wrapped).detach()
+            torch.testing.assert_close(got, torch.full((3,), float(v_t)), rtol=1e-5, atol=1e-4)
+            fast_t = torch.as_tensor(fast, dtype=torch.float32)
+            torch.testing.assert_close(vf.head_values(fast_t).detach(), vf_heads.head_values(fast_t).detach())
+
+
 def test_prior_candidate_follows_the_feedback_law_through_the_model() -> None:
     """Candidate 1 applies a = clip(-K s) on its own predicted state each tick; on a double integrator
     starting away from 0 it is the best of a tiny random population."""
@@ -211,3 +234,47 @@ def test_prior_slots_of_batched_start_states_follow_their_own_states() -> None:
     torch.testing.assert_close(cand[0, [1, 5], 0], torch.tensor([-0.2, 0.4]))
     assert bool((cand[:, [0, 2, 3, 4, 6, 7]] == 0.3).all())
     assert float(cand[1, 1, 0]) != -0.2  # the state moved: the prior acted on it again
+
+
+def test_lqr_policy_wraps_angle_deviations_only() -> None:
+    """The prior candidate's law a* - K (s - s*) measures angle deviations the short way round
+    (a pole at goal + 2 pi + 0.1 acts as at goal + 0.1), and never wraps the other channels (a
+    velocity of 4 rad/s is not 4 - 2 pi)."""
+    term = TerminalValue(
+        goal=np.array([0.0, 0.3, 0.0]), P=np.eye(3), K=np.array([[1.0, 2.0, 3.0]]),
+        goal_act=np.array([0.5]), v0=1.0,
+    )  # fmt: skip
+    policy = lqr_policy(term, np.array([False, True, False]))
+    states = np.array([[0.1, 0.4, 4.0], [0.1, 0.4 + 2 * np.pi, 4.0], [0.0, 0.3 - 2 * np.pi - 0.1, 0.0]])
+    expected = 0.5 - np.array([0.1 + 2 * 0.1 + 3 * 4.0, 0.1 + 2 * 0.1 + 3 * 4.0, 2 * -0.1])
+    out = policy(torch.as_tensor(states, dtype=torch.float32))[:, 0]
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    assert lqr_policy(None, np.array([False, True, False])) is None
+
+
+def test_single_prior_candidate_float_path_equals_the_tensor_path() -> None:
+    """plan() feeds its one prior candidate through LinearFeedback.one (Python floats) instead of the
+    tensor call: the same actions on the members' mean state, angle deviation wrapped, clipped."""
+
+    class SpreadModel(LinearModel):  # members differ: the law acts on their mean
+        def predict(self, obs: torch.Tensor, act: torch.Tensor) -> Prediction:
+            p = super().predict(obs, act)
+            mean = p.mean + torch.tensor([-0.05, 0.0, 0.1]).view(3, 1, 1)
+            return Prediction(mean, p.var, None, p.disagreement, p.max_pairwise)
+
+    term = TerminalValue(
+        goal=np.array([0.0, 0.2]), P=np.eye(2), K=np.array([[0.7, 0.4]]), goal_act=np.array([0.1]), v0=1.0
+    )
+    law = lqr_policy(term, np.array([False, True]))
+    cfg = PlannerConfig(horizon=6, population=4, iterations=1, elites=1, gamma=0.95)
+    outs = []
+    for prior in (law, lambda s: law(s)):  # the lambda has no float path
+        p = MPCPlanner(
+            SpreadModel(), QuadraticReward(), np.array([-1.0]), np.array([1.0]), config=cfg, prior=prior
+        )
+        cand = torch.full((6, 4, 1), 0.3)
+        p._rollout(torch.tensor([0.3, 0.2 + 2 * np.pi - 0.5]), cand, None, prior_slots=torch.tensor([1]))
+        outs.append(cand)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+    assert bool((outs[0][:, [0, 2, 3]] == 0.3).all())
+    assert len(set(outs[0][:, 1, 0].tolist())) > 2  # the law acted on a moving state, clipped or not

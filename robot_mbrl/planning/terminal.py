@@ -25,6 +25,7 @@ Shapes: ``S`` observation dim, ``A`` action dim.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,6 @@ import torch
 
 from robot_mbrl.models.base import DynamicsModel
 from robot_mbrl.models.ensemble import wrap_angle
-from robot_mbrl.planning.mpc import PriorPolicy
 from robot_mbrl.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -200,21 +200,39 @@ def lqr_terminal(
     return term
 
 
-def lqr_policy(term: TerminalValue | None, angle_mask: np.ndarray) -> PriorPolicy | None:
-    """The LQR law ``a* - K (s - s*)`` (angle differences wrapped) as the planner's prior candidate
-    (``M x S -> M x A``), or None without a terminal value."""
-    if term is None:
-        return None
-    goal = torch.as_tensor(term.goal, dtype=torch.float32)
-    gain = torch.as_tensor(term.K, dtype=torch.float32).T  # S x A
-    act0 = torch.as_tensor(term.goal_act, dtype=torch.float32)
-    angles = torch.as_tensor(np.asarray(angle_mask, bool))
+class LinearFeedback:
+    """The LQR law ``a* - K (s - s*)`` (angle deviations wrapped) as the planner's prior candidate:
+    called on ``M x S`` tensors (value targets roll one per start state), and :meth:`one` on one
+    state in Python floats, the planner's per-tick call for its single candidate (between model
+    calls, ~10 tensor ops a tick cost 0.9 ms per plan, the float path 0.3; benchmarks/RESULTS.md)."""
 
-    def policy(states: torch.Tensor) -> torch.Tensor:
-        ds = states - goal
-        return act0 - torch.where(angles, wrap_angle(ds), ds) @ gain
+    def __init__(self, term: TerminalValue, angle_mask: np.ndarray) -> None:
+        self.goal = torch.as_tensor(term.goal, dtype=torch.float32)
+        self.gain = torch.as_tensor(term.K, dtype=torch.float32).T  # S x A
+        self.act0 = torch.as_tensor(term.goal_act, dtype=torch.float32)
+        self.angles = torch.as_tensor(np.asarray(angle_mask, bool))
+        self._goal, self._k, self._act0 = term.goal.tolist(), term.K.tolist(), term.goal_act.tolist()
+        self._is_angle = np.asarray(angle_mask, bool).tolist()
 
-    return policy
+    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        ds = states - self.goal
+        return self.act0 - torch.where(self.angles, wrap_angle(ds), ds) @ self.gain
+
+    def one(self, state: list[float]) -> list[float]:
+        """The same law on one state (``S`` floats) -> ``A`` floats."""
+        ds = [
+            math.pi - (math.pi - (s - g)) % (2 * math.pi) if ang else s - g  # as wrap_angle
+            for s, g, ang in zip(state, self._goal, self._is_angle, strict=True)
+        ]
+        return [
+            a0 - sum(k * d for k, d in zip(row, ds, strict=True))
+            for a0, row in zip(self._act0, self._k, strict=True)
+        ]
+
+
+def lqr_policy(term: TerminalValue | None, angle_mask: np.ndarray) -> LinearFeedback | None:
+    """The LQR law of ``term`` as the planner's prior candidate, or None without a terminal value."""
+    return None if term is None else LinearFeedback(term, angle_mask)
 
 
 def fit_terminal(

@@ -110,6 +110,7 @@ class ValueFunction(torch.nn.Module):
         self.obs_dim = obs_dim
         self.register_buffer("angle_idx", torch.as_tensor(np.flatnonzero(mask)))
         self.register_buffer("lin_idx", torch.as_tensor(np.flatnonzero(~mask)))
+        self._angle_mask = torch.as_tensor(mask)
         n_in = obs_dim + int(mask.sum())
         # input normalization of the non-angle channels and output scale, fitted on the first fit()
         self.register_buffer("in_mean", torch.zeros(len(self.lin_idx)))
@@ -155,9 +156,9 @@ class ValueFunction(torch.nn.Module):
         if not self.has_terminal:
             return v
         ds = obs.float() - self.term_goal
-        ds[..., self.angle_idx] = wrap_angle(ds[..., self.angle_idx])
-        q = torch.einsum("...i,ij,...j->...", ds, self.term_P, ds)
-        return torch.maximum(v, (self.term_v0 - 0.5 * q).expand_as(v))
+        ds = torch.where(self._angle_mask, wrap_angle(ds), ds)
+        q = (ds @ self.term_P).mul_(ds).sum(-1)  # ds' P ds (half the time of the einsum at plan sizes)
+        return torch.maximum(v, q.mul_(-0.5).add_(self.term_v0))
 
     def _out(self, heads: _Heads, f: torch.Tensor) -> torch.Tensor:
         """``heads(f)`` plus the scaled prior, in value units."""
