@@ -4,6 +4,7 @@
         [--members E] [--hidden H] [--layers L] [--net-sweep] [--rounds R]
     python benchmarks/bench_plan.py --config cartpole_swingup   # the default config's planner
     python benchmarks/bench_plan.py --config cartpole_swingup --set model.control_affine=false  # a variant
+    python benchmarks/bench_plan.py --checkpoint RUN [--set value.terminal=none]  # a trained controller
 
 Model: the real ``robot_mbrl.models.ensemble`` (its ``EnsembleConfig`` defaults unless overridden;
 the planner then uses the lean ``ProbabilisticEnsemble.stepper``), else a stand-in with the same
@@ -165,25 +166,45 @@ def bench(cfg: PlannerConfig, plans: int, which: str) -> dict[str, float]:
     }
 
 
-def bench_config(name: str, plans: int, sets: list[str] | None = None) -> None:
+def bench_config(name: str, plans: int, sets: list[str] | None = None, checkpoint: str | None = None) -> None:
     """The planner exactly as ``robot-mbrl train/run`` builds it from config ``name`` (real ensemble
     shape, shielded task, value network, disagreement truncation); untrained weights (timing does not
-    depend on them). FLOPs are the matmuls the planner's model calls execute (mean head only,
-    padded), next to a plain baddbmm chain over the same weight shapes and call count."""
+    depend on them), or with ``checkpoint`` (a run directory) the trained controller as ``run``
+    loads it: its terminal value and LQR candidate (``value.terminal``, which an untrained agent has
+    not got), its calibrated threshold, start states drawn from its real buffer. FLOPs are the
+    matmuls the planner's model calls execute (mean head only, padded), next to a plain baddbmm
+    chain over the same weight shapes and call count."""
+    from pathlib import Path
+
     from robot_mbrl.agents.mpc import MPCAgent
     from robot_mbrl.config import load_config
+    from robot_mbrl.data.buffer import ReplayBuffer
     from robot_mbrl.factory import make_robot, make_task
 
-    cfg, sets = load_config(name, sets or []), sets or []
-    robot = make_robot(cfg)
-    agent = MPCAgent(cfg, robot.spec, make_task(cfg))
+    sets = sets or []
+    rng = np.random.default_rng(0)
+    if checkpoint:
+        run = Path(checkpoint)
+        cfg = load_config(str(run / "config.yaml"), sets)
+        robot = make_robot(cfg)
+        agent = MPCAgent.load(run, cfg, robot.spec, make_task(cfg))
+        real = ReplayBuffer.open(run / "buffer").arrays()["obs"]
+        obs = lambda: real[rng.integers(len(real))]  # noqa: E731
+        threshold = agent.thresholds["disagreement"]
+        name = (
+            f"{checkpoint} (value.terminal {cfg.value.terminal}, LQR candidate {agent.terminal is not None})"
+        )
+    else:
+        cfg = load_config(name, sets)
+        robot = make_robot(cfg)
+        agent = MPCAgent(cfg, robot.spec, make_task(cfg))
+        obs = lambda: np.array([0.0, np.pi, 0.0, 0.0, 0.0]) + rng.normal(size=robot.spec.obs_dim) * 0.3  # noqa: E731
+        threshold = 1.0
     planner = agent.planner()
     pc = cfg.planner
-    rng = np.random.default_rng(0)
-    obs = lambda: np.array([0.0, np.pi, 0.0, 0.0, 0.0]) + rng.normal(size=robot.spec.obs_dim) * 0.3  # noqa: E731
     warm, times = None, []
     for i in range(plans + 20):
-        info = planner.plan(obs(), warm, 1.0)
+        info = planner.plan(obs(), warm, threshold)
         warm = planner.shift(info.actions)
         if i >= 20:  # warm-up (allocator, dispatch caches)
             times.append(info.solve_time_s)
@@ -249,10 +270,13 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override"
     )
+    parser.add_argument(
+        "--checkpoint", default=None, metavar="RUN", help="time a trained run's planner (as run loads it)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.config:
-        bench_config(args.config, args.plans, args.set)
+    if args.config or args.checkpoint:
+        bench_config(args.config or "cartpole_swingup", args.plans, args.set, args.checkpoint)
         return
     set_net(args.members, args.hidden, args.layers)
     base = PlannerConfig()
