@@ -317,9 +317,10 @@ def test_loaded_value_stays_fitted_and_learning_episodes_can_plan_optimistically
 
 
 def test_terminal_value_from_the_buffer_is_stored_and_the_run_config_switches_it(trained, tmp_path):
-    """value.terminal=lqr: a checkpoint without one gets it from its run's buffer (a linear fit of
-    the best real transitions), V at the goal is at least the LQR value, the planner gets the LQR
-    candidate, a save/load keeps the same gains, and value.terminal=none turns all of it off."""
+    """value.terminal=lqr on a checkpoint whose terminal value is of another kind (the default
+    config's lqr_model) or missing: fitted from its run's buffer (a linear fit of the best real
+    transitions), V at the goal is at least the LQR value, the planner gets the LQR candidate, a
+    save/load keeps the same gains, and value.terminal=none turns all of it off."""
     import numpy as np
     import torch
 

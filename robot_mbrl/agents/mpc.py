@@ -294,11 +294,13 @@ class MPCAgent:
         # every retrain fits V: a trained agent's V keeps its normalizers (a resumed run continues it)
         agent.value.fitted = agent.trained
         # the run config decides whether V uses the terminal value; the checkpoint holds the one
-        # its last retrain computed (older checkpoints: fitted from the run's buffer, if it is there)
+        # its last retrain computed, used when it is of the configured kind (otherwise, and for
+        # older checkpoints: fitted from the run's buffer, if it is there)
         stored = meta.get("terminal")
+        stored_kind = meta.get("value_config", {}).get("terminal", cfg.value.terminal)
         if not agent.trained or cfg.value.terminal == "none":
             agent.value.set_terminal(None)
-        elif stored is not None:
+        elif stored is not None and stored_kind == cfg.value.terminal:
             agent.terminal = TerminalValue.from_dict(stored)
             agent.value.set_terminal(agent.terminal)
         else:
