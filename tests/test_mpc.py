@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -150,6 +151,16 @@ def test_warm_start_is_the_first_candidate() -> None:
     nan_warm = warm.clone()
     nan_warm[1] = float("nan")
     assert torch.isfinite(p.plan(X0, nan_warm).actions).all()
+
+
+def test_read_only_observation_plans_without_warning() -> None:
+    """Observations may come straight from a memory-mapped buffer chunk (read-only)."""
+    ro = np.array(X0, dtype=np.float32)
+    ro.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = planner(seed=3).plan(ro)
+    torch.testing.assert_close(info.actions, planner(seed=3).plan(np.array(X0)).actions, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["cem", "mppi"])

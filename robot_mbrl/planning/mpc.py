@@ -232,7 +232,7 @@ class MPCPlanner:
         """
         t_start = time.perf_counter()
         cfg = self.cfg
-        s0 = torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(-1)
+        s0 = torch.tensor(np.asarray(obs, dtype=np.float32)).reshape(-1)  # a copy: obs may be read-only
         threshold = disagreement_threshold if cfg.truncate_on_disagreement else None
         # 1. initial sampling distribution: warm start (non-finite entries -> centre), wide std
         mean = self.center.expand(cfg.horizon, -1).clone()
