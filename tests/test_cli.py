@@ -253,6 +253,7 @@ def test_commission_recalibrates_the_monitors_on_the_controllers_own_run(trained
             "--set", "monitor.ood_tail=gpd", "--set", "monitor.ood_false_alarm_rate=1e-4")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "commissioned" in r.stdout
+    assert "Warning" not in r.stderr, r.stderr[-2000:]  # e.g. an empty returns plot's legend
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["ticks"] == 120 and summary["commission"]["transitions"] == 120
     cfg = load_config(None, ["task.episode_steps=60", "monitor.autocorr_batch_ticks=20"])

@@ -35,7 +35,7 @@ def write_plots(run: RunDir, trace: list[tuple] | None = None) -> list[str]:
     )
     written = []
 
-    learn = [m for m in metrics if m.get("kind") in ("learn", "run")]
+    learn = [m for m in metrics if m.get("kind") in ("learn", "run", "commission")]
     evals = [m for m in metrics if m.get("kind") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))
     if learn:
