@@ -37,6 +37,7 @@ def test_train_writes_the_run_directory(trained):
         "checkpoint/model.pt",
         "buffer/manifest.json",
         "plots/returns.png",
+        "plots/gate.png",  # the learning controllers' gate inputs, across retrains
     ):
         assert (out / name).exists(), name
     assert "run dir:" in r.stdout

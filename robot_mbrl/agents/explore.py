@@ -13,6 +13,7 @@ and hand control to the fallback while ``x_stop`` (or ``x``) is beyond the const
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,8 +76,16 @@ class ShieldedExplorer:
         else:
             unsafe, score = self.unsafe(x)
             reason = "explore_shield"
+        if unsafe:
+            safe_x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            action, source = np.asarray(self.fallback.act(safe_x), dtype=float), "fallback"
+        else:
+            action, source = self.policy.act(x), "policy"
         events = []
         if unsafe != self._shielded:
+            # what exploration would have written: a copy of the noise policy, so that logging the
+            # switch leaves its random sequence (and the run) as it is
+            proposed = copy.deepcopy(self.policy).act(x) if unsafe else action
             events.append(
                 {
                     "tick": tick.index,
@@ -86,15 +95,12 @@ class ShieldedExplorer:
                     "to": "fallback" if unsafe else "explore",
                     "score": score,
                     "threshold": 0.0,
+                    "proposed": np.asarray(proposed, dtype=float).tolist(),
+                    "applied": np.asarray(action, dtype=float).tolist(),
                 }
             )
             self._shielded = unsafe
-        if unsafe:
-            safe_x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-            return Decision(
-                np.asarray(self.fallback.act(safe_x), dtype=float), source="fallback", events=events
-            )
-        return Decision(self.policy.act(x), source="policy", events=events)
+        return Decision(action, source=source, events=events)
 
     def observe(self, transition: Transition) -> list[dict]:
         return []

@@ -104,14 +104,24 @@ def train_job(
     t0 = time.monotonic()
     episode = first_episode
     controller = None
+    trace: list[tuple] = []  # the learning controllers' gate trace, ticks as real steps (gate.png)
+    trace_from = 0  # real steps when the current controller was built
+
+    def keep_trace() -> None:
+        if controller is not None:
+            trace.extend((t[0] + trace_from, *t[1:]) for t in controller.trace)
+
     try:
         with Progress(cfg.train.steps, "train", enabled=progress) as bar, robot_session(robot):
             bar.tick(tally.real_steps)
             bar.post()
             while tally.real_steps < cfg.train.steps:
                 if agent.trained and episode >= cfg.train.explore_episodes:
-                    controller = controller or agent.controller(gate=cfg.run.gate, learning=True)
+                    if controller is None:
+                        controller = agent.controller(gate=cfg.run.gate, learning=True)
+                        trace_from = tally.real_steps
                 else:
+                    keep_trace()
                     controller = None
                     explorer = ShieldedExplorer(spec, fallback, cfg.explore, seed=cfg.seed + episode,
                                                 correlation=cfg.train.explore_correlation)  # fmt: skip
@@ -128,6 +138,7 @@ def train_job(
                     record.update(kind="retrain", real_steps=tally.real_steps)
                     run.metric(record)
                     retrains.append(record)
+                    keep_trace()
                     controller = None  # rebuild with the new thresholds and a fresh monitor
                     if record["shift_alarm"]:
                         event = {"tick": tally.ticks, "kind": "alarm", "trigger": "val_loss",
@@ -144,6 +155,7 @@ def train_job(
                         break
     finally:
         buffer.close()
+        keep_trace()
     tally.wall_s += time.monotonic() - t0
     summary = tally.summary(
         solved_threshold=target,
@@ -153,7 +165,7 @@ def train_job(
         eval_returns=[m["eval_return"] for m in run.metrics() if m.get("kind") == "eval"],
     )
     run.write_summary(summary)
-    write_plots(run, controller.trace if controller is not None else None)
+    write_plots(run, trace or None)
     return summary, run.path
 
 

@@ -1,0 +1,63 @@
+"""The exploration shield: switches to the fallback before the stopping point leaves the safe zone,
+logs every switch with the proposed and the applied action, and logging leaves the run unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robot_mbrl.agents.explore import ShieldedExplorer
+from robot_mbrl.config import load_config
+from robot_mbrl.factory import make_robot
+from robot_mbrl.hal.robot import Observation
+from robot_mbrl.runtime.loop import RateLoop, Tick
+from robot_mbrl.safety.fallback import make_fallback
+
+CFG = load_config(None, [])
+SPEC = make_robot(CFG).spec
+LOOP = RateLoop(50.0, paced=False)
+
+
+def explorer(seed: int = 4) -> ShieldedExplorer:
+    return ShieldedExplorer(SPEC, make_fallback(CFG.fallback, SPEC), CFG.explore, seed=seed, correlation=0.8)
+
+
+def obs(x: float, xdot: float) -> Observation:
+    values = np.zeros(len(SPEC.obs_names))
+    values[SPEC.index("x_m")], values[SPEC.index("xdot_m_s")] = x, xdot
+    values[SPEC.index("theta_rad")] = np.pi
+    return Observation(values, stamp_s=0.0)
+
+
+def tick(i: int) -> Tick:
+    return Tick(i, i * 0.02, i * 0.02, (i + 1) * 0.02)
+
+
+def test_switch_to_the_brake_is_logged_with_proposed_and_applied_action():
+    ex = explorer()
+    safe = ex.act(obs(0.0, 0.0), tick(0), LOOP)
+    assert safe.source == "policy" and not safe.events
+    # 0.25 m from centre at 1.5 m/s towards the end: the stopping point is past 0.35 - margin
+    d = ex.act(obs(0.25, 1.5), tick(1), LOOP)
+    assert d.source == "fallback" and d.action[0] < 0  # the brake pushes back
+    (ev,) = d.events
+    assert ev["kind"] == "switch" and ev["trigger"] == "explore_shield" and ev["to"] == "fallback"
+    assert ev["score"] > 0 and ev["applied"] == d.action.tolist()
+    assert len(ev["proposed"]) == len(d.action) and ev["proposed"] != ev["applied"]
+    back = ex.act(obs(0.0, 0.0), tick(2), LOOP)
+    (ev,) = back.events
+    assert back.source == "policy" and ev["to"] == "explore" and ev["proposed"] == ev["applied"]
+
+
+def test_invalid_observation_hands_over_to_the_fallback():
+    d = explorer().act(obs(float("nan"), 0.0), tick(0), LOOP)
+    assert d.source == "fallback" and np.isfinite(d.action).all()
+    assert d.events[0]["trigger"] == "invalid_observation"
+
+
+def test_logging_a_switch_leaves_the_exploration_sequence_unchanged():
+    a, b = explorer(seed=9), explorer(seed=9)
+    a.act(obs(0.0, 0.0), tick(0), LOOP)
+    b.act(obs(0.0, 0.0), tick(0), LOOP)
+    assert a.act(obs(0.3, 2.0), tick(1), LOOP).events  # a switches (and computes a proposal) ...
+    after = a.act(obs(0.0, 0.0), tick(2), LOOP)  # ... and back: its second exploration action
+    np.testing.assert_array_equal(after.action, b.act(obs(0.0, 0.0), tick(1), LOOP).action)
