@@ -120,8 +120,7 @@ def train_job(
                     if controller is None:
                         controller = agent.controller(gate=cfg.run.gate, learning=True)
                         trace_from = tally.real_steps
-                else:
-                    keep_trace()
+                else:  # (no learning controller exists yet: one is built only once exploring ends)
                     controller = None
                     explorer = ShieldedExplorer(spec, fallback, cfg.explore, seed=cfg.seed + episode,
                                                 correlation=cfg.train.explore_correlation)  # fmt: skip
