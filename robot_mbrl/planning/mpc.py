@@ -21,8 +21,7 @@ carries non-finite ``expected_return`` / ``predicted_obs`` and the gate falls ba
 Performance (one thread, ``benchmarks/bench_plan.py``): the cost is ``iterations * K`` sequential
 model calls at batch ``E x N`` through the model's lean ``stepper()`` (``predict`` for models without
 one); at planning sizes each call is dominated by per-op dispatch, not FLOPs, so the horizon costs
-far more than the population. The default swing-up config (7 x 3 x 64 SiLU ensemble, k = 10,
-1 iteration, N = 32, 5 value heads) plans in ~4.1 ms p50 / ~4.3 ms p99 (21 % of the 20 ms period).
+far more than the population (the default swing-up config's figures: benchmarks/RESULTS.md).
 Call ``torch.set_num_threads`` in the process, not here.
 """
 
@@ -145,9 +144,7 @@ class MPCPlanner:
         self.model, self.task, self.value_fn, self.reward_source = model, task, value_fn, reward_source
         self.prior = prior
         self._prior_slot = torch.tensor([1])  # plan(): candidate 1 follows the prior
-        self.disturbance: torch.Tensor | None = (
-            None  # S, added to every imagined tick (the controller's estimate)
-        )
+        self.disturbance: torch.Tensor | None = None  # S, added to every imagined tick
         self.low = torch.as_tensor(np.asarray(action_low, dtype=np.float32)).reshape(-1)
         self.high = torch.as_tensor(np.asarray(action_high, dtype=np.float32)).reshape(-1)
         if self.low.shape != self.high.shape or not bool((self.low <= self.high).all()):
