@@ -109,6 +109,17 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):
     return load_config(args.config, overrides)
 
 
+def _checkpoint_config(args: argparse.Namespace) -> None:
+    """With no CONFIG, a job on a checkpoint runs under the config its run was trained with."""
+    ck = args.checkpoint
+    if args.config is not None or ck is None:
+        return
+    for cand in (ck / "config.yaml", ck.parent / "config.yaml" if ck.name == "checkpoint" else None):
+        if cand is not None and cand.is_file():
+            args.config = str(cand)
+            return
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -130,6 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra.append("run.gate=false")
     if args.backend is not None:
         extra.append(f"backend={args.backend}")
+    _checkpoint_config(args)
     cfg = _load(args, extra)
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise UserError(
@@ -150,8 +162,7 @@ def cmd_commission(args: argparse.Namespace) -> int:
         extra.append("run.gate=false")
     if args.backend is not None:
         extra.append(f"backend={args.backend}")
-    if args.config is None and (args.checkpoint / "config.yaml").is_file():
-        args.config = str(args.checkpoint / "config.yaml")  # the run's own config
+    _checkpoint_config(args)
     cfg = _load(args, extra)
     if not args.checkpoint.exists():
         raise UserError(

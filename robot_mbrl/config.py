@@ -147,8 +147,14 @@ def resolve_path(name_or_path: str | None) -> tuple[str, str]:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(str(path), "<file>", "an existing YAML file", "no such file")
-        return str(path), path.read_text(encoding="utf-8")
+            got = "a directory" if path.is_dir() else "no such file"
+            raise ConfigError(str(path), "<file>", "an existing YAML file", got)
+        try:
+            return str(path), path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                str(path), "<file>", "UTF-8 text", f"undecodable bytes at offset {err.start}"
+            ) from None
     res = resources.files("robot_mbrl.configs") / f"{name}.yaml"
     if not res.is_file():
         raise ConfigError(name, "<file>", "a YAML path or one of " + ", ".join(packaged_configs()), name)
@@ -201,7 +207,7 @@ def load_config(name_or_path: str | None = None, overrides: tuple[str, ...] | li
     try:
         return build(Config, data, source=source)
     except ConfigError as err:
-        if err.key in set_keys or any(err.key.startswith(k + ".") for k in set_keys):
+        if any(err.key == k or err.key.startswith(k + ".") or k.startswith(err.key + ".") for k in set_keys):
             raise ConfigError(f"{source} (--set)", err.key, err.expected, err.got) from None
         raise
 

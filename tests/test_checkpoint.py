@@ -64,3 +64,28 @@ def test_truncated_foreign_missing_files_give_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_checkpoint(tmp_path / "missing.pt")
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files behind
+
+
+def test_flipped_bytes_nan_weights_and_garbage_are_clear_errors(tmp_path):
+    model, trainer = _trained()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, extra={"trainer": trainer.state_dict()})
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2  # inside a tensor's bytes: the zip's CRC is all that can tell
+    data[i : i + 64] = bytes(b ^ 0xFF for b in data[i : i + 64])
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match="flipped.pt: expected a checkpoint whose data match their checksums"
+    ):
+        load_checkpoint(bad)
+    (tmp_path / "hello.pt").write_text("hello\n")
+    with pytest.raises(
+        CheckpointError, match=r"hello.pt: expected a torch checkpoint file, got unreadable data"
+    ):
+        load_checkpoint(tmp_path / "hello.pt")
+    with torch.no_grad():
+        next(iter(model.parameters())).fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan.pt", model)
+    with pytest.raises(CheckpointError, match="nan.pt: expected finite model weights, got NaN/inf in"):
+        load_checkpoint(tmp_path / "nan.pt")

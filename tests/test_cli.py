@@ -68,6 +68,8 @@ def test_run_replays_the_checkpoint_gated(trained, tmp_path):
 
 def test_resume_continues_a_run(trained):
     out, _ = trained
+    with open(out / "metrics.jsonl", "a") as f:  # the line a kill mid-append leaves
+        f.write('{"kind": "learn", "episode": 3, "ret')
     r = cli("train", "--resume", str(out), "--steps", "240", *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -143,6 +145,25 @@ def test_emulate_serves_the_twin_and_run_drives_it_over_the_wire(tmp_path):
     finally:
         emu.terminate()
         emu.wait(timeout=10)
+
+
+def test_run_uses_the_runs_config_and_keeps_existing_runs(trained, tmp_path):
+    out, _ = trained
+    r = cli("run", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "r"), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (
+        json.loads((tmp_path / "r" / "summary.json").read_text())["ticks"] == 60
+    )  # the run's episode length
+    before = (out / "summary.json").read_bytes()
+    for cmd in ("run", "commission"):
+        r = cli(cmd, "--checkpoint", str(out), "--episodes", "1", "--out", str(out), "--quiet")
+        assert r.returncode == 2 and "expected a new run directory, got an existing run" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert (out / "summary.json").read_bytes() == before
+    r = cli("run", "inverted_pendulum_gym", "--checkpoint", str(out), "--episodes", "1",
+            "--out", str(tmp_path / "gym"), "--quiet")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "model.pt: expected a model for 4 obs / 1 act channels" in r.stderr
 
 
 def test_checkpoint_shapes_win_over_the_run_config(trained, tmp_path):

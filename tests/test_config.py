@@ -62,6 +62,13 @@ def test_bad_file(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="an existing YAML file"):
         load_config(str(tmp_path / "missing.yaml"))
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(
+        ConfigError, match="rig.yaml: <file>: expected UTF-8 text, got 'undecodable bytes at offset 0'"
+    ):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="expected an existing YAML file, got 'a directory'"):
+        load_config(str(tmp_path))
     p.write_text("!!python/object/apply:os.system ['true']\n")  # the safe loader refuses
     with pytest.raises(ConfigError):
         load_config(str(p))

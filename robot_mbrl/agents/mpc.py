@@ -29,7 +29,7 @@ from robot_mbrl.config import Config
 from robot_mbrl.data.buffer import ReplayBuffer
 from robot_mbrl.data.symmetry import mirror_signs, with_mirror
 from robot_mbrl.hal.robot import Observation, RobotSpec
-from robot_mbrl.models.checkpoint import load_checkpoint, save_checkpoint
+from robot_mbrl.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robot_mbrl.models.ensemble import ProbabilisticEnsemble
 from robot_mbrl.models.trainer import EnsembleTrainer, TrainReport
 from robot_mbrl.planning.mpc import MPCPlanner, ValueFn
@@ -268,11 +268,17 @@ class MPCAgent:
         path = checkpoint_dir(directory)
         model, extra, meta = load_checkpoint(path / MODEL_FILE)
         if model.obs_dim != spec.obs_dim or model.act_dim != spec.act_dim:
-            raise ValueError(
-                f"{path / MODEL_FILE}: expected a model for {spec.obs_dim} obs / {spec.act_dim} act channels, "
-                f"got {model.obs_dim} / {model.act_dim}"
+            raise CheckpointError(
+                path / MODEL_FILE,
+                f"a model for {spec.obs_dim} obs / {spec.act_dim} act channels (this config's robot)",
+                f"{model.obs_dim} / {model.act_dim}",
             )
         # the checkpoint's network shapes win over the run config (a run may use another config file)
+        if model.cfg != cfg.model:
+            differ = [k for k, v in vars(model.cfg).items() if getattr(cfg.model, k, v) != v]
+            log.warning(
+                "%s: model.%s from the checkpoint, not the config", path / MODEL_FILE, ", model.".join(differ)
+            )
         sections = {"model": model.cfg}
         if "value_config" in meta:
             # checkpoints from before the value ensemble hold one network
@@ -285,8 +291,16 @@ class MPCAgent:
         agent = cls(cfg, spec, task, seed=int(meta.get("seed", cfg.seed)))
         agent.model.load_state_dict(model.state_dict())
         agent.model.set_elites(model.elites)
-        agent.value.load_state_dict(extra["value"])
-        agent.trainer.load_state_dict(extra["trainer"])
+        try:
+            agent.value.load_state_dict(extra["value"])
+            agent.trainer.load_state_dict(extra["trainer"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            got = (
+                f"no {err.args[0]!r} entry"
+                if isinstance(err, KeyError)
+                else str(err).strip().splitlines()[0][:160]
+            )
+            raise CheckpointError(path / MODEL_FILE, "value and trainer state", got) from None
         if "ood_reference" in extra:
             agent.ood_reference = {k: v.numpy() for k, v in extra["ood_reference"].items()}
         agent.thresholds = dict(meta.get("thresholds", agent.thresholds))
@@ -387,7 +401,9 @@ class GatedMPC:
 def checkpoint_dir(directory: str | Path) -> Path:
     """The checkpoint folder of a run directory (``RUN/checkpoint``) or the folder itself."""
     path = Path(directory)
-    return path / "checkpoint" if (path / "checkpoint" / MODEL_FILE).is_file() else path
+    if (path / MODEL_FILE).is_file() or not (path / "checkpoint").is_dir():
+        return path
+    return path / "checkpoint"  # a run directory (its model file may be missing: said on load)
 
 
 def _with(section, **changes):

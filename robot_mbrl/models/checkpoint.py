@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -67,12 +66,15 @@ def load_checkpoint(
     truncated, foreign or inconsistent file.
     """
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "an ensemble checkpoint", "no such file")
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(path, "an ensemble checkpoint", "no such file") from None
-    except (RuntimeError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle is a bad file, said in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in first:  # torch's advice text, not what is wrong here
+            first = "not a plain-data checkpoint"
         raise CheckpointError(path, "a torch checkpoint file", f"unreadable data ({first[:120]})") from None
     if not isinstance(payload, dict) or payload.get("schema") != SCHEMA:
         got = payload.get("schema") if isinstance(payload, dict) else type(payload).__name__
@@ -93,5 +95,26 @@ def load_checkpoint(
     except (KeyError, RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(path, "a consistent ensemble checkpoint", first[:160]) from None
+    bad = [k for k, v in payload["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]  # fmt: skip
+    if bad:
+        raise CheckpointError(path, "finite model weights", f"NaN/inf in {', '.join(bad[:3])}")
     model.eval()
     return model, payload.get("extra", {}), payload.get("meta", {})
+
+
+def _check_archive(path: Path) -> None:
+    """Raise :class:`CheckpointError` when ``path`` is a zip archive (torch's format) that is
+    truncated or whose members fail their CRC: flipped bytes inside a tensor would otherwise load
+    as wrong weights without a word."""
+    if not zipfile.is_zipfile(path):
+        return  # not a zip at all: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(path, "a complete checkpoint archive", f"a damaged one ({err})") from None
+    if bad is not None:
+        raise CheckpointError(
+            path, "a checkpoint whose data match their checksums", f"a CRC mismatch in {bad}"
+        )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -38,15 +42,52 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(finite_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None: standard JSON has no NaN or Infinity,
+    and strict parsers (not Python's) reject the bare tokens."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line and flush it to disk (a torn last line is skipped by readers)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    """Append one JSON line and flush it to disk. A torn last line (a writer killed mid-line: no
+    final newline) is cut off first, so the new record starts on a line of its own; readers skip a
+    torn last line."""
+    with open(path, "ab") as f:
+        _drop_torn_tail(f, path)
+        f.write((json.dumps(finite_json(record), sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _drop_torn_tail(f: Any, path: str | os.PathLike) -> None:
+    """Truncate ``f`` (opened for binary append) after its last newline when it does not end in one."""
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    with open(path, "rb") as r:
+        r.seek(size - 1)
+        if r.read(1) == b"\n":
+            return
+        end = size
+        while end > 0:  # back to the last complete line
+            start = max(0, end - 4096)
+            r.seek(start)
+            nl = r.read(end - start).rfind(b"\n")
+            if nl >= 0:
+                end = start + nl + 1
+                break
+            end = start
+    log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path, size - end)
+    f.truncate(end)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

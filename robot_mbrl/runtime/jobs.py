@@ -104,7 +104,7 @@ def _open_job(cfg: Config, kind: str, out: Path | None, port: str | None):  # ->
     """Run directory (config written), robot, task and judge for a ``run``-like job."""
     from robot_mbrl.factory import make_judge, make_robot, make_task
 
-    run = RunDir(out or default_run_path(kind))
+    run = RunDir(out or default_run_path(kind), new=True)
     run.write_config(config_to_dict(cfg))
     robot = make_robot(cfg, port=port)
     task = make_task(cfg)
@@ -150,6 +150,7 @@ def run_job(
     )
     run.write_summary(summary)
     write_plots(run, getattr(controller, "trace", None))
+    run.close()
     return summary, run.path
 
 
@@ -169,6 +170,8 @@ def commission_job(
     torch.set_num_threads(1)  # the onboard CPU budget, as in train and run
     run, robot, task, judge = _open_job(cfg, "commission", out, port)
     ck = checkpoint_dir(checkpoint)
+    # the checkpoint is written back: not while a train run (or another commissioning) writes its run
+    owner = RunDir(ck.parent) if (ck.parent / "config.yaml").is_file() else None
     agent = MPCAgent.load(ck, cfg, robot.spec, task)
     if agent.ood_reference is None:  # before any robot time is spent
         raise CheckpointError(ck / MODEL_FILE, "a trained checkpoint with held-out calibration data", "none")
@@ -185,7 +188,10 @@ def commission_job(
     nxt = np.array([tr.next_obs for tr in rows], dtype=np.float32)
     result = agent.commission(obs, act, nxt, np.array([tr.episode for tr in rows]))
     agent.save(ck)
+    if owner is not None:
+        owner.close()
     summary = tally.summary(checkpoint=str(ck), commission=result)
     run.write_summary(summary)
     write_plots(run, getattr(controller, "trace", None))
+    run.close()
     return summary, run.path

@@ -8,6 +8,7 @@ readable files behind and ``--resume`` can continue it.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+from robot_mbrl.errors import RunDirError
 from robot_mbrl.runtime.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 SUMMARY_KEYS = (
@@ -44,11 +51,30 @@ def default_run_path(command: str, root: str | Path = "runs") -> Path:
 
 
 class RunDir:
-    """One run's folder. ``RunDir(path)`` creates it (or reopens it for ``--resume``)."""
+    """One run's folder. ``RunDir(path)`` creates it (or reopens it for ``--resume``) and holds an
+    exclusive lock on it (``.lock``, released by :meth:`close` or when the process ends): a second
+    process writing the same run would interleave its episodes with this one's and lose data.
+    ``new=True``: refuse a directory that already holds a run."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, new: bool = False):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: expected a run directory, got a file")
+        if new and holds_run(self.path):
+            raise RunDirError(
+                f"{self.path}: expected a new run directory, got an existing run (choose another --out)"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except (NotADirectoryError, FileExistsError):
+            raise RunDirError(f"{self.path}: expected a run directory, got a file on its path") from None
+        self._lock = _lock(self.path / ".lock")
+
+    def close(self) -> None:
+        """Release the run's lock (the files stay)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @property
     def checkpoint(self) -> Path:
@@ -84,6 +110,33 @@ class RunDir:
         if missing:
             raise ValueError(f"summary.json: expected keys {missing}, got only {sorted(summary)}")
         atomic_write_json(self.path / "summary.json", summary)
+
+
+def holds_run(path: str | Path) -> bool:
+    """Whether ``path`` holds a run's results (not only a config left by a job that failed to start)."""
+    return any(
+        (Path(path) / name).exists() for name in ("metrics.jsonl", "summary.json", "buffer", "checkpoint")
+    )
+
+
+def _lock(path: Path):  # noqa: ANN202 - an open file object
+    """An exclusive, non-blocking advisory lock on ``path`` (its file stays open while held)."""
+    f = open(path, "a+")  # noqa: SIM115 - held for the run's lifetime
+    if fcntl is None:  # no advisory locks on this platform: nothing to hold
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise RunDirError(
+            f"{path.parent}: expected a run directory no other process is writing, got one in use (pid {pid})"
+        ) from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 @dataclass

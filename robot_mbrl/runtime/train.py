@@ -33,7 +33,7 @@ from robot_mbrl.runtime.episode import Transition
 from robot_mbrl.runtime.jobs import robot_session, run_episodes
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
-from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path
+from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run
 from robot_mbrl.safety.fallback import make_fallback
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ def train_job(
 ) -> tuple[dict, Path]:
     torch.set_num_threads(1)  # the onboard CPU budget; also keeps runs reproducible
     torch.manual_seed(cfg.seed)
-    if not resume and out is not None and (Path(out) / "config.yaml").exists():
+    if not resume and out is not None and holds_run(out):
         raise RunDirError(f"{out}: expected a new run directory, got an existing run (use --resume {out})")
-    run = RunDir(out or default_run_path("train"))
+    run = RunDir(out or default_run_path("train"))  # locked: one writer per run
     robot = make_robot(cfg)
     task = make_task(cfg)
     judge = make_judge(task, robot)
@@ -165,6 +165,7 @@ def train_job(
     )
     run.write_summary(summary)
     write_plots(run, trace or None)
+    run.close()
     return summary, run.path
 
 

@@ -1,0 +1,56 @@
+"""Run directories: one writer at a time, torn JSON lines repaired on the next append."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from robot_mbrl.errors import RunDirError
+from robot_mbrl.runtime.files import append_jsonl, read_jsonl
+from robot_mbrl.runtime.rundir import RunDir
+
+
+def test_a_torn_last_line_is_cut_before_the_next_record(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(path, {"episode": 0})
+    with open(path, "a") as f:  # a writer killed mid-line
+        f.write('{"episode": 1, "ret')
+    assert read_jsonl(path) == [{"episode": 0}]  # readers skip it
+    append_jsonl(path, {"episode": 1})
+    assert read_jsonl(path) == [{"episode": 0}, {"episode": 1}]
+    assert "torn last line" in caplog.text
+    path.write_text('{"only": "torn')  # no complete line at all
+    append_jsonl(path, {"episode": 2})
+    assert read_jsonl(path) == [{"episode": 2}]
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    path = tmp_path / "events.jsonl"
+    append_jsonl(path, {"score": math.nan, "proposed": [1.0, math.inf], "nested": {"x": -math.inf}})
+    line = path.read_text().strip()
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert read_jsonl(path) == [{"nested": {"x": None}, "proposed": [1.0, None], "score": None}]
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    first = RunDir(tmp_path / "run")
+    with pytest.raises(RunDirError, match="in use"):
+        RunDir(tmp_path / "run")
+    first.close()
+    RunDir(tmp_path / "run").close()  # free again
+
+
+def test_a_file_or_an_existing_run_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunDirError, match="got a file"):
+        RunDir(tmp_path / "afile")
+    with pytest.raises(RunDirError, match="got a file"):
+        RunDir(tmp_path / "afile" / "sub")
+    run = RunDir(tmp_path / "run")
+    run.write_config({"seed": 0})
+    run.metric({"kind": "learn"})
+    run.close()
+    with pytest.raises(RunDirError, match="existing run"):
+        RunDir(tmp_path / "run", new=True)
