@@ -61,3 +61,32 @@ def test_logging_a_switch_leaves_the_exploration_sequence_unchanged():
     assert a.act(obs(0.3, 2.0), tick(1), LOOP).events  # a switches (and computes a proposal) ...
     after = a.act(obs(0.0, 0.0), tick(2), LOOP)  # ... and back: its second exploration action
     np.testing.assert_array_equal(after.action, b.act(obs(0.0, 0.0), tick(1), LOOP).action)
+
+
+def test_the_logged_applied_action_is_what_the_robot_applied():
+    """The shield asks for a full brake; the HAL's rate limit lets part of it through this tick:
+    the event's `applied` is the robot's, `commanded` the shield's request."""
+    from robot_mbrl.factory import make_judge, make_task
+    from robot_mbrl.runtime.episode import Decision, run_episode
+    from robot_mbrl.runtime.rundir import Tally
+
+    class Jump:  # full push one way, then a logged full push the other way
+        def reset(self, obs):
+            pass
+
+        def observe(self, tr):
+            return []
+
+        def act(self, obs, tick, loop):
+            u = np.array([1.0 if tick.index < 5 else -1.0])
+            ev = [{"kind": "switch", "proposed": [0.0], "applied": u.tolist()}] if tick.index == 5 else []
+            return Decision(u, events=ev)
+
+    robot, task = make_robot(CFG), make_task(CFG)
+    events: list[dict] = []
+    with robot:
+        run_episode(robot, make_judge(task, robot), Jump(), episode=0, max_steps=8, seed=0, paced=False,
+                    tally=Tally(), on_event=events.append)  # fmt: skip
+    (ev,) = events
+    assert ev["commanded"] == [-1.0]
+    assert -1.0 < ev["applied"][0] < 1.0  # rate-limited on the way from +1 to -1

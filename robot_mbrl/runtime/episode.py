@@ -150,7 +150,10 @@ def run_episode(
         if next_obs.faults & Fault.LIMIT:
             hits += 1
         ret += r
-        if valid:
+        # learned from only when the robot vouches that s_t+1 is a new reading caused by a_t (a
+        # serial robot that lost a STATE frame re-serves the previous one: s_t+1 == s_t is not
+        # physics, and as a residual it is a false alarm); backends without the notion always do
+        if valid and next_obs.info.get("vouched", True):
             trunc = steps >= max_steps and not term
             tr = Transition(obs_t.values, applied, r, next_obs.values, term, trunc, obs_t.stamp_s, episode)
             if on_transition is not None:
@@ -176,6 +179,9 @@ def run_episode(
             fallback += 1
         if decision.plan_s is not None:
             plan_s.append(decision.plan_s)
+        for ev in decision.events:  # what the robot applied (its rate limit and clamp), not the request
+            if "applied" in ev:
+                ev["commanded"], ev["applied"] = ev["applied"], np.asarray(applied, dtype=float).tolist()
         emit(decision.events)
     if prev is not None:
         terminated = close(robot.read())
