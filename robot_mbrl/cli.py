@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,11 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):
     return load_config(args.config, overrides)
 
 
+def _check_port(args: argparse.Namespace, cfg) -> None:  # noqa: ANN001 - a Config
+    if args.port is not None and cfg.backend != "serial":
+        raise UserError(f"--port {args.port}: expected --backend serial, got backend {cfg.backend}")
+
+
 def _checkpoint_config(args: argparse.Namespace) -> None:
     """With no CONFIG, a job on a checkpoint runs under the config its run was trained with."""
     ck = args.checkpoint
@@ -143,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra.append(f"backend={args.backend}")
     _checkpoint_config(args)
     cfg = _load(args, extra)
+    _check_port(args, cfg)
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise UserError(
             f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"
@@ -164,6 +171,7 @@ def cmd_commission(args: argparse.Namespace) -> int:
         extra.append(f"backend={args.backend}")
     _checkpoint_config(args)
     cfg = _load(args, extra)
+    _check_port(args, cfg)
     if not args.checkpoint.exists():
         raise UserError(
             f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"
@@ -209,6 +217,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     twin.connect()
     twin.reset(cfg.seed)
     emulator, port = serve_twin(twin, args.link, watchdog_ms=cfg.serial.watchdog_ms)
+
+    def terminate(signum: int, frame: object) -> None:  # `kill`, a service manager: clean up as on Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         print(f"emulating the cart-pole rig ({cfg.twin.task}) on {port}")
         print(f"connect with: robot-mbrl run --backend serial --port {port} [--checkpoint RUN_DIR]")

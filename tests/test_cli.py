@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,10 @@ def test_run_simple_policies(tmp_path):
         (["run", "--set", "twin.pole_mas_kg=1"], "did you mean 'pole_mass_kg'"),
         (["run", "--checkpoint", "/nonexistent/run"], "expected an existing run or checkpoint directory"),
         (["train", "--resume", "/nonexistent/run"], "expected a run directory with config.yaml"),
+        (
+            ["run", "--port", "/dev/ttyNOPE", "--policy", "zero"],
+            "--port /dev/ttyNOPE: expected --backend serial",
+        ),
     ],
 )
 def test_user_errors_are_one_line_exit_2(args, needle):
@@ -143,8 +148,10 @@ def test_emulate_serves_the_twin_and_run_drives_it_over_the_wire(tmp_path):
         summary = json.loads((tmp_path / "serial" / "summary.json").read_text())
         assert summary["ticks"] == 60 and summary["violations"] == 0
     finally:
-        emu.terminate()
-        emu.wait(timeout=10)
+        emu.terminate()  # SIGTERM: cleans up as on Ctrl-C
+        rest = emu.communicate(timeout=10)[0]
+    assert emu.returncode == 0 and "device received" in rest
+    assert not Path(port).exists()  # no link left pointing at a pty another program may get
 
 
 def test_run_uses_the_runs_config_and_keeps_existing_runs(trained, tmp_path):
