@@ -190,8 +190,15 @@ def build(cls: type[T], data: Any, *, source: str = "<config>", prefix: str = ""
             check()
         except ConfigError:
             raise
-        except ValueError as err:  # section-level cross-field checks
-            raise ConfigError(source, prefix or "<root>", str(err), "inconsistent values") from None
+        except ValueError as err:  # section-level cross-field checks: show the values they name
+            named = [
+                f"{f.name}={getattr(obj, f.name)!r}"
+                for f in dataclasses.fields(obj)
+                if re.search(rf"\b{f.name}\b", str(err))
+            ]
+            raise ConfigError(
+                source, prefix or "<root>", str(err), ", ".join(named) or "inconsistent values"
+            ) from None
     return obj
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,15 @@ def test_corrupt_truncated_foreign_files_give_one_line_errors(tmp_path):
     (d / "manifest.json").write_text('{"schema": "robot_mbrl.buff')
     with pytest.raises(BufferFileError, match="manifest.json: expected a JSON buffer manifest"):
         ReplayBuffer.open(d)
+    for bad, needle in [
+        ({"obs_dim": "five"}, "obs_dim: a positive integer, got 'five'"),
+        ({"chunks": None}, "chunks: a list of {file, count, sha256}, got None"),
+        ({"chunks": [{"file": "chunk_000000.npz", "count": 10}]}, "chunks: a list of {file, count, sha256}"),
+    ]:
+        manifest = {"schema": "robot_mbrl.buffer/1", "obs_dim": 3, "act_dim": 1, "chunks": [], **bad}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BufferFileError, match=re.escape(needle)):
+            ReplayBuffer.open(d)
     (d / "manifest.json").write_text('{"schema": "something/else"}')
     with pytest.raises(BufferFileError, match="expected schema"):
         ReplayBuffer.open(d)
@@ -140,3 +150,17 @@ def test_kill_9_keeps_every_flushed_transition(tmp_path, seed):
     buf = ReplayBuffer.open(d)
     assert len(buf) >= flushed > 0
     _check_rows(buf, len(buf))
+
+
+def test_an_episode_cut_short_ends_where_the_next_begins():
+    """A kill mid-episode leaves rows with no truncated flag; the next episode's first row must not
+    become their successor in n-step or value targets."""
+    buf = ReplayBuffer(3, 1)
+    for ep, n in ((0, 4), (1, 3)):  # episode 0 killed after 4 rows: no end flag
+        for i in range(n):
+            z = np.full(3, float(i))
+            buf.add(z, np.zeros(1), 0.0, z + 1, False, ep == 1 and i == n - 1, 0.0, ep)
+    a = buf.arrays()
+    assert a["truncated"].tolist() == [False, False, False, True, False, False, True]
+    assert not a["truncated"].flags.writeable
+    assert buf.since(4)["truncated"].tolist() == [False, False, True]

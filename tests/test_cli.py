@@ -75,6 +75,9 @@ def test_resume_continues_a_run(trained):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["real_steps"] == 240 and summary["episodes"] == 4
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    alarms = [e for e in events if e.get("kind") == "alarm"]
+    assert len(summary["alarms"]) == len(alarms)  # the alarms from before the resume count too
 
 
 def test_run_simple_policies(tmp_path):

@@ -72,3 +72,9 @@ def test_bad_file(tmp_path):
     p.write_text("!!python/object/apply:os.system ['true']\n")  # the safe loader refuses
     with pytest.raises(ConfigError):
         load_config(str(p))
+
+
+def test_cross_field_errors_show_the_values_they_name():
+    with pytest.raises(ConfigError, match=r"\(--set\): twin: expected safe_x_m must be < end_stop_x_m, got "
+                       r"'end_stop_x_m=0.45, safe_x_m=0.5'"):  # fmt: skip
+        load_config(None, ["twin.safe_x_m=0.5"])

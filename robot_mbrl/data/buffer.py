@@ -144,12 +144,23 @@ class ReplayBuffer:
         return self.since(0)
 
     def since(self, index: int) -> dict[str, np.ndarray]:
-        """Read-only views of the rows added at or after ``index`` (fresh data since a retrain)."""
+        """Read-only views of the rows added at or after ``index`` (fresh data since a retrain).
+
+        ``truncated`` also marks every row whose next row belongs to another episode (a copy): an
+        episode cut short by a kill has no truncated row of its own, and returns summed across
+        the seam would treat the next episode's first state as its successor."""
         out = {}
         for k, col in self._cols.items():
             v = col[index : self._n].view()
             v.flags.writeable = False
             out[k] = v
+        ep, term = out["episode_id"], out["terminated"]
+        seam = np.zeros(len(ep), bool)
+        seam[:-1] = (ep[1:] != ep[:-1]) & ~term[:-1] & ~out["truncated"][:-1]
+        if seam.any():
+            trunc = out["truncated"] | seam
+            trunc.flags.writeable = False
+            out["truncated"] = trunc
         return out
 
     def sample(self, batch: int, generator: np.random.Generator) -> dict[str, np.ndarray]:
@@ -225,8 +236,17 @@ class ReplayBuffer:
         missing = [k for k in ("obs_dim", "act_dim", "chunks") if k not in manifest]
         if missing:
             raise BufferFileError(path, "keys obs_dim, act_dim, chunks", f"no {', '.join(missing)}")
+        for key in ("obs_dim", "act_dim"):
+            if not isinstance(manifest[key], int) or isinstance(manifest[key], bool) or manifest[key] < 1:
+                raise BufferFileError(path, f"{key}: a positive integer", repr(manifest[key]))
+        chunks = manifest["chunks"]
+        entry_ok = {"file": str, "count": int, "sha256": str}
+        if not isinstance(chunks, list) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in entry_ok.items()) for e in chunks
+        ):
+            raise BufferFileError(path, "chunks: a list of {file, count, sha256}", repr(chunks)[:80])
         buf = cls.__new__(cls)
-        ReplayBuffer.__init__(buf, int(manifest["obs_dim"]), int(manifest["act_dim"]), None, cfg)
+        ReplayBuffer.__init__(buf, manifest["obs_dim"], manifest["act_dim"], None, cfg)
         for entry in manifest["chunks"]:
             buf.extend(buf._read_chunk(directory / entry["file"], entry))
             buf._chunks.append(entry)

@@ -63,6 +63,9 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
             retrains.append(rec)
         elif rec.get("kind") == "eval" and rec.get("solved") and tally.solved_at_step is None:
             tally.solved_at_step = rec["real_steps"]
+    for ev in run.events():  # the learning episodes' alarms and the retrains' val_loss alarms
+        if ev.get("kind") == "alarm":
+            tally.alarms.append({"tick": ev.get("run_tick", ev.get("tick")), "reason": ev.get("trigger")})
     return tally, episodes, retrains
 
 
@@ -83,8 +86,19 @@ def train_job(
     if resume:
         buffer = ReplayBuffer.open(run.buffer, cfg.buffer)
         tally, first_episode, retrains = _restore_tally(run)
+        ids = buffer.arrays()["episode_id"]
+        if len(ids):  # an episode killed mid-way has rows but no metrics line: the next gets a new id
+            first_episode = max(first_episode, int(ids.max()) + 1)
+        if len(buffer) > tally.real_steps:  # that episode's steps, or a lost metrics.jsonl
+            log.warning("%s: %d transitions in the buffer, %d real steps in metrics.jsonl: counting %d",
+                        run.path, len(buffer), tally.real_steps, len(buffer))  # fmt: skip
+            tally.real_steps = len(buffer)
         if (run.checkpoint / MODEL_FILE).is_file():
             agent = MPCAgent.load(run.checkpoint, cfg, spec, task)
+        elif len(buffer) >= cfg.retrain.min_transitions:
+            log.warning(
+                "%s: no checkpoint: the model is trained from the buffer at the next retrain", run.path
+            )
         schedule.mark_trained(len(buffer) if agent.trained else 0)
         log.info("resuming %s at episode %d with %d transitions", run.path, first_episode, len(buffer))
     else:
@@ -140,7 +154,7 @@ def train_job(
                     keep_trace()
                     controller = None  # rebuild with the new thresholds and a fresh monitor
                     if record["shift_alarm"]:
-                        event = {"tick": tally.ticks, "kind": "alarm", "trigger": "val_loss",
+                        event = {"tick": tally.ticks, "run_tick": tally.ticks, "kind": "alarm", "trigger": "val_loss",
                                  "score": record["fresh_mse"], "threshold": record["reference_mse"],
                                  "reason": "fresh-data loss above holdout loss: trained longer"}  # fmt: skip
                         run.event(event)
