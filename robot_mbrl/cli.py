@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--steps", type=int, default=None, help="real steps to learn from (train.steps)")
     p.add_argument("--resume", type=Path, default=None, help="continue a killed run from its directory")
+    p.add_argument(
+        "--salvage-buffer",
+        action="store_true",
+        help="with --resume: leave out a corrupt buffer chunk (renamed *.corrupt) instead of stopping",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run a controller (learned, gated) or a simple policy")
@@ -199,9 +204,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config is None:
             args.config = str(args.resume / "config.yaml")
     cfg = _load(args, extra)
+    if args.salvage_buffer and args.resume is None:
+        raise UserError("--salvage-buffer: expected --resume RUN, got a new run")
     summary, out = train_job(
-        cfg, out=args.resume or args.out, resume=args.resume is not None, progress=not args.quiet
-    )
+        cfg, out=args.resume or args.out, resume=args.resume is not None, progress=not args.quiet,
+        salvage=args.salvage_buffer,
+    )  # fmt: skip
     _report(summary, out)
     if (out / "checkpoint").is_dir():
         print(f"next: robot-mbrl commission --checkpoint {out}   (calibrate the monitors before deployment)")

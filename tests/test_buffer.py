@@ -164,3 +164,23 @@ def test_an_episode_cut_short_ends_where_the_next_begins():
     assert a["truncated"].tolist() == [False, False, False, True, False, False, True]
     assert not a["truncated"].flags.writeable
     assert buf.since(4)["truncated"].tolist() == [False, False, True]
+
+
+def test_salvage_leaves_out_only_the_corrupt_chunk_and_appends_safely(tmp_path, caplog):
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d, cfg=BufferConfig(flush_interval_s=1e9)) as buf:
+        for start in (0, 10, 20):  # three chunks of 10 rows
+            _fill(buf, start, 10)
+            buf.flush()
+    middle = d / "chunk_000001.npz"
+    middle.write_bytes(middle.read_bytes()[:100])
+    with pytest.raises(BufferFileError, match="--salvage-buffer continues without its rows"):
+        ReplayBuffer.open(d)
+    buf = ReplayBuffer.open(d, salvage=True)
+    assert len(buf) == 20 and "left out 10 rows" in caplog.text
+    assert buf.arrays()["reward"].tolist() == [float(i) for i in (*range(10), *range(20, 30))]
+    assert (d / "chunk_000001.npz.corrupt").exists()  # kept for a person to look at
+    _fill(buf, 30, 5)
+    buf.close()  # the new chunk must not overwrite chunk 2
+    again = ReplayBuffer.open(d)
+    assert again.arrays()["reward"].tolist() == [float(i) for i in (*range(10), *range(20, 35))]

@@ -37,6 +37,7 @@ class BufferFileError(ValueError):
 
     def __init__(self, path: Path | str, expected: str, got: str):
         super().__init__(f"{path}: expected {expected}, got {got}")
+        self.path, self.expected, self.got = path, expected, got
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,10 @@ class ReplayBuffer:
         self._last_flush = time.monotonic()
         if self.directory is None or self._n == self._flushed:
             return
-        name = f"chunk_{len(self._chunks):06d}.npz"
+        k, listed = len(self._chunks), {c["file"] for c in self._chunks}
+        while f"chunk_{k:06d}.npz" in listed or (self.directory / f"chunk_{k:06d}.npz.corrupt").exists():
+            k += 1  # after a salvage the count no longer names a free file
+        name = f"chunk_{k:06d}.npz"
         mem = io.BytesIO()
         np.savez(mem, **{k: col[self._flushed : self._n] for k, col in self._cols.items()})
         data = mem.getvalue()
@@ -216,11 +220,15 @@ class ReplayBuffer:
         )
 
     @classmethod
-    def open(cls, directory: str | Path, cfg: BufferConfig | None = None) -> ReplayBuffer:
+    def open(
+        cls, directory: str | Path, cfg: BufferConfig | None = None, salvage: bool = False
+    ) -> ReplayBuffer:
         """Load every complete chunk listed in ``directory/manifest.json`` and keep appending there.
 
         Raises :class:`BufferFileError` (a ``ValueError``) naming the file on a missing, truncated,
-        foreign or corrupt manifest or chunk.
+        foreign or corrupt manifest or chunk. ``salvage``: a missing or corrupt chunk is left out
+        instead (renamed ``*.corrupt``, never deleted; the manifest rewritten without it, a warning
+        says how many rows went): the rest of the real data stays usable.
         """
         directory = Path(directory)
         path = directory / MANIFEST
@@ -247,11 +255,27 @@ class ReplayBuffer:
             raise BufferFileError(path, "chunks: a list of {file, count, sha256}", repr(chunks)[:80])
         buf = cls.__new__(cls)
         ReplayBuffer.__init__(buf, manifest["obs_dim"], manifest["act_dim"], None, cfg)
-        for entry in manifest["chunks"]:
-            buf.extend(buf._read_chunk(directory / entry["file"], entry))
+        dropped = []
+        for entry in chunks:
+            try:
+                rows = buf._read_chunk(directory / entry["file"], entry)
+            except BufferFileError as err:
+                if not salvage:  # say how to go on without it
+                    hint = "train --resume RUN --salvage-buffer continues without its rows"
+                    raise BufferFileError(err.path, err.expected, f"{err.got}; {hint}") from None
+                dropped.append((entry, err))
+                continue
+            buf.extend(rows)
             buf._chunks.append(entry)
         buf.directory = directory
         buf._flushed = buf._n
+        for entry, err in dropped:
+            bad = directory / entry["file"]
+            if bad.exists():
+                bad.rename(bad.with_name(bad.name + ".corrupt"))
+            log.warning("buffer salvage: left out %d rows (%s)", entry["count"], err)
+        if dropped:
+            buf._write_manifest()
         return buf
 
     def _read_chunk(self, path: Path, entry: dict) -> dict[str, np.ndarray]:

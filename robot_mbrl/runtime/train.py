@@ -70,7 +70,7 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
 
 
 def train_job(
-    cfg: Config, *, out: Path | None, resume: bool = False, progress: bool = True
+    cfg: Config, *, out: Path | None, resume: bool = False, progress: bool = True, salvage: bool = False
 ) -> tuple[dict, Path]:
     torch.set_num_threads(1)  # the onboard CPU budget; also keeps runs reproducible
     torch.manual_seed(cfg.seed)
@@ -84,7 +84,7 @@ def train_job(
     agent = MPCAgent(cfg, spec, task)
     schedule = RetrainSchedule(cfg.retrain)
     if resume:
-        buffer = ReplayBuffer.open(run.buffer, cfg.buffer)
+        buffer = ReplayBuffer.open(run.buffer, cfg.buffer, salvage=salvage)
         tally, first_episode, retrains = _restore_tally(run)
         ids = buffer.arrays()["episode_id"]
         if len(ids):  # an episode killed mid-way has rows but no metrics line: the next gets a new id
