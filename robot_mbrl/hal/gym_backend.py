@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import gymnasium
@@ -31,15 +32,20 @@ class RobotEnv(gymnasium.Env):
     faulty sensor stays NaN; the unclipped reading is ``info["obs_raw"]``). The reward is
     ``task.reward_np(obs, applied_action, next_obs)`` (0.0 where it is not finite, flagged by
     ``info["reward_invalid"]``), ``terminated`` is ``task.terminated_np(next_obs)`` and
-    ``truncated`` is set after ``episode_steps`` steps. The robot is connected on the first reset
-    and closed (with a safe stop) by :meth:`close`.
+    ``truncated`` is set after ``episode_steps`` steps. The robot is connected (and, for a device
+    with a separate actuation step such as a serial rig, activated) on the first reset and closed
+    (with a safe stop) by :meth:`close`. ``paced`` (default: for such devices) makes ``step`` keep
+    the robot's control period: an agent that answers faster waits, so each step sees the reading
+    one period after its command, as the learning loop does.
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
 
-    def __init__(self, robot: Robot, task: Task, episode_steps: int):
+    def __init__(self, robot: Robot, task: Task, episode_steps: int, paced: bool | None = None):
         if episode_steps < 1:
             raise ValueError(f"episode_steps must be >= 1, got {episode_steps}")
+        self.paced = callable(getattr(robot, "activate", None)) if paced is None else paced
+        self._next_s: float | None = None  # when the next step may read (paced)
         self.robot = robot
         self.task = task
         self.episode_steps = episode_steps
@@ -71,14 +77,27 @@ class RobotEnv(gymnasium.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self.robot.connect()
+        activate = getattr(self.robot, "activate", None)
+        if callable(activate) and not getattr(self.robot, "active", False):
+            activate()
         obs = self.robot.reset(seed=seed)
         self._obs, self._t = np.asarray(obs.values, dtype=float), 0
+        self._next_s = None
         return self._observe(obs)
 
     def step(self, action):
         if self._obs is None:
             raise RuntimeError("RobotEnv.step called before reset")
         applied = self.robot.write(np.asarray(action, dtype=float))
+        if self.paced:  # read one control period after the command, not as fast as the agent asks
+            now = time.monotonic()
+            self._next_s = (
+                now + self.robot.spec.dt_s if self._next_s is None else self._next_s + self.robot.spec.dt_s
+            )
+            if self._next_s > now:
+                time.sleep(self._next_s - now)
+            else:
+                self._next_s = now  # late: do not try to catch up with a burst
         obs = self.robot.read()
         next_raw = np.asarray(obs.values, dtype=float)
         reward = self.task.reward_np(self._obs, applied, next_raw)
