@@ -127,13 +127,19 @@ class FrameDecoder:
     Bytes up to each 0x00 form a candidate frame; one that fails COBS or CRC is counted and
     dropped. A run longer than ``max_frame_bytes`` without a delimiter is discarded up to the next
     delimiter (counted in ``overflows``), so memory stays bounded under any input.
+
+    After ``reset(resync=True)`` (a port just opened: the first bytes may be the tail of a frame
+    sent before) a first candidate frame that does not decode is the expected resync, counted in
+    ``resyncs`` and not as an error.
     """
 
     def __init__(self, max_frame_bytes: int = 512):
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
         self._discarding = False
+        self._resync = False
         self.frames_ok = 0
+        self.resyncs = 0
         self.crc_errors = 0
         self.framing_errors = 0
         self.overflows = 0
@@ -142,10 +148,15 @@ class FrameDecoder:
     def errors(self) -> int:
         return self.crc_errors + self.framing_errors + self.overflows
 
-    def reset(self) -> None:
-        """Forget a partial frame (after a reconnect the first bytes belong to a new stream)."""
+    def reset(self, resync: bool = False) -> None:
+        """Forget a partial frame (after a reconnect the first bytes belong to a new stream).
+
+        ``resync=True``: the stream may start mid-frame; a first candidate frame that fails is not
+        an error (see the class docstring).
+        """
         self._buf.clear()
         self._discarding = False
+        self._resync = resync
 
     def feed(self, data: bytes) -> list[bytes]:
         out: list[bytes] = []
@@ -165,12 +176,17 @@ class FrameDecoder:
                 continue
             if not frame:
                 continue  # back-to-back delimiters are allowed (a sender may flush with 0x00)
+            resync, self._resync = self._resync, False
             try:
                 out.append(decode_frame(frame))
                 self.frames_ok += 1
-            except CrcError as err:
-                self.crc_errors += 1
-                log.debug("dropped frame: %s", err)
-            except FramingError as err:
-                self.framing_errors += 1
-                log.debug("dropped frame: %s", err)
+            except ProtocolError as err:
+                if resync:
+                    self.resyncs += 1
+                    log.debug("discarded a partial frame at the start of the stream: %s", err)
+                elif isinstance(err, CrcError):
+                    self.crc_errors += 1
+                    log.debug("dropped frame: %s", err)
+                else:
+                    self.framing_errors += 1
+                    log.debug("dropped frame: %s", err)

@@ -55,6 +55,21 @@ class DeviceFault(enum.IntFlag):
     CLAMPED = 0x0040  # the last command was outside the device limits and was clamped (info)
 
 
+_KNOWN_FAULT_BITS = sum({int(flag) for flag in DeviceFault.__members__.values()})  # single bits
+
+
+def fault_names(bits: int) -> str:
+    """Fault bits for logs: ``"LIMIT|OVERCURRENT"``, ``"NONE"``; bits this host does not know in hex.
+
+    (``str()`` of an ``IntFlag`` is just the number on Python >= 3.11.)
+    """
+    names = [name for name, flag in DeviceFault.__members__.items() if flag and bits & flag]
+    unknown = bits & ~_KNOWN_FAULT_BITS
+    if unknown:
+        names.append(f"{unknown:#06x}")
+    return "|".join(names) or "NONE"
+
+
 @dataclass(frozen=True)
 class Hello:
     version: int = PROTOCOL_VERSION
@@ -272,8 +287,10 @@ class McuDecoder:
     def framing_errors(self) -> int:
         return self.frames.framing_errors + self.frames.overflows
 
-    def reset(self) -> None:
-        self.frames.reset()
+    def reset(self, resync: bool = False) -> None:
+        """Forget a partial frame; ``resync=True`` when the stream may start mid-frame (port just
+        opened): a first undecodable frame is then not counted as an error."""
+        self.frames.reset(resync)
 
     def feed(self, data: bytes) -> list[Message]:
         out: list[Message] = []

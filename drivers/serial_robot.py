@@ -6,10 +6,25 @@ checked), configures the device watchdog and leaves the robot *configured*: it r
 commands. ``safe_stop()`` (and so ``close()``) sends a stop command and ESTOP, best effort, and
 drops back to *configured*.
 
+Request/response exchanges (HELLO, WATCHDOG_CONFIG, ESTOP release) are re-sent every
+``min(RESEND_S, handshake_timeout_s)`` until answered, so a corrupted or dropped frame costs one
+resend interval, not a whole attempt. A blocking exchange gives up after
+``handshake_timeout_s * retries`` (0.75 s by default): ``connect()`` takes at most twice that
+(opening the port, then the handshake), ``activate()`` at most once.
+
 ``read()`` never blocks on the device: it drains whatever bytes arrived, keeps the newest STATE
 (stamped with the host monotonic clock at receipt) and reports ``Fault.STALE`` when none arrived
 within ``stale_periods`` control periods. A lost link is reopened with backoff from ``read()``;
-meanwhile observations carry ``Fault.COMM | Fault.STALE`` and nothing raises.
+meanwhile observations carry ``Fault.COMM | Fault.STALE`` and nothing raises. A device that
+restarts while the link stays up (its STATE ``seq`` or clock goes backwards, see
+:func:`restart_reason`) is logged, its
+sequence/clock tracking is resynchronised and it is handshaken again like after a link loss;
+observations carry ``Fault.COMM`` until it is configured (and released, if active) again.
+
+Link counters: :attr:`SerialRobot.stats` (the transport's :class:`LinkStats`) and
+:meth:`SerialRobot.link_stats` (a plain ``dict[str, int]`` for run summaries). Corrupt or lost
+frames are logged at DEBUG one by one and summarised in at most one WARNING per
+``LINK_WARN_INTERVAL_S``.
 """
 
 from __future__ import annotations
@@ -17,15 +32,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
-from robot_mbrl.drivers.transport import LinkDown, Transport
+from robot_mbrl.drivers.transport import LinkDown, LinkStats, Transport
 from robot_mbrl.hal.robot import Fault, Observation, Robot, RobotSpec
 
 log = logging.getLogger(__name__)
+
+RESEND_S = 0.05  # an unanswered HELLO / WATCHDOG_CONFIG / ESTOP release is re-sent this often
+SEQ_RESTART_WINDOW = 16  # STATE seq going back by more than this: the device restarted
+CLOCK_RESTART_TOLERANCE_US = 1_000  # device clock going back by more than this: the device restarted
+LINK_WARN_INTERVAL_S = 10.0  # at most one WARNING about corrupt/lost frames per interval
 
 _FAULT_MAP = {
     mcu.DeviceFault.SENSOR: Fault.SENSOR,
@@ -45,12 +66,40 @@ def device_faults_to_hal(bits: int) -> Fault:
     return out
 
 
+def restart_reason(held: mcu.State, new: mcu.State) -> str | None:
+    """Why ``new`` must come from a restarted device (None: the same run of the device).
+
+    The device restarted when its STATE ``seq`` went back by more than :data:`SEQ_RESTART_WINDOW`,
+    or when its clock went back by more than :data:`CLOCK_RESTART_TOLERANCE_US` although ``seq``
+    did not just step back a little (a state at most that many steps older is dropped as a
+    reordered/duplicate frame; if a restart hid behind it, the next states, whose ``seq`` moves
+    forward again with the clock still behind, reveal it within that window).
+    """
+    back_seq = mcu.seq_delta(held.seq, new.seq)  # how far new is behind held (> 2**31: ahead)
+    back_us = held.t_us - new.t_us
+    reordered = 0 < back_seq <= SEQ_RESTART_WINDOW
+    if SEQ_RESTART_WINDOW < back_seq <= 1 << 31 or (back_us > CLOCK_RESTART_TOLERANCE_US and not reordered):
+        clock = f"device clock {held.t_us * 1e-6:.3f} s -> {new.t_us * 1e-6:.3f} s"
+        return f"STATE seq {held.seq} -> {new.seq}, {clock}"
+    return None
+
+
 class NotActive(RuntimeError):
     """A command was written while the robot is not activated (configure-only mode)."""
 
 
 class HandshakeError(ConnectionError):
     """The device did not answer HELLO, or its channels do not match the spec."""
+
+
+@dataclass
+class _Pending:
+    """A request waiting for its ACK; re-sent at ``resend_at_s``."""
+
+    msg: mcu.Message
+    since_s: float
+    resend_at_s: float
+    warned: bool = False
 
 
 class SerialRobot(Robot):
@@ -76,11 +125,18 @@ class SerialRobot(Robot):
         self.active = False
         self.transitions = 0  # transitions whose command the device confirmed between two fresh states
         self.heartbeats_answered = 0
+        self.device_restarts = 0  # restarts detected while the link stayed up
         self.device_fault_reports: list[mcu.FaultReport] = []
-        self._want_active = False  # restore after a reconnect
-        self._handshake_due: float | None = None  # set while waiting for HELLO_ACK after a reconnect
-        self._acks: list[mcu.Ack] = []
-        self._state: mcu.State | None = None
+        self._want_active = False  # restore after a reconnect / device restart
+        self._handshake_due: float | None = None  # set while waiting for HELLO_ACK: next HELLO resend
+        self._handshake_since = 0.0
+        self._hello_warned = False
+        self._pending: dict[int, _Pending] = {}  # requests waiting for their ACK, by acked type
+        self._blocking = False  # inside connect()/activate(): errors are raised, not logged
+        self._error: Exception | None = None
+        self._refused: str | None = None  # last re-handshake refusal (logged once)
+        self._seen: mcu.State | None = None  # newest STATE accepted: ordering and restart detection
+        self._state: mcu.State | None = None  # newest STATE reported by read()
         self._state_rx_s: float | None = None
         self._clock_offset_s: float | None = None  # host time - device time, lowest latency seen
         self._offset_at_s = 0.0
@@ -89,33 +145,66 @@ class SerialRobot(Robot):
         self._cmds_since_read = 0
         self._prev_obs_ok = False
         self._prev_obs_seq: int | None = None
+        self._link_warned_at: float | None = None
+        self._link_bad_reported = 0
 
     @property
-    def stats(self):  # the link counters (LinkStats)
+    def stats(self) -> LinkStats:
+        """The link counters (live object, survives reconnects)."""
         return self.transport.stats
+
+    def link_stats(self) -> dict[str, int]:
+        """Snapshot of the link counters for run summaries: every :class:`LinkStats` field
+        (bytes, ``crc_errors``, ``framing_errors``, ``message_errors``, ``frames_dropped``,
+        ``frames_late``, ``seq_gaps``, ``timeouts``, ``retries``, reconnects, link losses) plus
+        ``device_restarts``. All values are ints counted since the transport was created."""
+        return {**self.transport.stats.as_dict(), "device_restarts": self.device_restarts}
+
+    @property
+    def _exchange_budget_s(self) -> float:
+        return self.cfg.handshake_timeout_s * self.cfg.retries
+
+    @property
+    def _resend_s(self) -> float:
+        return min(RESEND_S, self.cfg.handshake_timeout_s)
 
     # -- lifecycle hooks --------------------------------------------------------------------
     def _connect(self) -> None:
-        if not self.transport.reconnect_blocking(self.cfg.handshake_timeout_s * self.cfg.retries):
+        if not self.transport.reconnect_blocking(self._exchange_budget_s):
             raise LinkDown(f"cannot open {self.transport.url}")
-        self._handshake_blocking()
+        self._seen = self._state = None  # a new session: no ordering against an old one
+        try:
+            self._handshake_blocking()
+        except BaseException:
+            self._disconnect()  # a later connect() starts from a closed port
+            raise
 
     def _disconnect(self) -> None:
         self.active = self._want_active = False
+        self._handshake_due = None
+        self._pending.clear()
         self.transport.close()
 
     def activate(self) -> SerialRobot:
         """Allow actuation: release the device e-stop (confirmed by ACK). Needs ``connect()`` first."""
         if not self.connected:
             raise NotActive("connect() before activate()")
-        self._request(mcu.Estop(False), mcu.MsgType.ESTOP)
-        self.active = self._want_active = True
+        self._want_active = True
         self._prev_obs_ok = False
+        try:
+            if self._handshake_due is None:  # else the re-handshake in progress releases it
+                self._send_acked(mcu.Estop(False), mcu.MsgType.ESTOP)
+            self._wait_for(lambda: self.active)
+        except BaseException:
+            self._want_active = False
+            self._pending.pop(mcu.MsgType.ESTOP, None)  # never release later on our own
+            raise
         return self
 
     def deactivate(self) -> None:
         """Back to read-only; the device watchdog brakes once commands stop."""
         self.active = self._want_active = False
+        self._pending.pop(mcu.MsgType.ESTOP, None)
 
     def _reset(self, seed: int | None) -> Observation:  # noqa: ARG002 - a real rig cannot be seeded
         """Wait (bounded) for a fresh state; the physical reset is the operator's job."""
@@ -134,7 +223,7 @@ class SerialRobot(Robot):
     def _send(self, action: np.ndarray) -> None:
         if not self.active:
             if self._want_active:  # reconnecting: the device is braking on its watchdog meanwhile
-                log.debug("command dropped: re-handshake in progress after a link loss")
+                log.debug("command dropped: re-handshake in progress after a link loss or device restart")
                 return
             raise NotActive("SerialRobot is configured read-only; call activate() to command")
         n_act = self.device.n_actuators if self.device else self.spec.act_dim
@@ -152,8 +241,8 @@ class SerialRobot(Robot):
         self._poll()
         now = self._clock()
         faults = Fault.NONE
-        if not self.transport.is_open or self._handshake_due is not None:
-            faults |= Fault.COMM
+        if not self.transport.is_open or self._handshake_due is not None or self._pending:
+            faults |= Fault.COMM  # link down, or the device is not (re)configured yet
         st = self._state
         if st is None or self._state_rx_s is None:
             values = np.full(self.spec.obs_dim, np.nan)
@@ -192,6 +281,7 @@ class SerialRobot(Robot):
     def _safe_stop(self) -> None:
         """Stop command then ESTOP, best effort: a dead link is logged, never raised."""
         was_active, self.active, self._want_active = self.active, False, False
+        self._pending.pop(mcu.MsgType.ESTOP, None)  # a pending release must never follow the e-stop
         if not self.transport.is_open:
             log.warning("safe stop: link down; the device watchdog brakes on its own")
             return
@@ -209,28 +299,48 @@ class SerialRobot(Robot):
 
     # -- internals ------------------------------------------------------------------------------
     def _poll(self) -> None:
-        """Drain the link and dispatch messages; reconnect and re-handshake when needed."""
+        """Drain the link and dispatch messages; reconnect, re-handshake and re-send when needed."""
         if not self.transport.is_open:
             if not self.transport.try_reconnect():
                 return
-            self.decoder.reset()
+            self.decoder.reset(resync=True)
             self._start_handshake()
         try:
             data = self.transport.read_available()
         except LinkDown:
             self._state = None
             return
-        before = (self.decoder.crc_errors, self.decoder.framing_errors, self.decoder.message_errors)
-        msgs = self.decoder.feed(data)
-        st = self.transport.stats
-        st.crc_errors += self.decoder.crc_errors - before[0]
-        st.framing_errors += self.decoder.framing_errors - before[1]
-        st.message_errors += self.decoder.message_errors - before[2]
         now = self._clock()
-        for msg in msgs:
+        for msg in self._decode(data):
             self._dispatch(msg, now)
-        if self._handshake_due is not None and now > self._handshake_due:
-            self._start_handshake()  # HELLO lost: ask again (bounded by the caller's tick rate)
+        self._resend_due(now)
+        self._warn_link_errors(now)
+
+    def _decode(self, data: bytes) -> list[mcu.Message]:
+        """Bytes → messages, adding the decoder's CRC/framing/message errors to the link counters."""
+        dec, st = self.decoder, self.transport.stats
+        before = (dec.crc_errors, dec.framing_errors, dec.message_errors)
+        msgs = dec.feed(data)
+        st.crc_errors += dec.crc_errors - before[0]
+        st.framing_errors += dec.framing_errors - before[1]
+        st.message_errors += dec.message_errors - before[2]
+        return msgs
+
+    def _warn_link_errors(self, now: float) -> None:
+        """One WARNING with the counts so far when frames were corrupted or lost, rate-limited."""
+        st = self.transport.stats
+        bad = st.crc_errors + st.framing_errors + st.message_errors + st.frames_dropped
+        if bad <= self._link_bad_reported:
+            return
+        if self._link_warned_at is not None and now - self._link_warned_at < LINK_WARN_INTERVAL_S:
+            return
+        self._link_warned_at, self._link_bad_reported = now, bad
+        log.warning(
+            "link %s: corrupt or lost frames so far: %d CRC errors, %d framing errors, "
+            "%d invalid messages, %d STATE frames lost in %d gaps (next report in >= %.0f s)",
+            self.transport.url, st.crc_errors, st.framing_errors, st.message_errors,
+            st.frames_dropped, st.seq_gaps, LINK_WARN_INTERVAL_S,
+        )  # fmt: skip
 
     def _dispatch(self, msg: mcu.Message, now: float) -> None:
         if isinstance(msg, mcu.State):
@@ -238,26 +348,34 @@ class SerialRobot(Robot):
         elif isinstance(msg, mcu.HelloAck):
             self._on_hello_ack(msg)
         elif isinstance(msg, mcu.Ack):
-            self._acks.append(msg)
+            self._on_ack(msg)
         elif isinstance(msg, mcu.HeartbeatReply):
             self.heartbeats_answered += 1
         elif isinstance(msg, mcu.FaultReport):
             self.device_fault_reports.append(msg)
-            log.warning("device fault report: %s code %d", mcu.DeviceFault(msg.faults), msg.code)
+            log.warning(
+                "device fault report: %s (%#06x), code %d", mcu.fault_names(msg.faults), msg.faults, msg.code
+            )
 
     def _on_state(self, msg: mcu.State, now: float) -> None:
         st = self.transport.stats
-        if self._state is not None:
-            d = mcu.seq_delta(msg.seq, self._state.seq)
-            if d == 0 or d >= 1 << 31:
-                return  # duplicate or older than what we hold
-            if d > 1:
-                st.seq_gaps += 1
-                st.frames_dropped += d - 1
+        if self._seen is not None:
+            reason = restart_reason(self._seen, msg)
+            if reason is not None:
+                self._on_device_restart(reason)
+            else:
+                d = mcu.seq_delta(msg.seq, self._seen.seq)
+                if d == 0 or d >= 1 << 31:
+                    log.debug("STATE %d dropped: duplicate or older than %d", msg.seq, self._seen.seq)
+                    return
+                if d > 1:
+                    st.seq_gaps += 1
+                    st.frames_dropped += d - 1
         if self._prev_rx_s is not None and now - self._prev_rx_s > 1.5 * self.spec.dt_s:
             st.frames_late += 1
         self._prev_rx_s = now
-        self._state, self._state_rx_s = msg, now
+        self._seen = self._state = msg
+        self._state_rx_s = now
         # min-latency clock offset; it may grow 1 ms per s so device clock drift cannot pin it
         offset = now - msg.t_us * 1e-6
         if self._clock_offset_s is None:
@@ -266,6 +384,23 @@ class SerialRobot(Robot):
             leak = 1e-3 * max(0.0, now - self._offset_at_s)
             self._clock_offset_s = min(self._clock_offset_s + leak, offset)
         self._offset_at_s = now
+
+    def _on_device_restart(self, reason: str) -> None:
+        """The device restarted behind a link that stayed up: start its tracking over, handshake again."""
+        self.device_restarts += 1
+        redo = (
+            "HELLO, WATCHDOG_CONFIG and ESTOP release" if self._want_active else "HELLO and WATCHDOG_CONFIG"
+        )
+        log.warning(
+            "device on %s restarted while the link stayed up (%s): sequence/clock tracking "
+            "resynchronised; observations carry COMM until the device answers %s again",
+            self.transport.url, reason, redo,
+        )  # fmt: skip
+        self._prev_rx_s = None
+        self._prev_obs_seq, self._prev_obs_ok = None, False  # no transition spans the restart
+        self._clock_offset_s = None  # its clock restarted
+        if self._handshake_due is None:
+            self._start_handshake()  # it lost its watchdog config and its e-stop release
 
     def _check_device(self, ack: mcu.HelloAck) -> None:
         if ack.version != mcu.PROTOCOL_VERSION:
@@ -276,68 +411,136 @@ class SerialRobot(Robot):
                 f"config maps {self._obs_idx} / {self._act_idx}"
             )
 
+    def _fail(self, err: Exception) -> None:
+        """Inside connect()/activate() an error is raised by the waiting loop; otherwise logged."""
+        if self._blocking:
+            self._error = self._error or err
+        else:
+            log.error("%s", err)
+
     def _on_hello_ack(self, ack: mcu.HelloAck) -> None:
         if self._handshake_due is None:
             return  # a late duplicate
         try:
             self._check_device(ack)
         except (mcu.VersionError, HandshakeError) as err:
-            log.error("re-handshake refused: %s", err)
-            return  # stays COMM until a correct device answers
-        self.device, self._handshake_due = ack, None
-        self._acks.clear()
-        try:
-            self.transport.write(mcu.encode(mcu.WatchdogConfig(self.cfg.watchdog_ms)))
-            if self._want_active:
-                self.transport.write(mcu.encode(mcu.Estop(False)))
-                self.active = True
-        except LinkDown:
+            if self._blocking:
+                self._fail(err)  # a wrong device is not a transient error
+            elif str(err) != self._refused:
+                self._refused = str(err)
+                log.error("re-handshake refused: %s", err)  # stays COMM until a correct device answers
             return
-        log.info("re-handshake with device %#x done (active=%s)", ack.device_id, self.active)
+        self._refused = None
+        self.device, self._handshake_due = ack, None
+        try:
+            self._send_acked(mcu.WatchdogConfig(self.cfg.watchdog_ms), mcu.MsgType.WATCHDOG_CONFIG)
+            if self._want_active:
+                self._send_acked(mcu.Estop(False), mcu.MsgType.ESTOP)
+        except LinkDown:
+            return  # reopening the link restarts the handshake
+        if not self._blocking:
+            log.info(
+                "re-handshake with device %#x: restoring watchdog %d ms%s",
+                ack.device_id, self.cfg.watchdog_ms, " and ESTOP release" if self._want_active else "",
+            )  # fmt: skip
+
+    def _on_ack(self, ack: mcu.Ack) -> None:
+        pending = self._pending.pop(ack.msg_type, None)
+        if pending is None:
+            return  # a duplicate, or the ACK of an ESTOP engage (not awaited)
+        if ack.status != 0:
+            self._fail(HandshakeError(f"device rejected {_type_name(ack.msg_type)} (status {ack.status})"))
+            return
+        if ack.msg_type == mcu.MsgType.ESTOP and self._want_active and self._handshake_due is None:
+            self.active = True
+            self._prev_obs_ok = False
 
     def _start_handshake(self) -> None:
+        """(Re)start the handshake: HELLO now, re-sent every resend interval until HELLO_ACK."""
         self.active = False  # no commands until the device is known again
+        self._pending.clear()
         self._clock_offset_s = None  # the device may have rebooted: its clock restarted
-        self._handshake_due = self._clock() + self.cfg.handshake_timeout_s
+        self._handshake_since = self._clock()
+        self._hello_warned = False
+        self._send_hello()
+
+    def _send_hello(self) -> None:
+        self._handshake_due = self._clock() + self._resend_s
         try:
             self.transport.write(mcu.encode(mcu.Hello()))
         except LinkDown:
-            self._handshake_due = None
+            pass  # the link is closed: reopening it restarts the handshake
+
+    def _send_acked(self, msg: mcu.Message, acked: mcu.MsgType) -> None:
+        now = self._clock()
+        self._pending[int(acked)] = _Pending(msg, now, now + self._resend_s)
+        self.transport.write(mcu.encode(msg))
+
+    def _resend_due(self, now: float) -> None:
+        """Re-send the HELLO or requests whose answer is overdue (lost or corrupted on the way)."""
+        if not self.transport.is_open:
+            return
+        st, budget = self.transport.stats, self._exchange_budget_s
+        try:
+            if self._handshake_due is not None and now >= self._handshake_due:
+                st.timeouts += 1
+                st.retries += 1
+                if not (self._blocking or self._hello_warned) and now - self._handshake_since > budget:
+                    self._hello_warned = True
+                    log.warning("no HELLO_ACK from %s for %.2f s; still asking", self.transport.url, budget)
+                self._send_hello()
+            for acked, p in list(self._pending.items()):
+                if now >= p.resend_at_s:
+                    st.timeouts += 1
+                    st.retries += 1
+                    if not (self._blocking or p.warned) and now - p.since_s > budget:
+                        p.warned = True
+                        log.warning(
+                            "no ACK for %s from %s for %.2f s; still asking",
+                            _type_name(acked), self.transport.url, budget,
+                        )  # fmt: skip
+                    p.resend_at_s = now + self._resend_s
+                    self.transport.write(mcu.encode(p.msg))
+        except LinkDown:
+            return  # reopening the link restarts the handshake
+
+    def _awaited(self) -> str:
+        if not self.transport.is_open:
+            return "open link"
+        if self._handshake_due is not None:
+            return "HELLO_ACK"
+        return " and ".join(f"ACK for {_type_name(t)}" for t in self._pending) or "answer"
+
+    def _wait_for(self, done: Callable[[], bool]) -> None:
+        """Poll until ``done()``, re-sending what is unanswered; raise after the exchange budget."""
+        budget = self._exchange_budget_s
+        deadline = self._clock() + budget
+        self._blocking, self._error = True, None
+        try:
+            while True:
+                self._poll()
+                if self._error is not None:
+                    raise self._error
+                if done():
+                    return
+                if self._clock() >= deadline:
+                    raise HandshakeError(
+                        f"no {self._awaited()} from {self.transport.url} within {budget:.2f} s "
+                        f"(re-sent every {self._resend_s * 1e3:.0f} ms)"
+                    )
+                time.sleep(0.001)
+        finally:
+            self._blocking, self._error = False, None
 
     def _handshake_blocking(self) -> None:
-        self.decoder.reset()
-        for attempt in range(self.cfg.retries):
-            self._start_handshake()
-            deadline = self._clock() + self.cfg.handshake_timeout_s
-            while self._clock() < deadline:
-                msgs = self.decoder.feed(self.transport.read(256, timeout_s=0.005))
-                for msg in msgs:
-                    if isinstance(msg, mcu.HelloAck):
-                        self._check_device(msg)  # raises: a wrong device is not a transient error
-                    self._dispatch(msg, self._clock())
-                if self.device is not None and self._handshake_due is None:
-                    self._request(mcu.WatchdogConfig(self.cfg.watchdog_ms), mcu.MsgType.WATCHDOG_CONFIG)
-                    return
-            self.transport.stats.timeouts += 1
-            if attempt + 1 < self.cfg.retries:
-                self.transport.stats.retries += 1
-        raise HandshakeError(f"no HELLO_ACK from {self.transport.url} after {self.cfg.retries} attempts")
+        """HELLO → HELLO_ACK, then WATCHDOG_CONFIG → ACK, within ``handshake_timeout_s * retries``."""
+        self.decoder.reset(resync=True)
+        self._start_handshake()
+        self._wait_for(lambda: self.transport.is_open and self._handshake_due is None and not self._pending)
 
-    def _request(self, msg: mcu.Message, acked: mcu.MsgType) -> None:
-        """Send ``msg`` until an ACK for its type arrives (bounded retries)."""
-        for attempt in range(self.cfg.retries):
-            self._acks.clear()
-            self.transport.write(mcu.encode(msg))
-            deadline = self._clock() + self.cfg.handshake_timeout_s
-            while self._clock() < deadline:
-                self._poll()
-                for ack in self._acks:
-                    if ack.msg_type == acked:
-                        if ack.status != 0:
-                            raise HandshakeError(f"device rejected {acked.name} (status {ack.status})")
-                        return
-                time.sleep(0.0005)
-            self.transport.stats.timeouts += 1
-            if attempt + 1 < self.cfg.retries:
-                self.transport.stats.retries += 1
-        raise HandshakeError(f"no ACK for {acked.name} from {self.transport.url}")
+
+def _type_name(t: int) -> str:
+    try:
+        return mcu.MsgType(t).name
+    except ValueError:
+        return f"type {t:#04x}"

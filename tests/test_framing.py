@@ -90,3 +90,15 @@ def test_stream_decoder_bounds_memory():
     dec.feed(b"\x01" * 1000)
     assert dec.overflows == 1
     assert dec.feed(b"\x01\x02\x00" + encode_frame(b"ok")) == [b"ok"]  # tail of the long run discarded
+
+
+def test_stream_start_resync_is_not_an_error_after_reset():
+    dec = FrameDecoder()
+    good = encode_frame(b"\x42")
+    dec.reset(resync=True)  # a port just opened: the first bytes may be the tail of a frame
+    assert dec.feed(encode_frame(b"\x01\x02\x03")[3:] + good) == [b"\x42"]
+    assert dec.errors == 0 and dec.resyncs == 1
+    assert dec.feed(b"\x05\x01\x00" + good) == [b"\x42"]  # later garbage is an error again
+    assert dec.framing_errors == 1
+    dec.reset(resync=True)
+    assert dec.feed(good) == [b"\x42"] and dec.resyncs == 1  # a whole first frame is kept

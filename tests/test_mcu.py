@@ -92,3 +92,10 @@ def test_stream_decoder_counts_each_error_kind_and_keeps_going():
     out = dec.feed(good + bytes(bad_crc) + unknown + b"\x05\x05\x00" + good)
     assert out == [mcu.Heartbeat(1), mcu.Heartbeat(1)]
     assert dec.crc_errors == 1 and dec.message_errors == 1 and dec.framing_errors == 1
+
+
+def test_fault_names_for_logs():
+    assert mcu.fault_names(0x20) == "OVERCURRENT"
+    assert mcu.fault_names(int(mcu.DeviceFault.LIMIT | mcu.DeviceFault.OVERCURRENT)) == "LIMIT|OVERCURRENT"
+    assert mcu.fault_names(0) == "NONE"
+    assert mcu.fault_names(0x8001) == "SENSOR|0x8000"  # bits this host does not know stay visible

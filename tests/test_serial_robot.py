@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 
 import numpy as np
@@ -9,13 +11,15 @@ import pytest
 
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
-from robot_mbrl.drivers.serial_robot import HandshakeError, NotActive, SerialRobot
+from robot_mbrl.drivers.serial_robot import LINK_WARN_INTERVAL_S, HandshakeError, NotActive, SerialRobot
 from robot_mbrl.drivers.transport import make_transport
 from robot_mbrl.hal.robot import Channel, Fault, RobotSpec
 from robot_mbrl.hil.emulator import serve
 from robot_mbrl.hil.faults import FaultConfig
 
 HZ = 100.0
+NOISY = FaultConfig(corrupt_rate=0.02, chunk_drop_rate=0.05)  # twice the HIL suite's byte corruption
+LOG = "robot_mbrl.drivers.serial_robot"
 SPEC = RobotSpec(
     obs=(Channel("x", "m", -10, 10), Channel("v", "m/s", -10, 10)),
     act=(Channel("a", "m/s2", -1, 1),),
@@ -145,7 +149,8 @@ def test_unplug_marks_comm_stale_then_reconnects_without_raising(link):
         emulator.stop()
 
 
-def test_device_fault_bits_map_to_hal_faults(emu):
+def test_device_fault_bits_map_to_hal_faults(emu, caplog):
+    caplog.set_level(logging.WARNING, logger=LOG)
     with _robot(emu.port) as robot:
         robot.reset()
         emu.inject_fault(mcu.DeviceFault.LIMIT | mcu.DeviceFault.OVERCURRENT)
@@ -153,6 +158,8 @@ def test_device_fault_bits_map_to_hal_faults(emu):
         obs = robot.read()
         assert obs.faults == Fault.LIMIT | Fault.DEVICE
         assert robot.device_fault_reports
+        reports = [r.getMessage() for r in caplog.records if "device fault report" in r.getMessage()]
+        assert reports and "LIMIT|OVERCURRENT (0x0030)" in reports[0], reports  # names, not "48"
         emu.clear_fault(mcu.DeviceFault.LIMIT | mcu.DeviceFault.OVERCURRENT)
         time.sleep(0.05)
         assert robot.read().ok
@@ -182,7 +189,8 @@ def test_version_mismatch_is_refused():
         emulator.stop()
 
 
-def test_corrupted_link_counts_errors_and_still_controls():
+def test_corrupted_link_counts_errors_and_still_controls(caplog):
+    caplog.set_level(logging.DEBUG, logger=LOG)
     emulator, port = _serve(faults=FaultConfig(corrupt_rate=0.004, directions=("tx",)), seed=3)
     try:
         with _robot(port) as robot:
@@ -193,6 +201,14 @@ def test_corrupted_link_counts_errors_and_still_controls():
             assert s.crc_errors + s.framing_errors + s.message_errors > 0
             assert s.frames_dropped > 0 and s.seq_gaps > 0
             assert robot.transitions > 20
+            summary = robot.link_stats()  # what a run summary gets
+            assert summary["crc_errors"] == s.crc_errors and summary["device_restarts"] == 0
+            assert all(type(v) is int for v in summary.values())
+        # one WARNING with the counts (rate-limited), per-frame detail at DEBUG only
+        warned = [
+            r for r in caplog.records if r.levelno == logging.WARNING and "corrupt or lost" in r.message
+        ]
+        assert len(warned) == 1 and "CRC errors" in warned[0].message
     finally:
         emulator.stop()
 
@@ -204,3 +220,165 @@ def test_safe_stop_on_dead_link_does_not_raise(emu):
     emu.link.unplug()
     robot.close()  # logs, never raises
     assert not robot.connected
+
+
+def _restart_device(emulator) -> None:
+    """An MCU reset behind a USB adapter that stays enumerated: no link loss, but STATE seq, the
+    device clock and the last applied command restart, the watchdog setting is back to its default
+    and (like a cautious firmware) the device boots with its e-stop latched."""
+    with emulator._lock:
+        emulator._seq, emulator._cmd_seq, emulator._t0, emulator._last_cmd_s = 0, 0, time.monotonic(), None
+        emulator._faults = mcu.DeviceFault.ESTOP
+        emulator._u = np.zeros_like(emulator._u)
+    emulator.watchdog_ms = 100
+
+
+def test_device_restart_with_link_up_resyncs_and_rehandshakes(emu, caplog):
+    caplog.set_level(logging.WARNING, logger=LOG)
+    with _robot(emu.port) as robot:
+        robot.reset()
+        robot.activate()
+        obs = _run(robot, 30)
+        assert obs.ok and emu.watchdog_ms == 60
+        old_seq, n_rx = obs.info["seq"], len(emu.received)
+        _restart_device(emu)
+        t_restart = time.monotonic()
+        time.sleep(0.02)  # at least one post-restart STATE is waiting
+        reads = [_run(robot, 1) for _ in range(40)]
+
+        def since_restart(o) -> bool:  # sampled by the restarted device (its clock started at t_restart)
+            return o.info.get("device_t_us", 1e12) * 1e-6 <= o.stamp_s - t_restart + 0.005
+
+        fresh = [i for i, o in enumerate(reads) if o.ok and since_restart(o)]
+        assert fresh and fresh[0] <= 15, [(o.faults, o.info.get("seq")) for o in reads[:20]]
+        # fail-safe transition: flagged COMM from the detection until the device is configured again
+        assert not reads[0].ok and reads[0].faults & Fault.COMM
+        assert all(not o.ok for o in reads[: fresh[0]])
+        later = reads[fresh[0] :]
+        assert sum(o.ok for o in later) >= 0.8 * len(later) and robot.active  # and it stays fresh
+        assert robot.device_restarts == 1 and robot.link_stats()["device_restarts"] == 1
+        # re-handshaken: HELLO, the watchdog setting restored, the e-stop released, commands applied
+        assert any(isinstance(m, mcu.Hello) for m in emu.received[n_rx:])
+        assert emu.watchdog_ms == 60 and not emu.faults & mcu.DeviceFault.ESTOP
+        assert [o for o in later if o.ok][-1].info["cmd_seq"] > 0
+    warned = [r.message for r in caplog.records if "restarted while the link stayed up" in r.message]
+    assert len(warned) == 1, warned
+    seen = re.search(r"STATE seq (\d+) -> 1,", warned[0])
+    assert seen and int(seen.group(1)) >= old_seq, warned
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _loop_robot(clock: _Clock) -> tuple[SerialRobot, object]:
+    """A robot on pyserial's loop://: what the test writes comes back as if the device sent it."""
+    cfg = SerialConfig(port="loop://")
+    transport = make_transport(cfg).open()
+    return SerialRobot(SPEC, transport, cfg, clock=clock), transport
+
+
+def _state(seq: int, t_us: int) -> bytes:
+    return mcu.encode(mcu.State(seq, t_us, 0, 0, (0.5, 0.0)))
+
+
+def test_restart_detection_rules_and_resync():
+    clock = _Clock()
+    robot, dev = _loop_robot(clock)
+    try:
+        dev.write(_state(500, 50_000_000))
+        assert robot.read().ok
+        clock.t += 0.01
+        dev.write(_state(501, 50_010_000) + _state(500, 50_000_000))  # a duplicate: dropped, no restart
+        obs = robot.read()
+        assert obs.ok and obs.info["seq"] == 501 and robot.device_restarts == 0
+        # seq still moves forward but the device clock went back: frames were lost across a reset
+        clock.t += 0.01
+        dev.write(_state(520, 4_000))
+        obs = robot.read()
+        assert robot.device_restarts == 1 and obs.faults & Fault.COMM and not obs.ok
+        clock.t += 0.01
+        dev.write(_state(521, 14_000))
+        assert robot.read().faults & Fault.COMM  # still not configured again: never OK meanwhile
+        ack = mcu.HelloAck(1, 7, ((-10, 10), (-10, 10)), ((-1, 1),))
+        dev.write(mcu.encode(ack) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(522, 24_000))
+        clock.t += 0.01
+        obs = robot.read()
+        assert obs.ok and obs.info["seq"] == 522 and obs.info["age_s"] < 0.02
+        # seq back by more than the window with the clock (almost) unchanged: also a restart
+        clock.t += 0.01
+        dev.write(_state(3, 34_000))
+        assert not robot.read().ok and robot.device_restarts == 2
+        assert robot.stats.seq_gaps == 0 and robot.stats.frames_dropped == 0  # a restart is no loss
+    finally:
+        dev.close()
+
+
+def test_link_error_warning_is_rate_limited(caplog):
+    caplog.set_level(logging.WARNING, logger=LOG)
+    clock = _Clock()
+    robot, dev = _loop_robot(clock)
+    garbage = b"\x05\x01\x02\x00"  # COBS says 4 more bytes, 2 follow: a framing error
+
+    def warnings() -> list[str]:
+        return [r.message for r in caplog.records if "corrupt or lost" in r.message]
+
+    try:
+        dev.write(garbage + _state(1, 0) + _state(3, 20_000))  # one bad frame, one lost STATE
+        robot.read()
+        assert len(warnings()) == 1 and "1 framing errors" in warnings()[0]
+        assert "1 STATE frames lost in 1 gaps" in warnings()[0]
+        for _ in range(5):
+            clock.t += 1.0
+            dev.write(garbage)
+            robot.read()
+        assert len(warnings()) == 1  # within the interval: counted, not logged
+        clock.t += LINK_WARN_INTERVAL_S
+        robot.read()
+        assert len(warnings()) == 2 and "6 framing errors" in warnings()[1]
+        clock.t += 2 * LINK_WARN_INTERVAL_S
+        robot.read()
+        assert len(warnings()) == 2  # nothing new: no warning
+        assert robot.link_stats()["framing_errors"] == 6
+    finally:
+        dev.close()
+
+
+def test_connect_and_activate_over_a_noisy_link():
+    """2 % of bytes corrupted and 5 % of frames dropped in both directions: the handshake re-sends
+    HELLO/WATCHDOG_CONFIG/ESTOP release every 50 ms within its budget, so it connects every time."""
+    errors = 0
+    for seed in range(8):
+        emulator, port = _serve(faults=NOISY, seed=seed)
+        robot = _robot(port)
+        try:
+            t0 = time.monotonic()
+            robot.connect()
+            robot.activate()
+            assert robot.active and time.monotonic() - t0 < 2 * 0.75
+            errors += robot.stats.crc_errors + robot.stats.framing_errors
+        finally:
+            robot.close()
+            emulator.stop()
+    assert errors > 0  # the noise was there, and counted
+
+
+def test_failed_handshake_counts_link_errors_and_is_bounded():
+    emulator, port = _serve(faults=FaultConfig(corrupt_rate=0.5, directions=("tx",)), seed=1)
+    robot = _robot(port, handshake_timeout_s=0.1, retries=2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(HandshakeError, match="no HELLO_ACK"):
+            robot.connect()
+        assert time.monotonic() - t0 < 0.2 + 0.3
+        s = robot.stats
+        assert s.crc_errors + s.framing_errors > 0  # the handshake's garbage is counted
+        assert s.retries >= 2 and s.timeouts >= 2
+        assert not robot.connected and not robot.transport.is_open
+    finally:
+        robot.transport.close()
+        emulator.stop()
