@@ -256,6 +256,10 @@ def _report(summary: dict, out: Path) -> None:
         f"alarms {len(summary['alarms'])}  deadline misses {summary['deadline_misses']}  "
         f"plan ms p50/p99/max {plan['p50']:.2f}/{plan['p99']:.2f}/{plan['max']:.2f}  wall {summary['wall_s']:.1f} s"
     )
+    if "link" in summary:
+        k = summary["link"]
+        print(f"link: {k['crc_errors']} CRC / {k['framing_errors']} framing errors, {k['frames_dropped']} STATE "
+              f"frames lost, {k['reconnects']} reconnects, {k['device_restarts']} device restarts")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,6 +150,8 @@ def test_emulate_serves_the_twin_and_run_drives_it_over_the_wire(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         summary = json.loads((tmp_path / "serial" / "summary.json").read_text())
         assert summary["ticks"] == 60 and summary["violations"] == 0
+        assert summary["link"]["bytes_in"] > 0 and summary["link"]["crc_errors"] == 0  # the wire's record
+        assert "link: 0 CRC / 0 framing errors" in r.stdout
     finally:
         emu.terminate()  # SIGTERM: cleans up as on Ctrl-C
         rest = emu.communicate(timeout=10)[0]

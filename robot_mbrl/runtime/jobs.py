@@ -30,6 +30,13 @@ def robot_session(robot: Robot) -> Iterator[Robot]:
         yield robot
 
 
+def link_record(robot: Robot) -> dict:
+    """``{"link": counters}`` for a robot behind a serial link (CRC and framing errors, lost frames,
+    reconnects, device restarts: a run's record of its wire), else ``{}``."""
+    stats = getattr(robot, "link_stats", None)
+    return {"link": stats()} if callable(stats) else {}
+
+
 def simple_controller(cfg: Config, robot: Robot) -> Controller:
     """random / zero / safe (the configured fallback policy) — no model, no gate needed."""
     from robot_mbrl.safety.fallback import make_fallback
@@ -146,7 +153,9 @@ def run_job(
         controller = simple_controller(cfg, robot)
     tally = _drive(cfg, robot, judge, controller, run, kind="run", seed_offset=50_000, progress=progress)
     summary = tally.summary(
-        clamped_commands=robot.clamp_count, checkpoint=str(checkpoint) if checkpoint else None
+        clamped_commands=robot.clamp_count,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        **link_record(robot),
     )
     run.write_summary(summary)
     write_plots(run, getattr(controller, "trace", None))
@@ -190,7 +199,7 @@ def commission_job(
     agent.save(ck)
     if owner is not None:
         owner.close()
-    summary = tally.summary(checkpoint=str(ck), commission=result)
+    summary = tally.summary(checkpoint=str(ck), commission=result, **link_record(robot))
     run.write_summary(summary)
     write_plots(run, getattr(controller, "trace", None))
     run.close()

@@ -30,7 +30,7 @@ from robot_mbrl.errors import RunDirError
 from robot_mbrl.factory import make_judge, make_robot, make_task
 from robot_mbrl.models.trainer import RetrainSchedule
 from robot_mbrl.runtime.episode import Transition
-from robot_mbrl.runtime.jobs import robot_session, run_episodes
+from robot_mbrl.runtime.jobs import link_record, robot_session, run_episodes
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
 from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run
@@ -176,6 +176,7 @@ def train_job(
         retrains=len(retrains),
         buffer_transitions=len(buffer),
         eval_returns=[m["eval_return"] for m in run.metrics() if m.get("kind") == "eval"],
+        **link_record(robot),
     )
     run.write_summary(summary)
     write_plots(run, trace or None)
