@@ -104,6 +104,16 @@ class McuEmulator(ThreadedDevice):
         with self._lock:
             self._injected &= ~bits
 
+    def restart(self, default_watchdog_ms: int = 100) -> None:
+        """An MCU reset behind a USB adapter that stays enumerated (brown-out, firmware watchdog): no
+        link loss, but the STATE sequence, the device clock and the applied command start over, the
+        watchdog setting is back to its default and the device boots with its e-stop latched."""
+        with self._lock:
+            self._seq, self._cmd_seq, self._t0, self._last_cmd_s = 0, 0, time.monotonic(), None
+            self._faults = DeviceFault.ESTOP
+            self._u = np.zeros_like(self._u)
+            self.watchdog_ms = default_watchdog_ms
+
     def command_log(self) -> list[CommandRecord]:
         with self._lock:
             return list(self.commands)

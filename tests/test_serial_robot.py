@@ -222,17 +222,6 @@ def test_safe_stop_on_dead_link_does_not_raise(emu):
     assert not robot.connected
 
 
-def _restart_device(emulator) -> None:
-    """An MCU reset behind a USB adapter that stays enumerated: no link loss, but STATE seq, the
-    device clock and the last applied command restart, the watchdog setting is back to its default
-    and (like a cautious firmware) the device boots with its e-stop latched."""
-    with emulator._lock:
-        emulator._seq, emulator._cmd_seq, emulator._t0, emulator._last_cmd_s = 0, 0, time.monotonic(), None
-        emulator._faults = mcu.DeviceFault.ESTOP
-        emulator._u = np.zeros_like(emulator._u)
-    emulator.watchdog_ms = 100
-
-
 def test_device_restart_with_link_up_resyncs_and_rehandshakes(emu, caplog):
     caplog.set_level(logging.WARNING, logger=LOG)
     with _robot(emu.port) as robot:
@@ -241,7 +230,7 @@ def test_device_restart_with_link_up_resyncs_and_rehandshakes(emu, caplog):
         obs = _run(robot, 30)
         assert obs.ok and emu.watchdog_ms == 60
         old_seq, n_rx = obs.info["seq"], len(emu.received)
-        _restart_device(emu)
+        emu.restart()
         t_restart = time.monotonic()
         time.sleep(0.02)  # at least one post-restart STATE is waiting
         reads = [_run(robot, 1) for _ in range(40)]
