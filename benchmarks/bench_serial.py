@@ -12,6 +12,7 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 
@@ -23,6 +24,7 @@ from robot_mbrl.drivers.serial_robot import SerialRobot
 from robot_mbrl.drivers.transport import Transport, frame_time_s, make_transport
 from robot_mbrl.hal.robot import Channel, RobotSpec
 from robot_mbrl.hil.emulator import serve
+from robot_mbrl.hil.faults import FaultConfig
 
 
 class Plant:
@@ -113,6 +115,69 @@ def control_loop(seconds: float, control_hz: float, device_hz: float, baud: int)
             "misses": misses, "invalid": stale, "vouched": transitions / max(1, ticks)}  # fmt: skip
 
 
+def _spec(control_hz: float = 200.0) -> RobotSpec:
+    return RobotSpec(obs=tuple(Channel(f"s{i}", "1", -1e3, 1e3) for i in range(5)),
+                     act=(Channel("u", "1", -1, 1),), control_hz=control_hz)  # fmt: skip
+
+
+def connect_trials(n: int, noisy: bool) -> dict[str, float]:
+    """``n`` connect + activate attempts, each against a fresh emulated device (seeded faults)."""
+    faults = (
+        FaultConfig(corrupt_rate=0.01, chunk_drop_rate=0.05) if noisy else FaultConfig()
+    )  # the HIL's noisy link
+    ok, times = 0, []
+    for seed in range(n):
+        emu, port = serve(Plant(), "pty", sensor_limits=((-1e3, 1e3),) * 5, actuator_limits=((-1, 1),),
+                          control_hz=200.0, faults=faults, seed=seed)  # fmt: skip
+        cfg = SerialConfig(port=port)
+        robot = SerialRobot(_spec(), make_transport(cfg), cfg)
+        t0 = time.monotonic()
+        try:
+            robot.connect()
+            robot.activate()
+            ok += 1
+            times.append(time.monotonic() - t0)
+        except (ConnectionError, OSError, mcu.ProtocolError):
+            pass
+        finally:
+            robot.close()
+            emu.stop()
+    t = np.array(times) * 1e3 if times else np.zeros(1)
+    return {"ok": ok, "p50": float(np.median(t)), "max": float(t.max())}
+
+
+def restart_recovery(n: int) -> dict[str, float]:
+    """Device restarts behind a live link (:meth:`McuEmulator.restart`): time from the restart to
+    the first fresh, fault-free reading, with the host reading at 200 Hz."""
+    delays, restarts = [], 0
+    emu, port = serve(
+        Plant(), "pty", sensor_limits=((-1e3, 1e3),) * 5, actuator_limits=((-1, 1),), control_hz=200.0
+    )
+    cfg = SerialConfig(port=port)
+    try:
+        with SerialRobot(_spec(), make_transport(cfg), cfg) as robot:
+            robot.activate()
+            for _ in range(n):
+                for _ in range(20):  # settle
+                    robot.write(np.array([0.0]))
+                    time.sleep(0.005)
+                    robot.read()
+                emu.restart()
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 5.0:
+                    robot.write(np.array([0.0]))
+                    time.sleep(0.005)
+                    o = robot.read()
+                    if o.ok and o.info.get("device_t_us", 1e12) * 1e-6 <= time.monotonic() - t0 + 0.005:
+                        delays.append(time.monotonic() - t0)
+                        break
+            restarts = robot.device_restarts
+    finally:
+        emu.stop()
+    d = np.array(delays) * 1e3 if delays else np.full(1, np.nan)
+    return {"recovered": len(delays), "detected": restarts, "p50": float(np.median(d)), "max": float(d.max())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     reduced = os.environ.get("ROBOT_MBRL_REDUCED") == "1"
@@ -120,7 +185,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=1.0 if reduced else 5.0)
     p.add_argument("--device-hz", type=float, default=1000.0)
     p.add_argument("--control-hz", type=float, default=500.0)
+    p.add_argument("--connects", type=int, default=10 if reduced else 40, help="connect trials per link kind")
+    p.add_argument(
+        "--restarts", type=int, default=5 if reduced else 20, help="device restarts to recover from"
+    )
     args = p.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the driver's link warnings are expected here
     print(f"## Serial round trip over a pty (device streams at {args.device_hz:.0f} Hz, n={args.n})\n")
     print("| baud | RTT p50 ms | RTT p99 ms | RTT max ms | + modelled UART wire time ms |")
     print("|---|---|---|---|---|")
@@ -136,6 +206,22 @@ def main() -> None:
         c = control_loop(args.seconds, args.control_hz, args.device_hz, baud)
         print(f"| {baud} | {c['rate']:.1f} | {c['jitter_p99']:.3f} | {c['jitter_std']:.3f} | {c['misses']} "
               f"| {c['invalid']} | {c['vouched']:.2f} |")  # fmt: skip
+    n = args.connects
+    print(
+        f"\n## Connect + activate, {n} fresh devices each (noisy: 1 % of bytes corrupted, 5 % of writes dropped)\n"
+    )
+    print("| link | succeeded | time p50 ms | time max ms |")
+    print("|---|---|---|---|")
+    for noisy in (False, True):
+        c = connect_trials(n, noisy)
+        print(f"| {'noisy' if noisy else 'clean'} | {c['ok']}/{n} | {c['p50']:.1f} | {c['max']:.1f} |")
+    r = restart_recovery(args.restarts)
+    print(f"\n## Device restart behind a live link ({args.restarts} restarts, host reading at 200 Hz)\n")
+    print("| restarts detected | recovered | first fresh reading after, p50 ms | max ms |")
+    print("|---|---|---|---|")
+    print(
+        f"| {r['detected']}/{args.restarts} | {r['recovered']}/{args.restarts} | {r['p50']:.1f} | {r['max']:.1f} |"
+    )
 
 
 if __name__ == "__main__":
