@@ -129,8 +129,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
             value = float(value)  # YAML 1.1 reads "1e8" (no dot) as a string; it is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, key, "a number", value)
-        if value != value:  # NaN never makes sense in a config
-            raise ConfigError(source, key, "a finite number", value)
+        if value != value or value in (float("inf"), float("-inf")):  # a NaN or infinite setting is a
+            raise ConfigError(source, key, "a finite number", value)  # typo or a switched-off check
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -78,3 +78,8 @@ def test_cross_field_errors_show_the_values_they_name():
     with pytest.raises(ConfigError, match=r"\(--set\): twin: expected safe_x_m must be < end_stop_x_m, got "
                        r"'end_stop_x_m=0.45, safe_x_m=0.5'"):  # fmt: skip
         load_config(None, ["twin.safe_x_m=0.5"])
+
+
+def test_infinite_values_are_refused():
+    with pytest.raises(ConfigError, match="gate.disagreement_threshold: expected a finite number"):
+        load_config(None, ["gate.disagreement_threshold=.inf"])

@@ -90,3 +90,15 @@ def test_the_logged_applied_action_is_what_the_robot_applied():
     (ev,) = events
     assert ev["commanded"] == [-1.0]
     assert -1.0 < ev["applied"][0] < 1.0  # rate-limited on the way from +1 to -1
+
+
+def test_a_misspelled_velocity_channel_is_an_error_not_a_missing_shield():
+    import dataclasses
+
+    import pytest
+
+    from robot_mbrl.typedconfig import ConfigError
+
+    bad = dataclasses.replace(CFG.explore, velocity_channels={"x_m": "xdot_ms"})
+    with pytest.raises(ConfigError, match=r"explore.velocity_channels: expected names from .*'xdot_ms'"):
+        ShieldedExplorer(SPEC, make_fallback(CFG.fallback, SPEC), bad, seed=0, correlation=0.0)

@@ -256,3 +256,21 @@ def test_final_check_catches_a_non_finite_decision_from_any_path():
     d = decide(gate)
     np.testing.assert_array_equal(d.action, SPEC.stop_action())
     assert d.events[0]["kind"] == "gate_error" and gate.ticks == 1 and gate.fallback_ticks == 1
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("expected_return", float("nan")),  # V diverged: every candidate scored -inf, none chosen on merit
+        ("value_tail", float("inf")),
+        ("predicted_obs", torch.full((K + 1, E, 5), float("nan"))),
+        ("actions", torch.full((K, 1), float("nan"))),
+        ("disagreement", torch.zeros(0)),  # no step planned: malformed, not "no disagreement"
+    ],
+)
+def test_any_non_finite_or_empty_plan_field_falls_back(field, value):
+    p = plan()
+    setattr(p, field, value)
+    d = decide(make_gate(), p=p)
+    assert d.source == "fallback" and d.events[0]["trigger"] == "plan_nonfinite"
+    np.testing.assert_array_equal(d.action, BRAKE_ACTION)

@@ -22,7 +22,7 @@ from robot_mbrl.hal.robot import Observation, RobotSpec
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
 from robot_mbrl.runtime.policies import RandomPolicy
-from robot_mbrl.typedconfig import param
+from robot_mbrl.typedconfig import param, require_names
 
 
 @dataclass(frozen=True)
@@ -42,17 +42,27 @@ class ExploreConfig:
     )
 
 
+def shield_pairs(spec: RobotSpec, cfg: ExploreConfig) -> list[tuple[int, int, float, float]]:
+    """(position index, velocity index, low, high) of every constrained channel with a velocity in
+    ``explore.velocity_channels``. A robot with constraints must name real channels there: a typo
+    would silently remove the stopping-distance shield (one-line config error instead)."""
+    if spec.constraints:
+        require_names("explore.velocity_channels", [*cfg.velocity_channels, *cfg.velocity_channels.values()],
+                      spec.obs_names)  # fmt: skip
+    return [
+        (spec.index(c.channel), spec.index(cfg.velocity_channels[c.channel]), c.low, c.high)
+        for c in spec.constraints
+        if c.channel in cfg.velocity_channels
+    ]
+
+
 class ShieldedExplorer:
     """Controller: random exploration, switched to ``fallback`` whenever the shield predicts a violation."""
 
     def __init__(self, spec: RobotSpec, fallback, cfg: ExploreConfig, seed: int, correlation: float):
         self.spec, self.fallback, self.cfg = spec, fallback, cfg
         self.policy = RandomPolicy(spec, seed=seed, correlation=correlation)
-        self._pairs = [
-            (spec.index(c.channel), spec.index(cfg.velocity_channels[c.channel]), c.low, c.high)
-            for c in spec.constraints
-            if c.channel in cfg.velocity_channels and cfg.velocity_channels[c.channel] in spec.obs_names
-        ]
+        self._pairs = shield_pairs(spec, cfg)
         self._shielded = False
 
     def unsafe(self, x: np.ndarray) -> tuple[bool, float]:

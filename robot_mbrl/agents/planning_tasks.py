@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from robot_mbrl.agents.explore import shield_pairs
 from robot_mbrl.hal.robot import RobotSpec
 from robot_mbrl.tasks.base import Task
 from robot_mbrl.typedconfig import ConfigError
@@ -55,11 +56,7 @@ class ShieldedTask(Task):
         self.inner = task
         self.name, self.max_step_reward = task.name, task.max_step_reward
         self.a, self.react, self.margin = cfg.brake_decel_m_s2, cfg.react_s, cfg.margin
-        self.pairs = [
-            (spec.index(c.channel), spec.index(cfg.velocity_channels[c.channel]), c.low, c.high)
-            for c in spec.constraints
-            if c.channel in cfg.velocity_channels and cfg.velocity_channels[c.channel] in spec.obs_names
-        ]
+        self.pairs = shield_pairs(spec, cfg)
 
     def reward(self, obs, act, next_obs):
         return self.inner.reward(obs, act, next_obs)

@@ -269,13 +269,16 @@ class SafetyGate:
             out.append(Trigger("deadline_missed", 1.0, 0.0))
         if plan is None:
             return out + ([] if plan_error is not None else [Trigger("plan_missing", 1.0, 0.0)])
+        # every number the plan reports must be finite: a NaN return or predicted state means the
+        # model or V broke and the action was not chosen on merit (all candidates scored -inf)
         parts = (
             np.asarray(plan.action, dtype=float).reshape(-1),
-            plan.disagreement.detach().cpu().double().numpy().reshape(-1),
-            plan.constraint_margins.detach().cpu().double().numpy().reshape(-1),
-        )
+            *(np.asarray(t.detach().cpu().double(), dtype=float).reshape(-1)
+              for t in (plan.disagreement, plan.constraint_margins, plan.predicted_obs, plan.actions)),
+            np.asarray([plan.expected_return, plan.value_tail], dtype=float),
+        )  # fmt: skip
         bad = sum(int(np.sum(~np.isfinite(p))) for p in parts)
-        if bad or parts[0].shape != (self.spec.act_dim,):
+        if bad or parts[0].shape != (self.spec.act_dim,) or parts[1].size == 0:  # no step planned: malformed
             return out + [Trigger("plan_nonfinite", float(bad), 0.0)]
         thr = self.disagreement_threshold
         worst = plan.worst_disagreement
