@@ -224,6 +224,39 @@ def test_checkpoint_carries_residual_calibration_and_monitors_gate_outside_learn
     assert strict.gate.monitor is strict.monitor
 
 
+def test_a_failing_monitor_or_warm_start_falls_back_instead_of_crashing(trained):
+    """Faults after the planner (the monitors' update, the warm-start shift) cost the MPC its
+    authority, never the episode: the monitor error is an alarm the gate acts on."""
+    import numpy as np
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.episode import run_episode
+    from robot_mbrl.runtime.rundir import Tally
+
+    out, _ = trained
+    cfg = load_config(str(out / "config.yaml"), [])
+    robot, task = make_robot(cfg), make_task(cfg)
+    ctl = MPCAgent.load(out, cfg, robot.spec, task).controller()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    ctl.monitor.observe = broken  # the residual update raises on every transition
+    ctl.planner.shift = broken  # and so does the warm start after each decision
+    events, tally = [], Tally()
+    with robot:
+        res = run_episode(robot, make_judge(task, robot), ctl, episode=0, max_steps=30, seed=1, paced=False,
+                          tally=tally, on_event=events.append)  # fmt: skip
+    assert res.steps == 30  # the episode ran to its end
+    alarms = [e for e in events if e.get("trigger") == "monitor_error"]
+    assert len(alarms) == 1 and "injected" in alarms[0]["reason"]
+    assert res.fallback_ticks >= 28  # in fallback from the first failed update on
+    assert any(e.get("kind") == "switch" and "monitor:monitor_error" in str(e.get("trigger")) for e in events)
+    assert np.isfinite(res.ret)
+
+
 def test_k_step_residuals_follow_the_applied_actions_open_loop(trained):
     """monitor.residual_horizon = k: the residual at tick t compares s_t+1 with the ensemble-mean
     prediction from s_t-k+1 through the k actions really applied (the same numbers ``open_loop``

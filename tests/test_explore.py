@@ -102,3 +102,14 @@ def test_a_misspelled_velocity_channel_is_an_error_not_a_missing_shield():
     bad = dataclasses.replace(CFG.explore, velocity_channels={"x_m": "xdot_ms"})
     with pytest.raises(ConfigError, match=r"explore.velocity_channels: expected names from .*'xdot_ms'"):
         ShieldedExplorer(SPEC, make_fallback(CFG.fallback, SPEC), bad, seed=0, correlation=0.0)
+
+
+def test_a_failing_fallback_gives_the_stop_action():
+    class Broken:
+        def act(self, x):
+            raise RuntimeError("fallback broke")
+
+    ex = ShieldedExplorer(SPEC, Broken(), CFG.explore, seed=0, correlation=0.0)
+    d = ex.act(obs(0.25, 1.5), tick(0), LOOP)  # the shield hands over to the (broken) fallback
+    assert d.source == "fallback"
+    np.testing.assert_array_equal(d.action, SPEC.stop_action())

@@ -14,6 +14,7 @@ and hand control to the fallback while ``x_stop`` (or ``x``) is beyond the const
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,8 @@ from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
 from robot_mbrl.runtime.policies import RandomPolicy
 from robot_mbrl.typedconfig import param, require_names
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,14 @@ class ShieldedExplorer:
             reason = "explore_shield"
         if unsafe:
             safe_x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-            action, source = np.asarray(self.fallback.act(safe_x), dtype=float), "fallback"
+            try:
+                action = np.asarray(self.fallback.act(safe_x), dtype=float).reshape(self.spec.act_dim)
+                if not np.all(np.isfinite(action)):
+                    raise FloatingPointError(f"fallback returned {action!r}")
+            except Exception as err:  # noqa: BLE001 - as in the gate: the stop action, never a crash
+                log.error("tick %d: fallback failed (%r): stop action", tick.index, err)
+                action = self.spec.stop_action()
+            source = "fallback"
         else:
             action, source = self.policy.act(x), "policy"
         events = []

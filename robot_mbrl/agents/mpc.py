@@ -357,13 +357,16 @@ class GatedMPC:
         else:  # lockstep twin: it waits for us, so timing must not change the run (reproducibility);
             missed, now = False, obs.stamp_s  # misses are still counted by the episode runner
         d = self.gate.decide(self.tick, now, obs, plan, error, missed)
-        self.warm = self.planner.shift(plan.actions) if plan is not None else None
-        cus = self.monitor.state("cusum")
-        ood = self.monitor.state("ood")
-        thr = self.gate.disagreement_threshold
-        self.trace.append((self.tick, plan.worst_disagreement if plan is not None else math.nan,
-                           thr if thr is not None else math.nan, cus[1], cus[2], ood[1],
-                           ood[2], d.source == "fallback"))  # fmt: skip
+        try:  # bookkeeping after the decision: a failure here must not cost the tick its command
+            self.warm = self.planner.shift(plan.actions) if plan is not None else None
+            cus, ood = self.monitor.state("cusum"), self.monitor.state("ood")
+            thr = self.gate.disagreement_threshold
+            self.trace.append((self.tick, plan.worst_disagreement if plan is not None else math.nan,
+                               thr if thr is not None else math.nan, cus[1], cus[2], ood[1],
+                               ood[2], d.source == "fallback"))  # fmt: skip
+        except Exception as err:  # noqa: BLE001
+            log.warning("tick %d: after the gate decided: %r (no warm start next tick)", self.tick, err)
+            self.warm = None
         self.tick += 1
         return Decision(
             action=np.asarray(d.action, dtype=float),
@@ -373,6 +376,18 @@ class GatedMPC:
         )
 
     def observe(self, tr: Transition) -> list[dict]:
+        """Feed one real transition to the shift monitors. A monitor that raises is an alarm (and,
+        where the monitors gate, a fallback until the episode ends), never a crash of the episode."""
+        try:
+            return self._observe(tr)
+        except Exception as err:  # noqa: BLE001
+            log.warning("tick %d: shift monitor update failed: %r; monitor in alarm", self.tick, err)
+            first = self.monitor.error is None
+            self.monitor.error = repr(err)[:200]
+            return [{"tick": self.tick, "kind": "alarm", "trigger": "monitor_error", "reason": self.monitor.error,
+                     "score": 1.0, "threshold": 0.0}] if first else []  # fmt: skip
+
+    def _observe(self, tr: Transition) -> list[dict]:
         k, spec = self.monitor.cfg.residual_horizon, self.agent.spec
         mean = std = None
         if k == 1 or self.planner.cfg.disturbance_rate > 0:

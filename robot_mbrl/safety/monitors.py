@@ -175,6 +175,7 @@ class ShiftMonitor:
     def __init__(self, spec: RobotSpec, cfg: ShiftConfig | None = None):
         self.spec = spec
         self.cfg = cfg = cfg or ShiftConfig()
+        self.error: str | None = None  # why the last update failed (an alarm until the episode ends)
         require_names("monitor.residual_channels", cfg.residual_channels, spec.obs_names)
         # the observation channels whose residuals the CUSUMs watch (all when none are named)
         self.watched = np.array(
@@ -315,6 +316,7 @@ class ShiftMonitor:
         and the val-loss signal carry on; ``reset_each_episode: false`` keeps them too). A jump alarm
         ends with its episode either way."""
         self.jump_score, self._jump_latched = 0.0, False
+        self.error = None
         if not self.cfg.reset_each_episode:
             return
         self.cusum.reset()
@@ -352,8 +354,10 @@ class ShiftMonitor:
         raise KeyError(name)
 
     def active_alarms(self) -> list[tuple[str, float, float]]:
-        """(name, score, threshold) of every monitor in alarm now."""
-        return [(n, s, t) for n in self.NAMES for a, s, t in [self.state(n)] if a]
+        """(name, score, threshold) of every monitor in alarm now; a monitor that failed to update
+        (:attr:`error`, until the episode ends) is in alarm: it can no longer vouch for the model."""
+        failed = [("monitor_error", 1.0, 0.0)] if self.error is not None else []
+        return failed + [(n, s, t) for n in self.NAMES for a, s, t in [self.state(n)] if a]
 
     def _events(self, tick: int, names: tuple[str, ...]) -> list[dict]:
         events = []
