@@ -257,6 +257,23 @@ def test_a_failing_monitor_or_warm_start_falls_back_instead_of_crashing(trained)
     assert np.isfinite(res.ret)
 
 
+def test_monitors_that_cannot_be_calibrated_are_in_alarm(trained):
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot, make_task
+
+    out, _ = trained
+    cfg = load_config(str(out / "config.yaml"), ["monitor.residual_horizon=3"])
+    robot = make_robot(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, make_task(cfg))
+    assert agent.controller().monitor.uncalibrated is None  # the checkpoint holds 3-tick segments
+    for key in ("segment_obs0", "segment_act", "segment_next_obs"):  # an older checkpoint: none
+        agent.ood_reference.pop(key)
+    ctl = agent.controller()
+    assert "residual_horizon=3" in ctl.monitor.uncalibrated
+    assert ("monitor_uncalibrated", 1.0, 0.0) in ctl.monitor.active_alarms()  # the gate falls back
+
+
 def test_k_step_residuals_follow_the_applied_actions_open_loop(trained):
     """monitor.residual_horizon = k: the residual at tick t compares s_t+1 with the ensemble-mean
     prediction from s_t-k+1 through the k actions really applied (the same numbers ``open_loop``

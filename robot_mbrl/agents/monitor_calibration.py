@@ -33,6 +33,7 @@ def calibrate_monitor(agent: MPCAgent, monitor: ShiftMonitor) -> None:
     """OOD threshold and CUSUM residual calibration from the model's training and held-out
     data (kept in the checkpoint), for the current model and monitor config."""
     ref = agent.ood_reference
+    monitor.uncalibrated = "no held-out data in the checkpoint"  # until calibrated below
     if ref is None or len(ref["holdout_obs"]) < 10:
         return
     held = {k: pooled(ref, k) for k in ("obs", "act", "next_obs")}  # held-out + commissioning
@@ -75,8 +76,10 @@ def calibrate_monitor(agent: MPCAgent, monitor: ShiftMonitor) -> None:
         z = monitor.residual_z(nxt, mean, predictive_std(ale, epi, agent.variance_coef), calibrated=False)
         n_comm = len(held["obs"]) - len(ref["holdout_obs"])
         groups = ref.get("commission_episode")
-    if z is None:
+    if z is None:  # the residuals cannot be judged: where the monitors gate, that is an alarm
+        monitor.uncalibrated = f"no held-out residuals for monitor.residual_horizon={k}"
         return
+    monitor.uncalibrated = None
     bias, whiten = residual_calibration(z, full=agent.cfg.monitor.whiten)
     batch = agent.cfg.monitor.autocorr_batch_ticks
     agent.thresholds.pop("residual_inflation", None)

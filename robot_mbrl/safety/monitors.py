@@ -176,6 +176,8 @@ class ShiftMonitor:
         self.spec = spec
         self.cfg = cfg = cfg or ShiftConfig()
         self.error: str | None = None  # why the last update failed (an alarm until the episode ends)
+        # why the residuals cannot be judged (set by the agent's calibration; an alarm while set)
+        self.uncalibrated: str | None = None
         require_names("monitor.residual_channels", cfg.residual_channels, spec.obs_names)
         # the observation channels whose residuals the CUSUMs watch (all when none are named)
         self.watched = np.array(
@@ -355,8 +357,10 @@ class ShiftMonitor:
 
     def active_alarms(self) -> list[tuple[str, float, float]]:
         """(name, score, threshold) of every monitor in alarm now; a monitor that failed to update
-        (:attr:`error`, until the episode ends) is in alarm: it can no longer vouch for the model."""
+        (:attr:`error`, until the episode ends) or cannot judge its residuals
+        (:attr:`uncalibrated`) is in alarm: it cannot vouch for the model."""
         failed = [("monitor_error", 1.0, 0.0)] if self.error is not None else []
+        failed += [("monitor_uncalibrated", 1.0, 0.0)] if self.uncalibrated is not None else []
         return failed + [(n, s, t) for n in self.NAMES for a, s, t in [self.state(n)] if a]
 
     def _events(self, tick: int, names: tuple[str, ...]) -> list[dict]:
