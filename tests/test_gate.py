@@ -229,6 +229,7 @@ def test_no_gate_passes_the_mpc_action_but_records_alarms():
     assert sources == ["mpc"] * 7
     assert [(e["tick"], e["kind"], e["trigger"]) for e in events] == [
         (1, "alarm", "disagreement"),
+        (4, "clear", "reentry"),  # where the gate would have handed back to the MPC
         (6, "alarm", "disagreement"),
     ]
     assert events[0]["applied"] == MPC_ACTION.tolist() and gate.fallback_ticks == 0

@@ -236,8 +236,9 @@ class SafetyGate:
         events = []
         if switched and not self.cfg.no_gate:
             events.append(self._event(tick, time_s, "switch", triggers, worst, proposed, action))
-        elif switched and self.mode == "fallback":  # no_gate: record the switch it would have made
-            events.append(self._event(tick, time_s, "alarm", triggers, worst, proposed, action))
+        elif switched:  # no_gate: record the switches it would have made, both ways
+            kind = "alarm" if self.mode == "fallback" else "clear"
+            events.append(self._event(tick, time_s, kind, triggers, worst, proposed, action))
         return GateDecision(action, source, triggers, switched, events)
 
     # -- triggers --------------------------------------------------------------------------
