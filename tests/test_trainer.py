@@ -116,3 +116,25 @@ def test_retrain_schedule():
         from robot_mbrl.typedconfig import build
 
         build(ScheduleConfig, {"min_new_transitions": 1})
+
+
+def test_holdout_is_contiguous_blocks_and_calibration_segments_lie_inside_them():
+    """trainer.holdout_block >= K: the K-tick calibration segments are held out in full (with
+    single held-out rows ~80 % of a segment's later ticks are training rows)."""
+    from robot_mbrl.agents.monitor_calibration import segment_starts
+
+    cfg = TrainerConfig(holdout_block=20)
+    trainer = EnsembleTrainer(ProbabilisticEnsemble(2, 1, ANGLE, EnsembleConfig(members=2)), cfg, seed=3)
+    hold, tr = (t.numpy() for t in trainer._split(1500))
+    assert len(hold) == 300 and len(tr) == 1200 and not set(hold) & set(tr)
+    starts = hold[np.r_[True, np.diff(hold) > 1]]  # first row of each held-out run
+    assert np.all(starts % 20 == 0) and len(starts) <= 15  # whole blocks of 20 (adjacent ones merge)
+    again = EnsembleTrainer(ProbabilisticEnsemble(2, 1, ANGLE, EnsembleConfig(members=2)), cfg, seed=3)
+    np.testing.assert_array_equal(again._split(1500)[0].numpy(), hold)  # seeded
+    episode = np.repeat(np.arange(6), 250)
+    seg = segment_starts(episode, np.zeros(1500, bool), hold, 10, whole=True)
+    assert len(seg) > 0 and np.isin(seg[:, None] + np.arange(10), hold).all()  # never a training row
+    loose = segment_starts(episode, np.zeros(1500, bool), hold, 10)  # only the start held out
+    assert len(loose) > len(seg) and not np.isin(loose[:, None] + np.arange(10), hold).all()
+    small_hold, small_tr = trainer._split(50)  # short buffers: shorter blocks, never all rows
+    assert len(small_hold) == 10 and len(small_tr) == 40

@@ -111,24 +111,30 @@ def _calibrate_jump(agent: MPCAgent, monitor: ShiftMonitor, z: np.ndarray) -> No
     agent.thresholds["jump"] = float(thr)
 
 
-def segment_starts(episode: np.ndarray, terminated: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
-    """The ``rows`` (time-ordered indices) whose next ``length`` ticks stay inside one episode and do
-    not pass a termination before the last of them."""
-    n = len(episode)
-    starts = np.asarray(rows)[np.asarray(rows) + length <= n]
-    ok = np.array([episode[i] == episode[i + length - 1] and not terminated[i : i + length - 1].any() for i in starts],
-                  dtype=bool)  # fmt: skip
+def segment_starts(
+    episode: np.ndarray, terminated: np.ndarray, rows: np.ndarray, length: int, whole: bool = False
+) -> np.ndarray:
+    """The ``rows`` (time-ordered indices) whose next ``length`` ticks stay inside one episode and
+    do not pass a termination before the last of them (``whole``: and are all in ``rows``, i.e.
+    held out in full)."""
+    n, rows = len(episode), np.asarray(rows)
+    member = np.zeros(n + length, bool)
+    member[rows] = True
+    starts = rows[rows + length <= n]
+    ok = np.array([episode[i] == episode[i + length - 1] and not terminated[i : i + length - 1].any()
+                   and (not whole or member[i : i + length].all()) for i in starts], dtype=bool)  # fmt: skip
     return starts[ok] if len(starts) else starts
 
 
 def segments(
-    arrays: dict[str, np.ndarray], rows: np.ndarray, length: int
+    arrays: dict[str, np.ndarray], rows: np.ndarray, length: int, whole: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Real segments that start at ``rows`` and continue ``length`` ticks inside one episode.
+    """Real segments that start at ``rows`` and continue ``length`` ticks inside one episode
+    (``whole``: only those held out in full, see :func:`segment_starts`).
 
     Returns ``obs0`` (N x S), the actions that really followed (N x length x A) and the
     observations they led to (N x length x S)."""
-    starts = segment_starts(arrays["episode_id"], arrays["terminated"], rows, length)
+    starts = segment_starts(arrays["episode_id"], arrays["terminated"], rows, length, whole)
     idx = starts[:, None] + np.arange(length)[None, :]
     return arrays["obs"][starts], arrays["act"][idx], arrays["next_obs"][idx]
 

@@ -156,9 +156,14 @@ class MPCAgent:
         return rep
 
     def _calibrate(self, data: dict[str, np.ndarray], holdout: np.ndarray) -> None:
-        """Gate thresholds from held-out, in-distribution real segments (never trained on)."""
+        """Gate thresholds from in-distribution real segments that start at a held-out transition.
+        With ``trainer.holdout_block`` >= the plan's ticks the segments are held out whole; with
+        single held-out rows (the default) the transitions after the first may have been trained on,
+        which makes the threshold somewhat optimistic (commissioning recalibrates the monitors on
+        fresh data; benchmarks/RESULTS.md)."""
         ticks = self.cfg.planner.horizon * self.cfg.planner.action_repeat
-        obs0, acts, _ = segments(data, holdout, ticks)
+        whole = self.cfg.trainer.holdout_block >= ticks
+        obs0, acts, _ = segments(data, holdout, ticks, whole)
         rate = self.cfg.calibration.disagreement_false_alarm_rate
         if len(obs0) >= 10:
             scores = plan_disagreement_scores(self.model, obs0, acts)
@@ -182,7 +187,7 @@ class MPCAgent:
             "holdout_act": data["act"][holdout],
             "holdout_next_obs": data["next_obs"][holdout],  # residual calibration of the CUSUM
         }
-        seg_obs0, seg_act, seg_next = segments(data, holdout, SEGMENT_TICKS)  # k-step residuals
+        seg_obs0, seg_act, seg_next = segments(data, holdout, SEGMENT_TICKS, whole)  # k-step residuals
         self.ood_reference.update(segment_obs0=seg_obs0, segment_act=seg_act, segment_next_obs=seg_next)
 
     # -- control ---------------------------------------------------------------------------
