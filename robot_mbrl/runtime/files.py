@@ -61,7 +61,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line and flush it to disk. A torn last line (a writer killed mid-line: no
     final newline) is cut off first, so the new record starts on a line of its own; readers skip a
     torn last line."""
-    with open(path, "ab") as f:
+    with open(path, "a+b") as f:
         _drop_torn_tail(f, path)
         f.write((json.dumps(finite_json(record), sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
         f.flush()
@@ -69,23 +69,22 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 
 def _drop_torn_tail(f: Any, path: str | os.PathLike) -> None:
-    """Truncate ``f`` (opened for binary append) after its last newline when it does not end in one."""
+    """Truncate ``f`` (opened ``a+b``) after its last newline when it does not end in one."""
     size = f.seek(0, os.SEEK_END)
     if size == 0:
         return
-    with open(path, "rb") as r:
-        r.seek(size - 1)
-        if r.read(1) == b"\n":
-            return
-        end = size
-        while end > 0:  # back to the last complete line
-            start = max(0, end - 4096)
-            r.seek(start)
-            nl = r.read(end - start).rfind(b"\n")
-            if nl >= 0:
-                end = start + nl + 1
-                break
-            end = start
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+        return
+    end = size
+    while end > 0:  # back to the last complete line
+        start = max(0, end - 4096)
+        f.seek(start)
+        nl = f.read(end - start).rfind(b"\n")
+        if nl >= 0:
+            end = start + nl + 1
+            break
+        end = start
     log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path, size - end)
     f.truncate(end)
 

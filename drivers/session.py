@@ -1,0 +1,211 @@
+"""The device session of :class:`~robot_mbrl.drivers.serial_robot.SerialRobot`: the handshake
+(HELLO → HELLO_ACK, device checked), request/ACK exchanges re-sent every ``min(RESEND_S,
+handshake_timeout_s)`` until answered, blocking waits bounded by ``handshake_timeout_s * retries``,
+and detection of a device that restarted behind a live link (:func:`restart_reason`).
+
+:class:`DeviceSession` is a mixin: it works on the robot's transport, decoder, config, clock and
+session state, which :class:`SerialRobot` owns and documents.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from robot_mbrl.drivers import mcu
+from robot_mbrl.drivers.transport import LinkDown
+
+log = logging.getLogger("robot_mbrl.drivers.serial_robot")  # one logger for the whole driver
+
+RESEND_S = 0.05  # an unanswered HELLO / WATCHDOG_CONFIG / ESTOP release is re-sent this often
+SEQ_RESTART_WINDOW = 16  # STATE seq going back by more than this: the device restarted
+CLOCK_RESTART_TOLERANCE_US = 1_000  # device clock going back by more than this: the device restarted
+
+
+def restart_reason(held: mcu.State, new: mcu.State) -> str | None:
+    """Why ``new`` must come from a restarted device (None: the same run of the device).
+
+    The device restarted when its STATE ``seq`` went back by more than :data:`SEQ_RESTART_WINDOW`,
+    or when its clock went back by more than :data:`CLOCK_RESTART_TOLERANCE_US` although ``seq``
+    did not just step back a little (a state at most that many steps older is dropped as a
+    reordered/duplicate frame; if a restart hid behind it, the next states, whose ``seq`` moves
+    forward again with the clock still behind, reveal it within that window).
+    """
+    back_seq = mcu.seq_delta(held.seq, new.seq)  # how far new is behind held (> 2**31: ahead)
+    back_us = held.t_us - new.t_us
+    reordered = 0 < back_seq <= SEQ_RESTART_WINDOW
+    if SEQ_RESTART_WINDOW < back_seq <= 1 << 31 or (back_us > CLOCK_RESTART_TOLERANCE_US and not reordered):
+        clock = f"device clock {held.t_us * 1e-6:.3f} s -> {new.t_us * 1e-6:.3f} s"
+        return f"STATE seq {held.seq} -> {new.seq}, {clock}"
+    return None
+
+
+class HandshakeError(ConnectionError):
+    """The device did not answer HELLO, or its channels do not match the spec."""
+
+
+@dataclass
+class Pending:
+    """A request waiting for its ACK; re-sent at ``resend_at_s``."""
+
+    msg: mcu.Message
+    since_s: float
+    resend_at_s: float
+    warned: bool = False
+
+
+class DeviceSession:
+    """Handshake, acknowledged requests with resend, and blocking waits (see the module docstring)."""
+
+    @property
+    def _exchange_budget_s(self) -> float:
+        return self.cfg.handshake_timeout_s * self.cfg.retries
+
+    @property
+    def _resend_s(self) -> float:
+        return min(RESEND_S, self.cfg.handshake_timeout_s)
+
+    def _check_device(self, ack: mcu.HelloAck) -> None:
+        if ack.version != mcu.PROTOCOL_VERSION:
+            raise mcu.VersionError(f"device speaks protocol v{ack.version}, host v{mcu.PROTOCOL_VERSION}")
+        if max(self._obs_idx) >= ack.n_sensors or max(self._act_idx, default=-1) >= ack.n_actuators:
+            raise HandshakeError(
+                f"device has {ack.n_sensors} sensors / {ack.n_actuators} actuators; "
+                f"config maps {self._obs_idx} / {self._act_idx}"
+            )
+
+    def _fail(self, err: Exception) -> None:
+        """Inside connect()/activate() an error is raised by the waiting loop; otherwise logged."""
+        if self._blocking:
+            self._error = self._error or err
+        else:
+            log.error("%s", err)
+
+    def _on_hello_ack(self, ack: mcu.HelloAck) -> None:
+        if self._handshake_due is None:
+            return  # a late duplicate
+        try:
+            self._check_device(ack)
+        except (mcu.VersionError, HandshakeError) as err:
+            if self._blocking:
+                self._fail(err)  # a wrong device is not a transient error
+            elif str(err) != self._refused:
+                self._refused = str(err)
+                log.error("re-handshake refused: %s", err)  # stays COMM until a correct device answers
+            return
+        self._refused = None
+        self.device, self._handshake_due = ack, None
+        try:
+            self._send_acked(mcu.WatchdogConfig(self.cfg.watchdog_ms), mcu.MsgType.WATCHDOG_CONFIG)
+            if self._want_active:
+                self._send_acked(mcu.Estop(False), mcu.MsgType.ESTOP)
+        except LinkDown:
+            return  # reopening the link restarts the handshake
+        if not self._blocking:
+            log.info(
+                "re-handshake with device %#x: restoring watchdog %d ms%s",
+                ack.device_id, self.cfg.watchdog_ms, " and ESTOP release" if self._want_active else "",
+            )  # fmt: skip
+
+    def _on_ack(self, ack: mcu.Ack) -> None:
+        pending = self._pending.pop(ack.msg_type, None)
+        if pending is None:
+            return  # a duplicate, or the ACK of an ESTOP engage (not awaited)
+        if ack.status != 0:
+            self._fail(HandshakeError(f"device rejected {_type_name(ack.msg_type)} (status {ack.status})"))
+            return
+        if ack.msg_type == mcu.MsgType.ESTOP and self._want_active and self._handshake_due is None:
+            self.active = True
+            self._prev_obs_ok = False
+
+    def _start_handshake(self) -> None:
+        """(Re)start the handshake: HELLO now, re-sent every resend interval until HELLO_ACK."""
+        self.active = False  # no commands until the device is known again
+        self._pending.clear()
+        self._clock_offset_s = None  # the device may have rebooted: its clock restarted
+        self._handshake_since = self._clock()
+        self._hello_warned = False
+        self._send_hello()
+
+    def _send_hello(self) -> None:
+        self._handshake_due = self._clock() + self._resend_s
+        try:
+            self.transport.write(mcu.encode(mcu.Hello()))
+        except LinkDown:
+            pass  # the link is closed: reopening it restarts the handshake
+
+    def _send_acked(self, msg: mcu.Message, acked: mcu.MsgType) -> None:
+        now = self._clock()
+        self._pending[int(acked)] = Pending(msg, now, now + self._resend_s)
+        self.transport.write(mcu.encode(msg))
+
+    def _resend_due(self, now: float) -> None:
+        """Re-send the HELLO or requests whose answer is overdue (lost or corrupted on the way)."""
+        if not self.transport.is_open:
+            return
+        st, budget = self.transport.stats, self._exchange_budget_s
+        try:
+            if self._handshake_due is not None and now >= self._handshake_due:
+                st.timeouts += 1
+                st.retries += 1
+                if not (self._blocking or self._hello_warned) and now - self._handshake_since > budget:
+                    self._hello_warned = True
+                    log.warning("no HELLO_ACK from %s for %.2f s; still asking", self.transport.url, budget)
+                self._send_hello()
+            for acked, p in list(self._pending.items()):
+                if now >= p.resend_at_s:
+                    st.timeouts += 1
+                    st.retries += 1
+                    if not (self._blocking or p.warned) and now - p.since_s > budget:
+                        p.warned = True
+                        log.warning(
+                            "no ACK for %s from %s for %.2f s; still asking",
+                            _type_name(acked), self.transport.url, budget,
+                        )  # fmt: skip
+                    p.resend_at_s = now + self._resend_s
+                    self.transport.write(mcu.encode(p.msg))
+        except LinkDown:
+            return  # reopening the link restarts the handshake
+
+    def _awaited(self) -> str:
+        if not self.transport.is_open:
+            return "open link"
+        if self._handshake_due is not None:
+            return "HELLO_ACK"
+        return " and ".join(f"ACK for {_type_name(t)}" for t in self._pending) or "answer"
+
+    def _wait_for(self, done: Callable[[], bool]) -> None:
+        """Poll until ``done()``, re-sending what is unanswered; raise after the exchange budget."""
+        budget = self._exchange_budget_s
+        deadline = self._clock() + budget
+        self._blocking, self._error = True, None
+        try:
+            while True:
+                self._poll()
+                if self._error is not None:
+                    raise self._error
+                if done():
+                    return
+                if self._clock() >= deadline:
+                    raise HandshakeError(
+                        f"no {self._awaited()} from {self.transport.url} within {budget:.2f} s "
+                        f"(re-sent every {self._resend_s * 1e3:.0f} ms)"
+                    )
+                time.sleep(0.001)
+        finally:
+            self._blocking, self._error = False, None
+
+    def _handshake_blocking(self) -> None:
+        """HELLO → HELLO_ACK, then WATCHDOG_CONFIG → ACK, within ``handshake_timeout_s * retries``."""
+        self.decoder.reset(resync=True)
+        self._start_handshake()
+        self._wait_for(lambda: self.transport.is_open and self._handshake_due is None and not self._pending)
+
+
+def _type_name(t: int) -> str:
+    try:
+        return mcu.MsgType(t).name
+    except ValueError:
+        return f"type {t:#04x}"

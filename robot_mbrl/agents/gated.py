@@ -1,0 +1,114 @@
+"""The per-tick controller of the learning MPC agent: plan, let the Simplex gate decide, feed the
+real transitions to the shift monitors (see :mod:`robot_mbrl.agents.mpc` for the agent)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from robot_mbrl.agents.predictive import predictive, predictive_parts
+from robot_mbrl.hal.robot import Observation
+from robot_mbrl.planning.mpc import MPCPlanner
+from robot_mbrl.runtime.episode import Decision, Transition
+from robot_mbrl.runtime.loop import RateLoop, Tick
+from robot_mbrl.safety.gate import SafetyGate
+from robot_mbrl.safety.monitors import ShiftMonitor
+
+if TYPE_CHECKING:
+    from robot_mbrl.agents.mpc import MPCAgent
+
+log = logging.getLogger(__name__)
+
+
+class GatedMPC:
+    """The per-tick controller: plan, let the gate decide, feed real transitions to the monitor."""
+
+    def __init__(self, agent: MPCAgent, planner: MPCPlanner, gate: SafetyGate, monitor: ShiftMonitor,
+                 budget_fraction: float):  # fmt: skip
+        self.agent, self.planner, self.gate, self.monitor = agent, planner, gate, monitor
+        self.budget_fraction = budget_fraction
+        self.warm: torch.Tensor | None = None
+        self._open_loop: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        self.tick = 0  # ticks across episodes (events and monitors use one clock)
+        self.trace: list[
+            tuple
+        ] = []  # (tick, disagreement, threshold, cusum, cusum_h, ood, ood_thr, fallback)
+
+    def reset(self, obs: Observation) -> None:
+        self.gate.reset()
+        self.monitor.new_episode()
+        self.warm = None
+        self._open_loop = None
+        self.planner.disturbance = None  # a new episode starts without a disturbance estimate
+
+    def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
+        plan, error = None, None
+        if obs.ok:
+            try:
+                plan = self.planner.plan(obs.values, self.warm, self.gate.disagreement_threshold)
+            except Exception as err:  # noqa: BLE001 - a planner failure is a gate trigger, never a crash
+                log.warning("tick %d: planner raised %r; the gate falls back", self.tick, err)
+                error = err
+        if loop.paced:  # real time: a late plan or an old reading is a hazard -> gate triggers
+            missed, now = loop.late(self.budget_fraction), loop.now()
+        else:  # lockstep twin: it waits for us, so timing must not change the run (reproducibility);
+            missed, now = False, obs.stamp_s  # misses are still counted by the episode runner
+        d = self.gate.decide(self.tick, now, obs, plan, error, missed)
+        try:  # bookkeeping after the decision: a failure here must not cost the tick its command
+            self.warm = self.planner.shift(plan.actions) if plan is not None else None
+            cus, ood = self.monitor.state("cusum"), self.monitor.state("ood")
+            thr = self.gate.disagreement_threshold
+            self.trace.append((self.tick, plan.worst_disagreement if plan is not None else math.nan,
+                               thr if thr is not None else math.nan, cus[1], cus[2], ood[1],
+                               ood[2], d.source == "fallback"))  # fmt: skip
+        except Exception as err:  # noqa: BLE001
+            log.warning("tick %d: after the gate decided: %r (no warm start next tick)", self.tick, err)
+            self.warm = None
+        self.tick += 1
+        return Decision(
+            action=np.asarray(d.action, dtype=float),
+            source=d.source,
+            plan_s=plan.solve_time_s if plan is not None else None,
+            events=[dict(e) for e in d.events],
+        )
+
+    def observe(self, tr: Transition) -> list[dict]:
+        """Feed one real transition to the shift monitors. A monitor that raises is an alarm (and,
+        where the monitors gate, a fallback until the episode ends), never a crash of the episode."""
+        try:
+            return self._observe(tr)
+        except Exception as err:  # noqa: BLE001
+            log.warning("tick %d: shift monitor update failed: %r; monitor in alarm", self.tick, err)
+            first = self.monitor.error is None
+            self.monitor.error = repr(err)[:200]
+            return [{"tick": self.tick, "kind": "alarm", "trigger": "monitor_error", "reason": self.monitor.error,
+                     "score": 1.0, "threshold": 0.0}] if first else []  # fmt: skip
+
+    def _observe(self, tr: Transition) -> list[dict]:
+        k, spec = self.monitor.cfg.residual_horizon, self.agent.spec
+        mean = std = None
+        if k == 1 or self.planner.cfg.disturbance_rate > 0:
+            mean, std = predictive(self.agent.model, tr.obs[None], tr.act[None], spec.angle_mask,
+                                   self.agent.variance_coef)  # fmt: skip
+            if self.planner.cfg.disturbance_rate > 0:
+                self.planner.observe_residual(tr.next_obs, mean[0])
+        if k == 1:
+            return self.monitor.observe(tr.obs, tr.act, tr.next_obs, mean[0], std[0], self.tick)
+        # k open-loop predictions in flight, one started at each of the last k ticks, all advanced by
+        # one batched model call with the action really applied; the oldest is compared with s_t+1
+        # after k ticks. A gap in the valid transitions (or a new episode) restarts them.
+        ol = self._open_loop
+        if ol is None or not np.array_equal(ol[2], tr.obs):
+            ol = (np.empty((0, spec.obs_dim)), np.empty(0, dtype=int), None)
+        states = np.vstack([ol[0], np.asarray(tr.obs, dtype=float)[None]])
+        ages = np.append(ol[1], 0) + 1
+        acts = np.tile(np.asarray(tr.act, dtype=float).reshape(1, -1), (len(states), 1))
+        states, _, _ = predictive_parts(self.agent.model, states, acts, spec.angle_mask)
+        done = ages >= k
+        pred = states[done][0] if done.any() else np.full(spec.obs_dim, np.nan)  # NaN: CUSUM waits
+        self._open_loop = (states[~done], ages[~done], np.asarray(tr.next_obs, dtype=float))
+        return self.monitor.observe(tr.obs, tr.act, tr.next_obs, pred, np.ones(spec.obs_dim), self.tick)
