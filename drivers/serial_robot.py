@@ -335,6 +335,7 @@ class SerialRobot(DeviceSession, Robot):
         self._prev_rx_s = now
         self._seen = self._state = msg
         self._state_rx_s = now
+        self._confirm_release(msg)
         # min-latency clock offset; it may grow 1 ms per s so device clock drift cannot pin it
         offset = now - msg.t_us * 1e-6
         if self._clock_offset_s is None:

@@ -54,6 +54,7 @@ class Pending:
     since_s: float
     resend_at_s: float
     warned: bool = False
+    acked: bool = False  # ESTOP release: an ACK came; the next STATE says whether it was this one's
 
 
 class DeviceSession:
@@ -110,13 +111,33 @@ class DeviceSession:
             )  # fmt: skip
 
     def _on_ack(self, ack: mcu.Ack) -> None:
-        pending = self._pending.pop(ack.msg_type, None)
+        pending = self._pending.get(ack.msg_type)
         if pending is None:
             return  # a duplicate, or the ACK of an ESTOP engage (not awaited)
         if ack.status != 0:
+            del self._pending[ack.msg_type]
             self._fail(HandshakeError(f"device rejected {_type_name(ack.msg_type)} (status {ack.status})"))
             return
-        if ack.msg_type == mcu.MsgType.ESTOP and self._want_active and self._handshake_due is None:
+        if ack.msg_type == mcu.MsgType.ESTOP:
+            # An ACK does not say whether it answers an engage or a release: a late ACK of an earlier
+            # engage would pass for the release's. The device sends in order, so the next STATE tells
+            # (see _confirm_release); the release stays pending, and is re-sent, until it does.
+            pending.acked = True
+            return
+        del self._pending[ack.msg_type]
+
+    def _confirm_release(self, state: mcu.State) -> None:
+        """The first STATE after an ESTOP ACK: e-stop clear → the release took, actuation allowed;
+        still latched → that ACK answered an earlier engage, the release stays pending."""
+        pending = self._pending.get(mcu.MsgType.ESTOP)
+        if pending is None or not pending.acked:
+            return
+        if state.faults & mcu.DeviceFault.ESTOP:
+            pending.acked = False
+            log.debug("ESTOP ACK followed by a latched STATE %d: the release is still pending", state.seq)
+            return
+        del self._pending[mcu.MsgType.ESTOP]
+        if self._want_active and self._handshake_due is None:
             self.active = True
             self._prev_obs_ok = False
 

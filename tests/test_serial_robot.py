@@ -371,3 +371,33 @@ def test_failed_handshake_counts_link_errors_and_is_bounded():
     finally:
         robot.transport.close()
         emulator.stop()
+
+
+def test_a_late_estop_engage_ack_is_not_taken_for_the_release():
+    """An ACK names only the acknowledged type: the STATE after it decides whether the release took."""
+    clock = _Clock()
+    robot, dev = _loop_robot(clock)
+    latched = int(mcu.DeviceFault.ESTOP)
+    hello = mcu.HelloAck(1, 7, ((-10, 10), (-10, 10)), ((-1, 1),))
+    try:
+        robot._start_handshake()
+        dev.write(mcu.encode(hello) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(1, 0))
+        robot.read()
+        robot._want_active = True  # activate()'s request, without its blocking wait
+        robot._send_acked(mcu.Estop(False), mcu.MsgType.ESTOP)
+        # the release is lost; the ACK of an engage sent before it arrives, then a latched STATE
+        clock.t += 0.01
+        state = mcu.State(2, 10_000, 0, latched, (0.5, 0.0))
+        dev.write(mcu.encode(mcu.Ack(mcu.MsgType.ESTOP)) + mcu.encode(state))
+        obs = robot.read()
+        assert not robot.active and obs.faults & Fault.COMM and obs.faults & Fault.ESTOP
+        retries = robot.stats.retries
+        clock.t += 0.06  # past the resend interval: the release goes out again
+        robot.read()
+        assert robot.stats.retries == retries + 1 and not robot.active
+        clock.t += 0.01  # this time it took: ACK, then a STATE with the e-stop clear
+        dev.write(mcu.encode(mcu.Ack(mcu.MsgType.ESTOP)) + _state(3, 30_000))
+        robot.read()
+        assert robot.active
+    finally:
+        dev.close()
