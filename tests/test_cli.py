@@ -121,6 +121,22 @@ def test_unknown_channel_names_fail_before_any_robot_time(sets, key, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{key}: expected names from" in r.stderr and "'bogus'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1  # no progress bar: no robot time spent
+    assert not (tmp_path / "run").exists()  # nor an empty run folder left behind
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "gym.env_id=Nope-v0"], "Environment `Nope` doesn't exist"),
+        (["--set", "gym.env_id=CartPole-v1"], "expected a 1-D Box env with finite action bounds"),
+        (["--set", "gym.kwargs={bogus: 1}"], "unexpected keyword argument 'bogus'"),
+    ],
+)
+def test_a_gym_env_that_cannot_be_built_is_one_line(args, needle, tmp_path):
+    r = cli("train", "configs/inverted_pendulum_gym.yaml", "--out", str(tmp_path / "run"), *args, "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):

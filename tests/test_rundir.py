@@ -9,7 +9,7 @@ import pytest
 
 from robot_mbrl.errors import RunDirError
 from robot_mbrl.runtime.files import append_jsonl, read_jsonl
-from robot_mbrl.runtime.rundir import RunDir
+from robot_mbrl.runtime.rundir import RunDir, run_dir
 
 
 def test_a_torn_last_line_is_cut_before_the_next_record(tmp_path, caplog):
@@ -54,3 +54,19 @@ def test_a_file_or_an_existing_run_is_refused(tmp_path):
     run.close()
     with pytest.raises(RunDirError, match="existing run"):
         RunDir(tmp_path / "run", new=True)
+
+
+def test_a_failed_job_removes_only_the_empty_folder_it_created(tmp_path):
+    with pytest.raises(OSError), run_dir(tmp_path / "a" / "run") as run:
+        run.write_config({"seed": 0})
+        raise OSError("the robot did not answer")
+    assert not (tmp_path / "a" / "run").exists()
+    (tmp_path / "b").mkdir()  # the user's own folder: kept, empty or not
+    with pytest.raises(OSError), run_dir(tmp_path / "b"):
+        raise OSError("no")
+    assert (tmp_path / "b").is_dir()
+    with pytest.raises(KeyboardInterrupt), run_dir(tmp_path / "c") as run:  # something recorded: kept
+        run.metric({"episode": 0})
+        raise KeyboardInterrupt
+    assert (tmp_path / "c" / "metrics.jsonl").is_file()
+    RunDir(tmp_path / "c").close()  # and its lock was released

@@ -14,7 +14,7 @@ from robot_mbrl.runtime.episode import Controller, EpisodeResult, Judge, run_epi
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.policies import PolicyController, ZeroPolicy
 from robot_mbrl.runtime.progress import Progress
-from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path
+from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +107,14 @@ def run_episodes(
     return results
 
 
-def _open_job(cfg: Config, kind: str, out: Path | None, port: str | None):  # -> RunDir, robot, task, judge
-    """Run directory (config written), robot, task and judge for a ``run``-like job."""
+def _open_job(cfg: Config, run: RunDir, port: str | None):  # -> robot, task, judge
+    """The config written to the run directory; robot, task and judge for a ``run``-like job."""
     from robot_mbrl.factory import make_judge, make_robot, make_task
 
-    run = RunDir(out or default_run_path(kind), new=True)
     run.write_config(config_to_dict(cfg))
     robot = make_robot(cfg, port=port)
     task = make_task(cfg)
-    return run, robot, task, make_judge(task, robot)
+    return robot, task, make_judge(task, robot)
 
 
 def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run: RunDir, *, kind: str,
@@ -138,7 +137,14 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
 def run_job(
     cfg: Config, *, checkpoint: Path | None, out: Path | None, port: str | None, progress: bool
 ) -> tuple[dict, Path]:
-    run, robot, task, judge = _open_job(cfg, "run", out, port)
+    with run_dir(out or default_run_path("run"), new=True) as run:
+        return _run(cfg, run, checkpoint=checkpoint, port=port, progress=progress)
+
+
+def _run(
+    cfg: Config, run: RunDir, *, checkpoint: Path | None, port: str | None, progress: bool
+) -> tuple[dict, Path]:
+    robot, task, judge = _open_job(cfg, run, port)
     if checkpoint is not None:
         import torch
 
@@ -159,12 +165,18 @@ def run_job(
     )
     run.write_summary(summary)
     write_plots(run, getattr(controller, "trace", None))
-    run.close()
     return summary, run.path
 
 
 def commission_job(
     cfg: Config, *, checkpoint: Path, out: Path | None, port: str | None, progress: bool
+) -> tuple[dict, Path]:
+    with run_dir(out or default_run_path("commission"), new=True) as run:
+        return _commission(cfg, run, checkpoint=checkpoint, port=port, progress=progress)
+
+
+def _commission(
+    cfg: Config, run: RunDir, *, checkpoint: Path, port: str | None, progress: bool
 ) -> tuple[dict, Path]:
     """Phase-I calibration: run the checkpoint's gated controller for ``run.episodes`` episodes with
     the shift monitors observing only (the gate's other triggers act as always), then recalibrate
@@ -177,7 +189,7 @@ def commission_job(
     from robot_mbrl.models.checkpoint import CheckpointError
 
     torch.set_num_threads(1)  # the onboard CPU budget, as in train and run
-    run, robot, task, judge = _open_job(cfg, "commission", out, port)
+    robot, task, judge = _open_job(cfg, run, port)
     ck = checkpoint_dir(checkpoint)
     # the checkpoint is written back: not while a train run (or another commissioning) writes its run
     owner = RunDir(ck.parent) if (ck.parent / "config.yaml").is_file() else None
@@ -202,5 +214,4 @@ def commission_job(
     summary = tally.summary(checkpoint=str(ck), commission=result, **link_record(robot))
     run.write_summary(summary)
     write_plots(run, getattr(controller, "trace", None))
-    run.close()
     return summary, run.path

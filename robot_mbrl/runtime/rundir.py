@@ -8,8 +8,12 @@ readable files behind and ``--resume`` can continue it.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,8 @@ except ImportError:  # pragma: no cover - not POSIX
 
 from robot_mbrl.errors import RunDirError
 from robot_mbrl.runtime.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+
+log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = (
     "real_steps",
@@ -64,6 +70,7 @@ class RunDir:
             raise RunDirError(
                 f"{self.path}: expected a new run directory, got an existing run (choose another --out)"
             )
+        self.created = not self.path.exists()  # abandon() removes only a folder this job created
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except (NotADirectoryError, FileExistsError):
@@ -75,6 +82,19 @@ class RunDir:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def abandon(self) -> None:
+        """The job failed: release the lock, and remove the folder if this job created it and nothing
+        but its lock, its config and empty folders went in (a rejected config or an unreachable robot
+        leaves no empty run behind). Anything else in it is kept."""
+        self.close()
+        if not self.created or not self.path.is_dir():
+            return
+        for root, _dirs, files in os.walk(self.path):
+            if any(Path(root, f) not in (self.path / ".lock", self.path / "config.yaml") for f in files):
+                return
+        shutil.rmtree(self.path, ignore_errors=True)
+        log.info("%s: removed (the job failed before it recorded anything)", self.path)
 
     @property
     def checkpoint(self) -> Path:
@@ -110,6 +130,18 @@ class RunDir:
         if missing:
             raise ValueError(f"summary.json: expected keys {missing}, got only {sorted(summary)}")
         atomic_write_json(self.path / "summary.json", summary)
+
+
+@contextmanager
+def run_dir(path: str | Path, new: bool = False) -> Iterator[RunDir]:
+    """A job's :class:`RunDir`: closed when the job ends, :meth:`~RunDir.abandon`-ed when it fails."""
+    run = RunDir(path, new=new)
+    try:
+        yield run
+    except BaseException:
+        run.abandon()
+        raise
+    run.close()
 
 
 def holds_run(path: str | Path) -> bool:

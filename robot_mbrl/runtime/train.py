@@ -33,7 +33,7 @@ from robot_mbrl.runtime.episode import Transition
 from robot_mbrl.runtime.jobs import link_record, robot_session, run_episodes
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
-from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run
+from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run, run_dir
 from robot_mbrl.safety.fallback import make_fallback
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,11 @@ def train_job(
     torch.manual_seed(cfg.seed)
     if not resume and out is not None and holds_run(out):
         raise RunDirError(f"{out}: expected a new run directory, got an existing run (use --resume {out})")
-    run = RunDir(out or default_run_path("train"))  # locked: one writer per run
+    with run_dir(out or default_run_path("train")) as run:  # locked: one writer per run
+        return _train(cfg, run, resume=resume, progress=progress, salvage=salvage)
+
+
+def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: bool) -> tuple[dict, Path]:
     robot = make_robot(cfg)
     task = make_task(cfg)
     judge = make_judge(task, robot)
@@ -180,7 +184,6 @@ def train_job(
     )
     run.write_summary(summary)
     write_plots(run, trace or None)
-    run.close()
     return summary, run.path
 
 
