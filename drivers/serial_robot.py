@@ -166,7 +166,8 @@ class SerialRobot(DeviceSession, Robot):
         self._pending.pop(mcu.MsgType.ESTOP, None)
 
     def _reset(self, seed: int | None) -> Observation:  # noqa: ARG002 - a real rig cannot be seeded
-        """Wait (bounded) for a fresh state; the physical reset is the operator's job."""
+        """Wait (bounded) for a fresh state. The physical reset is the job's homing before the episode
+        (``robot_mbrl/runtime/homing.py``) or the operator's."""
         deadline = self._clock() + max(self.cfg.handshake_timeout_s, 3 * self.spec.dt_s)
         self._state = None
         obs = self._read()

@@ -44,6 +44,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _robot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("twin", "serial", "gym"), default=None, help="override backend")
+    p.add_argument("--port", default=None, help="serial port or URL for --backend serial (e.g. /dev/ttyUSB0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robot-mbrl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --resume: leave out a corrupt buffer chunk (renamed *.corrupt) instead of stopping",
     )
+    _robot_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run a controller (learned, gated) or a simple policy")
@@ -71,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="simple policy when no checkpoint is given (run.policy)",
     )
-    p.add_argument("--backend", choices=("twin", "serial", "gym"), default=None, help="override backend")
-    p.add_argument("--port", default=None, help="serial port or URL for --backend serial (e.g. /dev/ttyUSB0)")
+    _robot_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -84,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, required=True, help="checkpoint dir (a run dir or its checkpoint/)"
     )
     p.add_argument("--episodes", type=int, default=4, help="episodes of the commissioning run (default 4)")
-    p.add_argument("--backend", choices=("twin", "serial", "gym"), default=None, help="override backend")
-    p.add_argument("--port", default=None, help="serial port or URL for --backend serial")
+    _robot_args(p)
     p.set_defaults(func=cmd_commission)
 
     p = sub.add_parser("emulate", help="serve the twin as a virtual device behind the wire protocol")
@@ -113,6 +117,14 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
     return load_config(args.config, overrides)
+
+
+def _job_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` equivalents of the flags run, commission and train share."""
+    extra = ["run.gate=false"] if args.no_gate else []
+    if args.backend is not None:
+        extra.append(f"backend={args.backend}")
+    return extra
 
 
 def _check_port(args: argparse.Namespace, cfg) -> None:  # noqa: ANN001 - a Config
@@ -143,15 +155,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from robot_mbrl.runtime.jobs import run_job
 
-    extra = []
+    extra = _job_overrides(args)
     if args.episodes is not None:
         extra.append(f"run.episodes={args.episodes}")
     if args.policy is not None:
         extra.append(f"run.policy={args.policy}")
-    if args.no_gate:
-        extra.append("run.gate=false")
-    if args.backend is not None:
-        extra.append(f"backend={args.backend}")
     _checkpoint_config(args)
     cfg = _load(args, extra)
     _check_port(args, cfg)
@@ -169,11 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_commission(args: argparse.Namespace) -> int:
     from robot_mbrl.runtime.jobs import commission_job
 
-    extra = [f"run.episodes={args.episodes}"]
-    if args.no_gate:
-        extra.append("run.gate=false")
-    if args.backend is not None:
-        extra.append(f"backend={args.backend}")
+    extra = [*_job_overrides(args), f"run.episodes={args.episodes}"]
     _checkpoint_config(args)
     cfg = _load(args, extra)
     _check_port(args, cfg)
@@ -193,17 +197,18 @@ def cmd_commission(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from robot_mbrl.runtime.train import train_job
 
-    extra = []
+    extra = _job_overrides(args)
     if args.steps is not None:
         extra.append(f"train.steps={args.steps}")
-    if args.no_gate:
-        extra.append("run.gate=false")
+    if args.port is not None:  # kept in the run's config, so --resume finds the rig (or give --port again)
+        extra.append(f"serial.port={args.port}")
     if args.resume is not None:
         if not (args.resume / "config.yaml").is_file():
             raise UserError(f"--resume {args.resume}: expected a run directory with config.yaml, got none")
         if args.config is None:
             args.config = str(args.resume / "config.yaml")
     cfg = _load(args, extra)
+    _check_port(args, cfg)
     if args.salvage_buffer and args.resume is None:
         raise UserError("--salvage-buffer: expected --resume RUN, got a new run")
     summary, out = train_job(

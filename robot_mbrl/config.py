@@ -23,6 +23,7 @@ from robot_mbrl.models.ensemble import EnsembleConfig
 from robot_mbrl.models.trainer import ScheduleConfig, TrainerConfig
 from robot_mbrl.planning.mpc import PlannerConfig
 from robot_mbrl.planning.value import ValueConfig
+from robot_mbrl.runtime.homing import HomingConfig
 from robot_mbrl.safety.fallback import FallbackConfig
 from robot_mbrl.safety.gate import GateConfig
 from robot_mbrl.safety.monitors import ShiftConfig
@@ -133,6 +134,7 @@ class Config:
     fallback: FallbackConfig = param(factory=FallbackConfig)
     explore: ExploreConfig = param(factory=ExploreConfig)
     symmetry: SymmetryConfig = param(factory=SymmetryConfig)
+    homing: HomingConfig = param(factory=HomingConfig)
 
 
 def packaged_configs() -> list[str]:

@@ -25,19 +25,22 @@ def _gym(cfg: Config, port: str | None, seed: int) -> Robot:
     import gymnasium
 
     from robot_mbrl.hal.gym_backend import GymRobot
-
     from robot_mbrl.typedconfig import ConfigError
 
     try:
         env = gymnasium.make(cfg.gym.env_id, **cfg.gym.kwargs)
     except (gymnasium.error.Error, TypeError) as err:  # unknown id/version, missing extra, bad kwargs
         what = " ".join(str(err).split())
-        raise ConfigError("config", "gym.env_id/gym.kwargs", "an env gymnasium.make can build", what) from None
+        raise ConfigError(
+            "config", "gym.env_id/gym.kwargs", "an env gymnasium.make can build", what
+        ) from None
     try:
         return GymRobot(env, control_hz=cfg.gym.control_hz)
     except (TypeError, ValueError) as err:  # not a 1-D Box env, unbounded actions
         env.close()
-        raise ConfigError("config", "gym.env_id", "a 1-D Box env with finite action bounds", str(err)) from None
+        raise ConfigError(
+            "config", "gym.env_id", "a 1-D Box env with finite action bounds", str(err)
+        ) from None
 
 
 def _serial(cfg: Config, port: str | None, seed: int) -> Robot:

@@ -175,6 +175,35 @@ def test_emulate_serves_the_twin_and_run_drives_it_over_the_wire(tmp_path):
     assert not Path(port).exists()  # no link left pointing at a pty another program may get
 
 
+def test_train_learns_from_a_rig_over_the_wire_and_homes_it_before_each_episode(tmp_path):
+    emu = subprocess.Popen([sys.executable, "-m", "robot_mbrl.cli", "emulate", "--duration", "60"],
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        port = emu.stdout.readline().rsplit(" on ", 1)[1].strip()
+        out = tmp_path / "rig"
+        r = cli("train", "--backend", "serial", "--port", port, "--steps", "120", "--out", str(out), *TINY,
+                "--set", "homing.timeout_s=8")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+    finally:
+        emu.terminate()
+        emu.communicate(timeout=10)
+    learn = [
+        m
+        for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if m.get("kind") == "learn"
+    ]
+    assert len(learn) == 2 and all(m["homing_ticks"] > 0 for m in learn), learn
+    # the emulated rig starts at rest: settled at once (50 ticks in a row within tolerance)
+    assert learn[0]["homing_settled"] and learn[0]["homing_ticks"] <= 55, learn
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["real_steps"] == 120 and summary["violations"] == 0 and summary["end_stop_hits"] == 0, (
+        summary
+    )
+    # learned from the wire (a transition is kept only when the device vouches for it: most are)
+    assert summary["buffer_transitions"] >= 60 and (out / "checkpoint").is_dir(), summary
+    assert "homing" in (out / "config.yaml").read_text() and port in (out / "config.yaml").read_text()
+
+
 def test_run_uses_the_runs_config_and_keeps_existing_runs(trained, tmp_path):
     out, _ = trained
     r = cli("run", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "r"), "--quiet")

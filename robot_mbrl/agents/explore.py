@@ -62,9 +62,12 @@ def shield_pairs(spec: RobotSpec, cfg: ExploreConfig) -> list[tuple[int, int, fl
 class ShieldedExplorer:
     """Controller: random exploration, switched to ``fallback`` whenever the shield predicts a violation."""
 
-    def __init__(self, spec: RobotSpec, fallback, cfg: ExploreConfig, seed: int, correlation: float):
+    def __init__(
+        self, spec: RobotSpec, fallback, cfg: ExploreConfig, seed: int, correlation: float, policy=None
+    ):  # noqa: ANN001
         self.spec, self.fallback, self.cfg = spec, fallback, cfg
-        self.policy = RandomPolicy(spec, seed=seed, correlation=correlation)
+        # the shielded policy: seeded colored noise, or another ``act``/``reset`` policy (homing's law)
+        self.policy = policy if policy is not None else RandomPolicy(spec, seed=seed, correlation=correlation)
         self._pairs = shield_pairs(spec, cfg)
         self._shielded = False
 

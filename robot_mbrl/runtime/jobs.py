@@ -11,6 +11,7 @@ from pathlib import Path
 from robot_mbrl.config import Config, config_to_dict
 from robot_mbrl.hal.robot import Robot, stop_on_signals
 from robot_mbrl.runtime.episode import Controller, EpisodeResult, Judge, run_episode
+from robot_mbrl.runtime.homing import make_homing
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.policies import PolicyController, ZeroPolicy
 from robot_mbrl.runtime.progress import Progress
@@ -86,8 +87,11 @@ def run_episodes(
     on_transition=None,
 ) -> list[EpisodeResult]:
     results = []
+    paced = cfg.loop.paced or cfg.backend == "serial"  # a real device runs on the wall clock
+    homing = make_homing(cfg, robot.spec)
     for i in range(episodes):
         ep = first_episode + i
+        homed = homing.home(robot, paced=paced).record() if homing is not None else {}
         res = run_episode(
             robot,
             judge,
@@ -95,13 +99,13 @@ def run_episodes(
             episode=ep,
             max_steps=cfg.task.episode_steps,
             seed=cfg.seed * 100_003 + seed_offset + ep,
-            paced=cfg.loop.paced or cfg.backend == "serial",  # a real device runs on the wall clock
+            paced=paced,
             tally=tally,
             on_transition=on_transition,
             on_event=run.event,
             on_tick=progress.tick,
         )
-        run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps))
+        run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps, **homed))
         progress.post(ret=res.ret)
         results.append(res)
     return results
@@ -113,6 +117,7 @@ def _open_job(cfg: Config, run: RunDir, port: str | None):  # -> robot, task, ju
 
     run.write_config(config_to_dict(cfg))
     robot = make_robot(cfg, port=port)
+    make_homing(cfg, robot.spec)  # its channel names checked before any robot time
     task = make_task(cfg)
     return robot, task, make_judge(task, robot)
 

@@ -30,6 +30,7 @@ from robot_mbrl.errors import RunDirError
 from robot_mbrl.factory import make_judge, make_robot, make_task
 from robot_mbrl.models.trainer import RetrainSchedule
 from robot_mbrl.runtime.episode import Transition
+from robot_mbrl.runtime.homing import make_homing
 from robot_mbrl.runtime.jobs import link_record, robot_session, run_episodes
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
@@ -82,6 +83,7 @@ def train_job(
 
 def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: bool) -> tuple[dict, Path]:
     robot = make_robot(cfg)
+    make_homing(cfg, robot.spec)  # its channel names checked before any robot time
     task = make_task(cfg)
     judge = make_judge(task, robot)
     spec = robot.spec

@@ -1,0 +1,114 @@
+"""Homing: the reset of a rig without one, on the real MuJoCo twin."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+
+from robot_mbrl.config import load_config
+from robot_mbrl.factory import make_robot
+from robot_mbrl.hal.robot import Fault, Observation
+from robot_mbrl.runtime.homing import Homing, HomingConfig, make_homing
+from robot_mbrl.safety.fallback import BrakePolicy, FallbackConfig
+from robot_mbrl.typedconfig import ConfigError
+
+
+@pytest.fixture
+def twin():
+    robot = make_robot(load_config(None, []))
+    robot.connect()
+    yield robot
+    robot.close()
+
+
+def _knock(robot, ticks: int = 120) -> np.ndarray:
+    """Leave the cart off centre with the pole swinging, as the end of an episode would."""
+    robot.reset(0)
+    for t in range(ticks):
+        obs = robot.read()
+        robot.write(np.array([0.4 * np.sign(np.sin(t / 9.0))]))
+    return obs.values
+
+
+class _Recording:
+    """The twin with every reading and command recorded; the first ``faulty`` readings carry a
+    device fault."""
+
+    def __init__(self, robot, faulty: int = 0):
+        self.robot, self.faulty, self.commands, self.readings = robot, faulty, [], []
+
+    def read(self) -> Observation:
+        obs = self.robot.read()
+        if self.faulty > 0:
+            self.faulty -= 1
+            obs = dataclasses.replace(obs, faults=Fault.WATCHDOG)
+        self.readings.append(obs.values.copy())
+        return obs
+
+    def write(self, action):
+        self.commands.append(np.asarray(action, dtype=float).copy())
+        return self.robot.write(action)
+
+
+def _homing(spec, **kw) -> Homing:
+    return Homing(
+        spec,
+        HomingConfig(mode="always", **kw),
+        BrakePolicy(spec, FallbackConfig()),
+        load_config(None, []).explore,
+    )
+
+
+def test_homing_brings_the_cart_back_and_the_pole_to_rest(twin):
+    start = _knock(twin)
+    assert abs(start[0]) > 0.3 and abs(start[3]) > 3.0  # near the end stop, swinging hard
+    result = _homing(twin.spec).home(_Recording(twin), paced=False)
+    assert result.settled and result.ticks < 30 * 50 and result.shielded_ticks > 0  # it braked first
+    end = twin.read().values
+    assert abs(end[0]) <= 0.05 and abs(end[2]) <= 0.05 and abs(end[3]) <= 0.5, end
+    assert result.record() == {"homing_ticks": result.ticks, "homing_s": round(result.seconds, 3),
+                               "homing_settled": True, "homing_shielded_ticks": result.shielded_ticks}  # fmt: skip
+
+
+def test_homing_is_gentle_and_a_faulted_reading_gets_the_fallback(twin):
+    twin.reset(0)
+    for t in range(150):  # a gentle shake at the pole's resonance: swinging, the cart within 0.17 m
+        twin.read()
+        twin.write(np.array([0.15 * np.sin(2 * np.pi * t / 55)]))
+    assert abs(twin.read().values[3]) > 1.0
+    homing = _homing(twin.spec)
+    rig = _Recording(twin, faulty=3)
+    result = homing.home(rig, paced=False)
+    cmds = np.array(rig.commands)[:, 0]
+    brake = BrakePolicy(twin.spec, FallbackConfig())
+    for i in range(3):  # the watchdog flag: the fallback's command on that reading
+        assert cmds[i] == pytest.approx(brake.act(rig.readings[i])[0])
+    assert result.settled and result.shielded_ticks == 3
+    assert np.max(np.abs(cmds[3:])) <= 0.3 + 1e-12 and np.max(np.abs(cmds[3:])) > 0.1  # the capped law
+    assert cmds[-1] == 0.0  # it leaves the actuator at the stop command
+
+
+def test_homing_gives_up_after_its_timeout_with_a_warning(twin, caplog):
+    _knock(twin)
+    homing = _homing(twin.spec, timeout_s=0.5)
+    with caplog.at_level(logging.WARNING, logger="robot_mbrl.runtime.homing"):
+        result = homing.home(_Recording(twin), paced=False)
+    assert not result.settled and result.ticks == 25  # 0.5 s at 50 Hz
+    assert any("not settled within 0.5 s" in r.message for r in caplog.records)
+
+
+def test_homing_is_on_for_rigs_only_and_checks_its_channels(twin):
+    spec = twin.spec
+    twin_cfg = load_config(None, [])
+    assert make_homing(twin_cfg, spec) is None
+    assert make_homing(load_config(None, ["backend=serial"]), spec) is not None
+    assert make_homing(load_config(None, ["backend=serial", "homing.mode=never"]), spec) is None
+    with pytest.raises(ConfigError, match="homing.channels: expected names from"):
+        _homing(spec, channels=("x_m", "bogus"), tolerance=(0.1, 0.1))
+    with pytest.raises(ConfigError, match=r"homing.gains: expected 1 x 3 values"):
+        _homing(spec, gains=(1.0, 1.0))
+    with pytest.raises(ConfigError, match="homing.tolerance: expected 3 values"):
+        load_config(None, ["homing.tolerance=[0.1]"])
