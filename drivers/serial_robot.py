@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["RESEND_S", "HandshakeError", "NotActive", "SerialRobot", "device_faults_to_hal", "restart_reason"]
 
 LINK_WARN_INTERVAL_S = 10.0  # at most one WARNING about corrupt/lost frames per interval
+HOST_AWAY_PERIODS = 10  # no read for this many control periods (a retrain): the backlog is stale
 
 _FAULT_MAP = {
     mcu.DeviceFault.SENSOR: Fault.SENSOR,
@@ -108,6 +109,8 @@ class SerialRobot(DeviceSession, Robot):
         self._clock_offset_s: float | None = None  # host time - device time, lowest latency seen
         self._offset_at_s = 0.0
         self._prev_rx_s: float | None = None
+        self._polled_s: float | None = None  # when the link was last drained
+        self._skip_gap = False  # the backlog was discarded: the next STATE's seq jump is no loss
         self._cmd_seq = 0
         self._cmds_since_read = 0
         self._prev_obs_ok = False
@@ -123,8 +126,9 @@ class SerialRobot(DeviceSession, Robot):
     def link_stats(self) -> dict[str, int]:
         """Snapshot of the link counters for run summaries: every :class:`LinkStats` field
         (bytes, ``crc_errors``, ``framing_errors``, ``message_errors``, ``frames_dropped``,
-        ``frames_late``, ``seq_gaps``, ``timeouts``, ``retries``, reconnects, link losses) plus
-        ``device_restarts``. All values are ints counted since the transport was created."""
+        ``frames_late``, ``seq_gaps``, ``host_pauses``, ``frames_skipped``, ``timeouts``, ``retries``,
+        reconnects, link losses) plus ``device_restarts``. All values are ints counted since the
+        transport was created."""
         return {**self.transport.stats.as_dict(), "device_restarts": self.device_restarts}
 
     # -- lifecycle hooks --------------------------------------------------------------------
@@ -265,16 +269,30 @@ class SerialRobot(DeviceSession, Robot):
                 return
             self.decoder.reset(resync=True)
             self._start_handshake()
+        now = self._clock()
         try:
+            if self._polled_s is not None and now - self._polled_s > HOST_AWAY_PERIODS * self.spec.dt_s:
+                self._discard_backlog(now)
             data = self.transport.read_available()
         except LinkDown:
             self._state = None
             return
-        now = self._clock()
+        self._polled_s = now = self._clock()
         for msg in self._decode(data):
             self._dispatch(msg, now)
         self._resend_due(now)
         self._warn_link_errors(now)
+
+    def _discard_backlog(self, now: float) -> None:
+        """The host was away (a retrain between episodes): what queued meanwhile is stale, and a
+        buffer that overflowed holds cut frames. Drop it unparsed, so neither counts as a link error;
+        the next STATE's sequence jump is counted as ``frames_skipped``, not as frames lost. Device
+        restarts are still detected: the newest STATE seen is kept for the comparison."""
+        dropped = self.transport.discard_input()
+        self.decoder.reset(resync=True)
+        self.transport.stats.host_pauses += 1
+        self._skip_gap = True
+        log.debug("host away for %.2f s: %d stale bytes discarded", now - (self._polled_s or now), dropped)
 
     def _decode(self, data: bytes) -> list[mcu.Message]:
         """Bytes → messages, adding the decoder's CRC/framing/message errors to the link counters."""
@@ -328,11 +346,18 @@ class SerialRobot(DeviceSession, Robot):
                 if d == 0 or d >= 1 << 31:
                     log.debug("STATE %d dropped: duplicate or older than %d", msg.seq, self._seen.seq)
                     return
-                if d > 1:
+                if d > 1 and self._skip_gap:
+                    st.frames_skipped += d - 1
+                elif d > 1:
                     st.seq_gaps += 1
                     st.frames_dropped += d - 1
-        if self._prev_rx_s is not None and now - self._prev_rx_s > 1.5 * self.spec.dt_s:
+        if (
+            self._prev_rx_s is not None
+            and now - self._prev_rx_s > 1.5 * self.spec.dt_s
+            and not self._skip_gap
+        ):
             st.frames_late += 1
+        self._skip_gap = False
         self._prev_rx_s = now
         self._seen = self._state = msg
         self._state_rx_s = now

@@ -146,6 +146,7 @@ class DeviceSession:
         self.active = False  # no commands until the device is known again
         self._pending.clear()
         self._clock_offset_s = None  # the device may have rebooted: its clock restarted
+        self._polled_s = None  # a new session: nothing queued before it to discard
         self._handshake_since = self._clock()
         self._hello_warned = False
         self._send_hello()

@@ -37,6 +37,8 @@ class LinkStats:
     frames_dropped: int = 0  # frames lost: sequence numbers skipped
     frames_late: int = 0  # frames that arrived later than expected (interval > 1.5 periods)
     seq_gaps: int = 0  # number of gap events (each may lose several frames)
+    host_pauses: int = 0  # reads after the host was away (a retrain): the stale backlog discarded
+    frames_skipped: int = 0  # STATE frames skipped over that way (stale, not lost on the link)
     timeouts: int = 0  # request/response exchanges that got no answer in time
     retries: int = 0  # request/response re-sends
     reconnects: int = 0  # successful reopen after a loss
@@ -187,6 +189,16 @@ class Transport:
             raise self._lost(err) from err
         self.stats.bytes_in += len(data)
         return bytes(data)
+
+    def discard_input(self, max_bytes: int = 1 << 20) -> int:
+        """Read and drop whatever has arrived (up to ``max_bytes``); the number of bytes dropped."""
+        dropped = 0
+        while dropped < max_bytes:
+            chunk = self.read_available(65536)
+            if not chunk:
+                break
+            dropped += len(chunk)
+        return dropped
 
     def read(self, n: int, timeout_s: float | None = None) -> bytes:
         """Up to ``n`` bytes, waiting at most ``timeout_s`` (default: the derived read timeout)."""

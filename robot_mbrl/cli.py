@@ -264,7 +264,8 @@ def _report(summary: dict, out: Path) -> None:
     if "link" in summary:
         k = summary["link"]
         print(f"link: {k['crc_errors']} CRC / {k['framing_errors']} framing errors, {k['frames_dropped']} STATE "
-              f"frames lost, {k['reconnects']} reconnects, {k['device_restarts']} device restarts")  # fmt: skip
+              f"frames lost, {k['reconnects']} reconnects, {k['device_restarts']} device restarts; "
+              f"{k['frames_skipped']} stale STATE frames skipped after {k['host_pauses']} host pauses")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,12 +118,32 @@ def test_stale_when_stream_stops_and_watchdog_brakes_device():
             time.sleep(0.05)
             obs = robot.read()
             assert obs.faults & Fault.STALE and not obs.ok
-            time.sleep(0.3)
+            _run(robot, 25)  # the host keeps reading (stale) through the stall
             obs = _run(robot, 5)
             assert obs.faults & Fault.WATCHDOG or emulator.plant.braked > 0
             obs = _run(robot, 10)
             assert obs.ok, obs  # next commands clear the watchdog
             assert robot.stats.frames_dropped >= 20 and robot.stats.seq_gaps == 1  # swallowed by the stall
+            assert robot.stats.host_pauses == 0 and robot.stats.frames_skipped == 0
+    finally:
+        emulator.stop()
+
+
+def test_a_host_away_for_a_retrain_discards_the_stale_backlog_instead_of_counting_link_errors():
+    emulator, _ = _serve(faults=FaultConfig())
+    try:
+        with _robot(emulator.port) as robot:
+            robot.reset()
+            robot.activate()
+            _run(robot, 10)
+            time.sleep(1.5)  # a retrain: no reads; the device streams on and the buffer may overflow
+            obs = _run(robot, 10)
+            assert obs.ok and obs.info["age_s"] < 3 / HZ  # fresh again within the 10 ticks
+            st = robot.stats
+            assert st.host_pauses == 1 and st.frames_skipped >= 100  # ~150 STATEs at 100 Hz, stale
+            assert (
+                st.frames_dropped == 0 and st.seq_gaps == 0 and st.crc_errors == 0 and st.framing_errors == 0
+            )
     finally:
         emulator.stop()
 
@@ -316,21 +336,24 @@ def test_link_error_warning_is_rate_limited(caplog):
     def warnings() -> list[str]:
         return [r.message for r in caplog.records if "corrupt or lost" in r.message]
 
+    def wait(seconds: float) -> None:  # the host reads every 10 ms meanwhile (it is not away)
+        for _ in range(round(seconds / 0.01)):
+            clock.t += 0.01
+            robot.read()
+
     try:
         dev.write(garbage + _state(1, 0) + _state(3, 20_000))  # one bad frame, one lost STATE
         robot.read()
         assert len(warnings()) == 1 and "1 framing errors" in warnings()[0]
         assert "1 STATE frames lost in 1 gaps" in warnings()[0]
         for _ in range(5):
-            clock.t += 1.0
+            wait(1.0)
             dev.write(garbage)
             robot.read()
         assert len(warnings()) == 1  # within the interval: counted, not logged
-        clock.t += LINK_WARN_INTERVAL_S
-        robot.read()
+        wait(LINK_WARN_INTERVAL_S)
         assert len(warnings()) == 2 and "6 framing errors" in warnings()[1]
-        clock.t += 2 * LINK_WARN_INTERVAL_S
-        robot.read()
+        wait(2 * LINK_WARN_INTERVAL_S)
         assert len(warnings()) == 2  # nothing new: no warning
         assert robot.link_stats()["framing_errors"] == 6
     finally:
