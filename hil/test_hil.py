@@ -11,6 +11,7 @@ ROBOT_MBRL_REDUCED=1 runs the same scenarios shorter (CI: the whole suite < 90 s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -237,3 +238,51 @@ def test_full_stack_learned_mpc_under_faults(learned_checkpoint):
     planned = [t for t in trace if np.isfinite(t[1])]
     assert len(planned) > 0.5 * n, "the MPC did not plan on most ticks"
     assert res.episode.end_stop_hits == 0
+
+
+def test_train_learns_over_a_noisy_link_through_a_device_restart(tmp_path):
+    """The real train job on the emulated rig: 1 % corrupted bytes and 5 % dropped frames, the MCU
+    restarting after the first episode (during the second homing or episode), homing before every
+    episode, a retrain between them. It must learn from what the device vouches for, home the rig, stay in limits, end safe."""
+    import threading
+
+    from robot_mbrl.config import load_config
+    from robot_mbrl.data.buffer import ReplayBuffer
+    from robot_mbrl.hil.emulator import serve_twin
+    from robot_mbrl.runtime.train import train_job
+    from robot_mbrl.sim.cartpole import CartpoleTwin
+    from robot_mbrl.sim.params import TwinConfig
+
+    emu, port = serve_twin(CartpoleTwin(TwinConfig(), seed=0), "pty", faults=NOISY)
+    cfg = load_config(None, [f"serial.port={port}", "backend=serial", "task.episode_steps=75", "train.steps=150",
+                             "retrain.min_transitions=50", "trainer.max_epochs=5", "homing.timeout_s=6"])  # fmt: skip
+    restart = threading.Event()
+
+    def restart_mid_episode() -> None:  # after the first episode (75 ticks) and the homing before it
+        while not restart.wait(0.05):
+            if emu.command_log() and len(emu.command_log()) > 75 + 150:
+                emu.restart()
+                restart.set()
+
+    watcher = threading.Thread(target=restart_mid_episode, daemon=True)
+    watcher.start()
+    try:
+        summary, out = train_job(cfg, out=tmp_path / "rig", progress=False)
+    finally:
+        restart.set()
+        emu.stop()
+    assert summary["real_steps"] == 150 and summary["violations"] == 0 and summary["end_stop_hits"] == 0
+    link = summary["link"]
+    assert link["crc_errors"] > 0 and link["device_restarts"] >= 1, link
+    learn = [
+        m
+        for m in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
+        if m.get("kind") == "learn"
+    ]
+    assert len(learn) == 2 and all(m["homing_ticks"] > 0 for m in learn)
+    buf = ReplayBuffer.open(out / "buffer", cfg.buffer)
+    assert 0.3 * 150 < len(buf) < 150  # vouched transitions only: some lost to the noise and the restart
+    assert np.all(np.isfinite(buf.arrays()["obs"]))
+    log_ = emu.command_log()
+    assert all(abs(c.applied[0]) <= 1.0 for c in log_)
+    assert log_[-1].values == (0.0,), "train did not end with a safe stop"
