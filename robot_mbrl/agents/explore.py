@@ -64,7 +64,7 @@ class ShieldedExplorer:
 
     def __init__(
         self, spec: RobotSpec, fallback, cfg: ExploreConfig, seed: int, correlation: float, policy=None
-    ):  # noqa: ANN001
+    ):
         self.spec, self.fallback, self.cfg = spec, fallback, cfg
         # the shielded policy: seeded colored noise, or another ``act``/``reset`` policy (homing's law)
         self.policy = policy if policy is not None else RandomPolicy(spec, seed=seed, correlation=correlation)
