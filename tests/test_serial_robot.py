@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -107,45 +108,44 @@ def test_configure_is_read_only_then_activate_commands_with_seq(emu):
     assert emu.command_log()[-1].values == (0.0,)  # preceded by the stop command
 
 
-def test_stale_when_stream_stops_and_watchdog_brakes_device():
+@contextmanager
+def _streaming():
+    """An activated robot on a clean emulated link, 10 ticks into commanding."""
     emulator, _ = _serve(faults=FaultConfig())
     try:
         with _robot(emulator.port) as robot:
             robot.reset()
             robot.activate()
             _run(robot, 10)
-            emulator.link.stall(0.3)  # nothing in or out for 300 ms
-            time.sleep(0.05)
-            obs = robot.read()
-            assert obs.faults & Fault.STALE and not obs.ok
-            _run(robot, 25)  # the host keeps reading (stale) through the stall
-            obs = _run(robot, 5)
-            assert obs.faults & Fault.WATCHDOG or emulator.plant.braked > 0
-            obs = _run(robot, 10)
-            assert obs.ok, obs  # next commands clear the watchdog
-            assert robot.stats.frames_dropped >= 20 and robot.stats.seq_gaps == 1  # swallowed by the stall
-            assert robot.stats.host_pauses == 0 and robot.stats.frames_skipped == 0
+            yield emulator, robot
     finally:
         emulator.stop()
+
+
+def test_stale_when_stream_stops_and_watchdog_brakes_device():
+    with _streaming() as (emulator, robot):
+        emulator.link.stall(0.3)  # nothing in or out for 300 ms
+        time.sleep(0.05)
+        obs = robot.read()
+        assert obs.faults & Fault.STALE and not obs.ok
+        _run(robot, 25)  # the host keeps reading (stale) through the stall
+        obs = _run(robot, 5)
+        assert obs.faults & Fault.WATCHDOG or emulator.plant.braked > 0
+        obs = _run(robot, 10)
+        assert obs.ok, obs  # next commands clear the watchdog
+        assert robot.stats.frames_dropped >= 20 and robot.stats.seq_gaps == 1  # swallowed by the stall
+        assert robot.stats.host_pauses == 0 and robot.stats.frames_skipped == 0
 
 
 def test_a_host_away_for_a_retrain_discards_the_stale_backlog_instead_of_counting_link_errors():
-    emulator, _ = _serve(faults=FaultConfig())
-    try:
-        with _robot(emulator.port) as robot:
-            robot.reset()
-            robot.activate()
-            _run(robot, 10)
-            time.sleep(1.5)  # a retrain: no reads; the device streams on and the buffer may overflow
-            obs = _run(robot, 10)
-            assert obs.ok and obs.info["age_s"] < 3 / HZ  # fresh again within the 10 ticks
-            st = robot.stats
-            assert st.host_pauses == 1 and st.frames_skipped >= 100  # ~150 STATEs at 100 Hz, stale
-            assert (
-                st.frames_dropped == 0 and st.seq_gaps == 0 and st.crc_errors == 0 and st.framing_errors == 0
-            )
-    finally:
-        emulator.stop()
+    with _streaming() as (_, robot):
+        time.sleep(1.5)  # a retrain: no reads; the device streams on and the buffer may overflow
+        obs = _run(robot, 10)
+        assert obs.ok and obs.info["age_s"] < 3 / HZ  # fresh again within the 10 ticks
+        st = robot.stats
+        assert st.host_pauses == 1 and st.frames_skipped >= 100  # ~150 STATEs at 100 Hz, stale
+        assert st.frames_dropped == 0 and st.seq_gaps == 0
+        assert st.crc_errors == 0 and st.framing_errors == 0
 
 
 @pytest.mark.parametrize("link", ["pty", "socket"])
