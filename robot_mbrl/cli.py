@@ -238,6 +238,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     try:
         print(f"emulating the cart-pole rig ({cfg.twin.task}) on {port}")
         print(f"connect with: robot-mbrl run --backend serial --port {port} [--checkpoint RUN_DIR]")
+        print(f"   or learn on it: robot-mbrl train --backend serial --port {port}")
         sys.stdout.flush()
         t0 = time.monotonic()
         while args.duration is None or time.monotonic() - t0 < args.duration:
