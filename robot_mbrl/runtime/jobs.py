@@ -11,7 +11,7 @@ from pathlib import Path
 from robot_mbrl.config import Config, config_to_dict
 from robot_mbrl.hal.robot import Robot, stop_on_signals
 from robot_mbrl.runtime.episode import Controller, EpisodeResult, Judge, run_episode
-from robot_mbrl.runtime.homing import make_homing
+from robot_mbrl.runtime.homing import Homing, make_homing
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.policies import PolicyController, ZeroPolicy
 from robot_mbrl.runtime.progress import Progress
@@ -85,10 +85,11 @@ def run_episodes(
     progress: Progress,
     kind: str,
     on_transition=None,
+    homing: Homing | None = None,
 ) -> list[EpisodeResult]:
+    """``episodes`` episodes, each after ``homing`` (a rig's reset; None where the robot resets itself)."""
     results = []
     paced = cfg.loop.paced or cfg.backend == "serial"  # a real device runs on the wall clock
-    homing = make_homing(cfg, robot.spec)
     for i in range(episodes):
         ep = first_episode + i
         homed = homing.home(robot, paced=paced).record() if homing is not None else {}
@@ -117,7 +118,6 @@ def _open_job(cfg: Config, run: RunDir, port: str | None):  # -> robot, task, ju
 
     run.write_config(config_to_dict(cfg))
     robot = make_robot(cfg, port=port)
-    make_homing(cfg, robot.spec)  # its channel names checked before any robot time
     task = make_task(cfg)
     return robot, task, make_judge(task, robot)
 
@@ -126,6 +126,7 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
            seed_offset: int, progress: bool, on_transition=None) -> Tally:  # fmt: skip
     """``run.episodes`` episodes in one robot session, with a progress bar; the tally (wall time set)."""
     tally = Tally()
+    homing = make_homing(cfg, robot.spec)  # its channel names checked before any robot time
     t0 = time.monotonic()
     with (
         Progress(cfg.run.episodes * cfg.task.episode_steps, kind, enabled=progress) as bar,
@@ -133,7 +134,7 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
     ):
         run_episodes(
             cfg, robot, judge, controller, run, tally, episodes=cfg.run.episodes, first_episode=0,
-            seed_offset=seed_offset, progress=bar, kind=kind, on_transition=on_transition,
+            seed_offset=seed_offset, progress=bar, kind=kind, on_transition=on_transition, homing=homing,
         )  # fmt: skip
     tally.wall_s = time.monotonic() - t0
     return tally

@@ -83,7 +83,7 @@ def train_job(
 
 def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: bool) -> tuple[dict, Path]:
     robot = make_robot(cfg)
-    make_homing(cfg, robot.spec)  # its channel names checked before any robot time
+    homing = make_homing(cfg, robot.spec)  # the rig's reset; its channel names checked before any robot time
     task = make_task(cfg)
     judge = make_judge(task, robot)
     spec = robot.spec
@@ -146,7 +146,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                                                 correlation=cfg.train.explore_correlation)  # fmt: skip
                 res = run_episodes(
                     cfg, robot, judge, controller or explorer, run, tally, episodes=1, first_episode=episode,
-                    seed_offset=0, progress=bar, kind="learn", on_transition=store,
+                    seed_offset=0, progress=bar, kind="learn", on_transition=store, homing=homing,
                 )[0]  # fmt: skip
                 buffer.flush()
                 episode += 1
