@@ -204,6 +204,13 @@ def test_train_learns_from_a_rig_over_the_wire_and_homes_it_before_each_episode(
     assert "homing" in (out / "config.yaml").read_text() and port in (out / "config.yaml").read_text()
 
 
+def test_train_on_an_unreachable_rig_is_one_error_and_leaves_no_run_behind(tmp_path):
+    r = cli("train", "--backend", "serial", "--port", str(tmp_path / "ttyNOPE"), "--out", str(tmp_path / "rig"),
+            "--quiet")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot open" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "rig").exists()  # the same --out can be used once the rig is plugged in
+
+
 def test_run_uses_the_runs_config_and_keeps_existing_runs(trained, tmp_path):
     out, _ = trained
     r = cli("run", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "r"), "--quiet")

@@ -85,13 +85,14 @@ class RunDir:
 
     def abandon(self) -> None:
         """The job failed: release the lock, and remove the folder if this job created it and nothing
-        but its lock, its config and empty folders went in (a rejected config or an unreachable robot
-        leaves no empty run behind). Anything else in it is kept."""
+        but its lock, its config, an empty buffer's manifest and empty folders went in (a rejected
+        config or an unreachable robot leaves no empty run behind). Anything else in it is kept."""
         self.close()
         if not self.created or not self.path.is_dir():
             return
+        bare = {self.path / ".lock", self.path / "config.yaml", self.buffer / "manifest.json"}
         for root, _dirs, files in os.walk(self.path):
-            if any(Path(root, f) not in (self.path / ".lock", self.path / "config.yaml") for f in files):
+            if any(Path(root, f) not in bare for f in files):  # a buffer chunk, metrics, a checkpoint...
                 return
         shutil.rmtree(self.path, ignore_errors=True)
         log.info("%s: removed (the job failed before it recorded anything)", self.path)
