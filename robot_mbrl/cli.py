@@ -124,6 +124,8 @@ def _job_overrides(args: argparse.Namespace) -> list[str]:
     extra = ["run.gate=false"] if args.no_gate else []
     if args.backend is not None:
         extra.append(f"backend={args.backend}")
+    if args.port is not None:  # kept in the run's config: train --resume finds the rig (or give --port again)
+        extra.append(f"serial.port={args.port}")
     return extra
 
 
@@ -167,9 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(
             f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"
         )
-    summary, out = run_job(
-        cfg, checkpoint=args.checkpoint, out=args.out, port=args.port, progress=not args.quiet
-    )
+    summary, out = run_job(cfg, checkpoint=args.checkpoint, out=args.out, progress=not args.quiet)
     _report(summary, out)
     return 0
 
@@ -185,8 +185,7 @@ def cmd_commission(args: argparse.Namespace) -> int:
         raise UserError(
             f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"
         )
-    summary, out = commission_job(cfg, checkpoint=args.checkpoint, out=args.out, port=args.port,
-                                  progress=not args.quiet)  # fmt: skip
+    summary, out = commission_job(cfg, checkpoint=args.checkpoint, out=args.out, progress=not args.quiet)
     _report(summary, out)
     c = summary["commission"]
     print(f"commissioned {args.checkpoint} on {c['transitions']} transitions: OOD threshold "
@@ -200,8 +199,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = _job_overrides(args)
     if args.steps is not None:
         extra.append(f"train.steps={args.steps}")
-    if args.port is not None:  # kept in the run's config, so --resume finds the rig (or give --port again)
-        extra.append(f"serial.port={args.port}")
     if args.resume is not None:
         if not (args.resume / "config.yaml").is_file():
             raise UserError(f"--resume {args.resume}: expected a run directory with config.yaml, got none")

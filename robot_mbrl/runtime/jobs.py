@@ -112,12 +112,12 @@ def run_episodes(
     return results
 
 
-def _open_job(cfg: Config, run: RunDir, port: str | None):  # -> robot, task, judge
+def _open_job(cfg: Config, run: RunDir):  # -> robot, task, judge
     """The config written to the run directory; robot, task and judge for a ``run``-like job."""
     from robot_mbrl.factory import make_judge, make_robot, make_task
 
     run.write_config(config_to_dict(cfg))
-    robot = make_robot(cfg, port=port)
+    robot = make_robot(cfg)
     task = make_task(cfg)
     return robot, task, make_judge(task, robot)
 
@@ -140,17 +140,13 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
     return tally
 
 
-def run_job(
-    cfg: Config, *, checkpoint: Path | None, out: Path | None, port: str | None, progress: bool
-) -> tuple[dict, Path]:
+def run_job(cfg: Config, *, checkpoint: Path | None, out: Path | None, progress: bool) -> tuple[dict, Path]:
     with run_dir(out or default_run_path("run"), new=True) as run:
-        return _run(cfg, run, checkpoint=checkpoint, port=port, progress=progress)
+        return _run(cfg, run, checkpoint=checkpoint, progress=progress)
 
 
-def _run(
-    cfg: Config, run: RunDir, *, checkpoint: Path | None, port: str | None, progress: bool
-) -> tuple[dict, Path]:
-    robot, task, judge = _open_job(cfg, run, port)
+def _run(cfg: Config, run: RunDir, *, checkpoint: Path | None, progress: bool) -> tuple[dict, Path]:
+    robot, task, judge = _open_job(cfg, run)
     if checkpoint is not None:
         import torch
 
@@ -174,16 +170,12 @@ def _run(
     return summary, run.path
 
 
-def commission_job(
-    cfg: Config, *, checkpoint: Path, out: Path | None, port: str | None, progress: bool
-) -> tuple[dict, Path]:
+def commission_job(cfg: Config, *, checkpoint: Path, out: Path | None, progress: bool) -> tuple[dict, Path]:
     with run_dir(out or default_run_path("commission"), new=True) as run:
-        return _commission(cfg, run, checkpoint=checkpoint, port=port, progress=progress)
+        return _commission(cfg, run, checkpoint=checkpoint, progress=progress)
 
 
-def _commission(
-    cfg: Config, run: RunDir, *, checkpoint: Path, port: str | None, progress: bool
-) -> tuple[dict, Path]:
+def _commission(cfg: Config, run: RunDir, *, checkpoint: Path, progress: bool) -> tuple[dict, Path]:
     """Phase-I calibration: run the checkpoint's gated controller for ``run.episodes`` episodes with
     the shift monitors observing only (the gate's other triggers act as always), then recalibrate
     the monitors on these real transitions (:meth:`MPCAgent.commission`) and write the checkpoint
@@ -195,7 +187,7 @@ def _commission(
     from robot_mbrl.models.checkpoint import CheckpointError
 
     torch.set_num_threads(1)  # the onboard CPU budget, as in train and run
-    robot, task, judge = _open_job(cfg, run, port)
+    robot, task, judge = _open_job(cfg, run)
     ck = checkpoint_dir(checkpoint)
     # the checkpoint is written back: not while a train run (or another commissioning) writes its run
     owner = RunDir(ck.parent) if (ck.parent / "config.yaml").is_file() else None
