@@ -128,9 +128,9 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
     tally = Tally()
     homing = make_homing(cfg, robot.spec)  # its channel names checked before any robot time
     t0 = time.monotonic()
-    with (
-        Progress(cfg.run.episodes * cfg.task.episode_steps, kind, enabled=progress) as bar,
+    with (  # the robot first: a rig that cannot be reached draws no progress bar
         robot_session(robot),
+        Progress(cfg.run.episodes * cfg.task.episode_steps, kind, enabled=progress) as bar,
     ):
         run_episodes(
             cfg, robot, judge, controller, run, tally, episodes=cfg.run.episodes, first_episode=0,

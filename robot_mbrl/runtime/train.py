@@ -132,7 +132,8 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
             trace.extend((t[0] + trace_from, *t[1:]) for t in controller.trace)
 
     try:
-        with Progress(cfg.train.steps, "train", enabled=progress) as bar, robot_session(robot):
+        # the robot first: a rig that cannot be reached draws no progress bar
+        with robot_session(robot), Progress(cfg.train.steps, "train", enabled=progress) as bar:
             bar.tick(tally.real_steps)
             bar.post()
             while tally.real_steps < cfg.train.steps:
