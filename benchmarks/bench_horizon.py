@@ -16,7 +16,7 @@ Every row but the last takes 0.1-0.5 s per tick (not real time). Returns are the
 by the same judge as evaluation.
 
     python benchmarks/bench_horizon.py --checkpoint RUN_DIR [--episodes 3] [--long 60] [--model-horizons 10,30,60]
-        [--pop 100] [--iters 3] [--oracle-only | --no-oracle]
+        [--pop 100] [--iters 3] [--oracle-only | --no-oracle] [--oracle-ablations [observed,rate_limit,shield]]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from robot_mbrl.agents.mpc import MPCAgent
+from robot_mbrl.agents.planning_tasks import ShieldedTask
 from robot_mbrl.config import load_config
 from robot_mbrl.factory import make_judge, make_robot, make_task
 from robot_mbrl.hal.robot import stop_on_signals
@@ -76,12 +77,14 @@ class RecedingCEM:
         return np.array([float(np.clip(mean[0], -1.0, 1.0))])
 
 
-def oracle_score(twin, task, safe_x: float, observed: bool = False, rate_limit: bool = True):
+def oracle_score(twin, task, safe_x: float, observed: bool = False, rate_limit: bool = True, shield=None):
     """Scores command sequences on the twin's true physics (MuJoCo rollouts from its live state).
 
     Ablations: ``observed`` starts the rollouts from the reading (encoder positions, the device's
     filtered velocities) instead of the true state; ``rate_limit=False`` scores the commands as
-    requested, ignoring the HAL's rate limit, as the onboard planner does."""
+    requested, ignoring the HAL's rate limit, as the onboard planner does; ``shield`` (a
+    :class:`ShieldedTask`) penalizes every tick outside the brake's stopping-distance set as well, the
+    constraint the onboard planner and gate keep."""
     m, cfg = twin.model, twin.cfg
     sub, spec = cfg.substeps, mujoco.mjtState.mjSTATE_FULLPHYSICS
     datas = [mujoco.MjData(m) for _ in range(2)]
@@ -107,7 +110,10 @@ def oracle_score(twin, task, safe_x: float, observed: bool = False, rate_limit: 
         x, th, xd, thd = s[..., 1], s[..., 2], s[..., 3], s[..., 4]
         nxt = torch.as_tensor(np.stack([x, th, xd, thd, applied], -1))
         r = task.reward(nxt, torch.as_tensor(applied[..., None]), nxt).numpy()
-        return r.sum(1) - PENALTY * (np.abs(x) > safe_x).sum(1)
+        out = np.abs(x) > safe_x
+        if shield is not None:
+            out |= (shield.constraints(nxt.float()) > 0).any(-1).numpy()
+        return r.sum(1) - PENALTY * out.sum(1)
 
     return score
 
@@ -165,8 +171,13 @@ def main() -> None:
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument(
         "--oracle-ablations",
-        action="store_true",
-        help="also the oracle from the observed state, and the oracle blind to the rate limit",
+        nargs="?",
+        const="observed,rate_limit,shield",
+        default="",
+        metavar="NAMES",
+        help="oracle ablation rows (default all of observed,rate_limit,shield): the oracle from the "
+        "observed state, blind to the rate limit, kept inside the brake's stopping-distance set (the "
+        "onboard planner's shield)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -190,11 +201,18 @@ def main() -> None:
     if not args.no_oracle:
         row("oracle (true physics)", str(args.long),
             PolicyController(RecedingCEM(oracle_score(robot, task, cfg.twin.safe_x_m), args.long, **cem_args)))  # fmt: skip
-    if args.oracle_ablations:
-        for name, kw in (("oracle from the observed state", {"observed": True}),
-                         ("oracle blind to the rate limit", {"rate_limit": False})):  # fmt: skip
-            score = oracle_score(robot, task, cfg.twin.safe_x_m, **kw)
-            row(name, str(args.long), PolicyController(RecedingCEM(score, args.long, **cem_args)))
+    ablations = {
+        "observed": ("oracle from the observed state", {"observed": True}),
+        "rate_limit": ("oracle blind to the rate limit", {"rate_limit": False}),
+        "shield": ("oracle inside the stopping-distance shield",
+                   {"shield": ShieldedTask(task, robot.spec, cfg.explore)}),
+    }  # fmt: skip
+    for key in filter(None, args.oracle_ablations.split(",")):
+        if key not in ablations:
+            ap.error(f"--oracle-ablations: expected names from {sorted(ablations)}, got {key!r}")
+        name, kw = ablations[key]
+        score = oracle_score(robot, task, cfg.twin.safe_x_m, **kw)
+        row(name, str(args.long), PolicyController(RecedingCEM(score, args.long, **cem_args)))
     if args.checkpoint is None or args.oracle_only:
         return
     agent = MPCAgent.load(args.checkpoint, cfg, robot.spec, task)

@@ -113,3 +113,24 @@ def test_a_failing_fallback_gives_the_stop_action():
     d = ex.act(obs(0.25, 1.5), tick(0), LOOP)  # the shield hands over to the (broken) fallback
     assert d.source == "fallback"
     np.testing.assert_array_equal(d.action, SPEC.stop_action())
+
+
+def test_the_planners_shield_uses_its_own_brake_model_and_the_explorer_keeps_its_own():
+    """The default config: exploration brakes on 5 m/s^2 / 0.1 s, the planner and gate on 8 / 0.06
+    (benchmarks/bench_brake.py). At 0.1 m doing 1.3 m/s outward the conservative model stops past
+    0.35 - margin (0.399 m) and the planner's inside it (0.284 m)."""
+    import dataclasses
+
+    import torch
+
+    from robot_mbrl.agents.planning_tasks import ShieldedTask
+    from robot_mbrl.factory import make_task
+
+    assert (CFG.explore.brake_decel_m_s2, CFG.explore.plan_brake_decel_m_s2) == (5.0, 8.0)
+    state = obs(0.1, 1.3)
+    assert explorer().act(state, tick(0), LOOP).source == "fallback"
+    planned = ShieldedTask(make_task(CFG), SPEC, CFG.explore)
+    assert float(planned.constraints(torch.as_tensor(state.values, dtype=torch.float32)).max()) <= 0
+    same = dataclasses.replace(CFG.explore, plan_brake_decel_m_s2=None, plan_react_s=None)
+    alike = ShieldedTask(make_task(CFG), SPEC, same)  # unset: the explorer's numbers
+    assert float(alike.constraints(torch.as_tensor(state.values, dtype=torch.float32)).max()) > 0

@@ -35,6 +35,15 @@ class ExploreConfig:
     )
     react_s: float = param(0.1, "delay before braking acts (actuation delay + motor lag + one tick)", ge=0)
     margin: float = param(0.05, "extra distance kept from the constraint boundary", ge=0)
+    plan_brake_decel_m_s2: float | None = param(
+        None,
+        "braking deceleration of the shield the MPC plans in and the gate checks (None: "
+        "brake_decel_m_s2); the model-free exploration keeps brake_decel_m_s2",
+        gt=0,
+    )
+    plan_react_s: float | None = param(
+        None, "react_s of the planner's and gate's shield (None: react_s)", ge=0
+    )
     plan_shield: bool = param(
         True,
         "also plan and gate inside the shield: the MPC treats a state whose stopping point is beyond "

@@ -50,12 +50,16 @@ class ShieldedTask(Task):
 
     so the planner avoids, and the gate refuses, plans that reach a state the brake fallback can no
     longer stop inside the constraint (the gate's own constraint check only sees k ticks ahead).
-    Only the learning stack's view: violations are still judged on the spec's constraints."""
+    ``a_brake`` / ``t_react``: ``explore.plan_brake_decel_m_s2`` / ``plan_react_s`` where set, else
+    the explorer's. Only the learning stack's view: violations are still judged on the spec's
+    constraints."""
 
     def __init__(self, task: Task, spec: RobotSpec, cfg):
         self.inner = task
         self.name, self.max_step_reward = task.name, task.max_step_reward
-        self.a, self.react, self.margin = cfg.brake_decel_m_s2, cfg.react_s, cfg.margin
+        self.a = cfg.brake_decel_m_s2 if cfg.plan_brake_decel_m_s2 is None else cfg.plan_brake_decel_m_s2
+        self.react = cfg.react_s if cfg.plan_react_s is None else cfg.plan_react_s
+        self.margin = cfg.margin
         self.pairs = shield_pairs(spec, cfg)
 
     def reward(self, obs, act, next_obs):

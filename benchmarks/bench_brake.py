@@ -1,0 +1,144 @@
+"""How far does the brake fallback really take to stop? Measured stopping distances against the
+stopping-distance shield's model (``explore.brake_decel_m_s2``, ``explore.react_s``, ``explore.margin``).
+
+The shield (exploration, planner and gate) keeps every state inside
+
+    x + v * react + v |v| / (2 a) <= safe_x - margin
+
+so a shield model that over-predicts the stop keeps the robot far from the edge (and slow where the
+task needs speed), one that under-predicts lets the brake overrun the constraint. This benchmark
+brakes from many states and reports, for the configured model and a grid of alternatives, the
+smallest slack ``prediction + margin - measured distance`` (negative: the brake went further than
+the shield allowed for).
+
+Two kinds of trials, HAL observations only (the same reading a rig gives):
+
+- ``straight``: the cart is brought to one side with a gentle position loop, pushed toward the other
+  at a random effort until a random target speed (or the middle of the rail), then the fallback brakes.
+- ``swing`` (``--checkpoint RUN``): the run's learned MPC, planning without the shield and ungated
+  (more aggressive than anything the product runs), drives a swing-up for a random number of ticks,
+  then the fallback brakes; the pole's reaction on the cart is what makes these stops long at low speed.
+
+The loop is lockstep (write, then read the next tick), as the twin and gym backends step: this is a
+twin measurement. The ``swing`` trials drive the robot where the shield would not let it go.
+
+    python benchmarks/bench_brake.py [--config cartpole_swingup] [--checkpoint RUN ...] [--trials 60] [--set k=v]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+
+from robot_mbrl.config import load_config
+from robot_mbrl.factory import make_robot, make_task
+from robot_mbrl.safety.fallback import make_fallback
+
+GRID = ((3.0, 0.1), (5.0, 0.1), (8.0, 0.1), (8.0, 0.06), (10.0, 0.06), (12.0, 0.05))
+
+
+def brake_from_here(robot, brake, ix: int, iv: int, obs: np.ndarray, max_ticks: int = 100):
+    """Brake until the cart stops; (onset speed, distance travelled past the onset position)."""
+    x0, v0 = obs[ix], obs[iv]
+    direction = 1.0 if v0 >= 0 else -1.0
+    furthest = 0.0
+    for _ in range(max_ticks):
+        robot.write(brake.act(obs))
+        obs = robot.read().values
+        furthest = max(furthest, direction * (obs[ix] - x0))
+        if abs(obs[iv]) < 0.02:
+            break
+    return abs(v0), furthest
+
+
+def straight_trials(robot, brake, ix: int, iv: int, safe_x: float, n: int, rng) -> list[tuple]:
+    rows = []
+    for trial in range(n):
+        obs = robot.reset(seed=trial).values
+        side = 1.0 if trial % 2 else -1.0
+        start = -side * 0.8 * safe_x
+        for _ in range(150):  # gentle position loop to the start side
+            robot.write(np.array([np.clip(-3.0 * (obs[ix] - start) - 2.0 * obs[iv], -0.4, 0.4)]))
+            obs = robot.read().values
+        effort, target = rng.uniform(0.5, 1.0), rng.uniform(0.3, 2.0)
+        for _ in range(60):
+            if side * obs[iv] >= target or side * obs[ix] > 0.1 * safe_x:
+                break
+            robot.write(np.array([side * effort]))
+            obs = robot.read().values
+        rows.append(("straight", *brake_from_here(robot, brake, ix, iv, obs)))
+    return rows
+
+
+def swing_trials(robot, brake, ix: int, iv: int, checkpoint: str, n: int, rng) -> list[tuple]:
+    from robot_mbrl.agents.mpc import MPCAgent
+
+    cfg = load_config(f"{checkpoint}/config.yaml", ["explore.plan_shield=false"])
+    agent = MPCAgent.load(checkpoint, cfg, robot.spec, make_task(cfg))
+    planner, threshold = agent.planner(), agent.thresholds["disagreement"]
+    rows = []
+    for trial in range(n):
+        obs = robot.reset(seed=1000 + trial).values
+        planner.reset(trial)
+        warm = None
+        for _ in range(int(rng.integers(10, 140))):
+            info = planner.plan(obs, warm, threshold)
+            warm = planner.shift(info.actions)
+            robot.write(info.action)
+            obs = robot.read().values
+        rows.append(("swing", *brake_from_here(robot, brake, ix, iv, obs)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="cartpole_swingup")
+    ap.add_argument("--checkpoint", action="append", default=[],
+                    help="run dir: also brake from its swing-up states (repeatable)")  # fmt: skip
+    ap.add_argument("--trials", type=int, default=60, help="trials of each kind")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override (e.g. a twin parameter: the brake on a heavier cart)")  # fmt: skip
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(args.config, args.set)
+    robot = make_robot(cfg, seed=args.seed + 11)
+    spec, fb = robot.spec, cfg.fallback
+    brake = make_fallback(fb, spec)
+    ix, iv = spec.index(fb.position_channel), spec.index(fb.velocity_channel)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    with robot:
+        rows = straight_trials(robot, brake, ix, iv, fb.safe_x_m, args.trials, rng)
+        for checkpoint in args.checkpoint:
+            rows += swing_trials(robot, brake, ix, iv, checkpoint, args.trials, rng)
+    ex = cfg.explore
+    print(f"# brake benchmark, {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}, "
+          f"config {args.config}, checkpoints {args.checkpoint or None}, {len(rows)} stops, "
+          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    kinds = sorted({r[0] for r in rows})
+    for kind in kinds:
+        v = np.array([r[1] for r in rows if r[0] == kind])
+        d = np.array([r[2] for r in rows if r[0] == kind])
+        print(f"{kind}: {len(v)} stops, onset speed up to {v.max():.2f} m/s, distance up to {d.max():.3f} m")
+    v = np.array([r[1] for r in rows])
+    d = np.array([r[2] for r in rows])
+    fast = v >= 1.0
+    print("\n| a (m/s^2) | react (s) | margin (m) | min slack (m) | stops past the shield | largest measured / "
+          "predicted stop from >= 1 m/s (no margin) | predicted stop at 1.5 m/s (m) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for a, react in dict.fromkeys([(ex.brake_decel_m_s2, ex.react_s), *GRID]):
+        stop = v * react + v * v / (2 * a)
+        pred = stop + ex.margin
+        ratio = f"{np.max(d[fast] / stop[fast]):.2f}" if fast.any() else "-"
+        mark = " (config)" if (a, react) == (ex.brake_decel_m_s2, ex.react_s) else ""
+        print(f"| {a:g}{mark} | {react:g} | {ex.margin:g} | {np.min(pred - d):+.3f} | {int((pred < d).sum())} | "
+              f"{ratio} | {1.5 * react + 2.25 / (2 * a):.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
