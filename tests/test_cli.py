@@ -205,7 +205,9 @@ def test_train_learns_from_a_rig_over_the_wire_and_homes_it_before_each_episode(
 
 
 def test_train_on_an_unreachable_rig_is_one_error_and_leaves_no_run_behind(tmp_path):
-    r = cli("train", "--backend", "serial", "--port", str(tmp_path / "ttyNOPE"), "--out", str(tmp_path / "rig"))
+    r = cli(
+        "train", "--backend", "serial", "--port", str(tmp_path / "ttyNOPE"), "--out", str(tmp_path / "rig")
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot open" in r.stderr, r.stderr[-2000:]
     assert "step/s" not in r.stderr, r.stderr  # no progress bar is drawn for a job that never started
     assert not (tmp_path / "rig").exists()  # the same --out can be used once the rig is plugged in
