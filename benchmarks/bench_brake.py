@@ -1,5 +1,6 @@
 """How far does the brake fallback really take to stop? Measured stopping distances against the
-stopping-distance shield's model (``explore.brake_decel_m_s2``, ``explore.react_s``, ``explore.margin``).
+stopping-distance shield's model (``explore.brake_decel_m_s2`` / ``react_s`` of the exploration,
+``explore.plan_brake_decel_m_s2`` / ``plan_react_s`` of the planner and gate, ``explore.margin``).
 
 The shield (exploration, planner and gate) keeps every state inside
 
@@ -55,20 +56,26 @@ def brake_from_here(robot, brake, ix: int, iv: int, obs: np.ndarray, max_ticks: 
     return abs(v0), furthest
 
 
-def straight_trials(robot, brake, ix: int, iv: int, safe_x: float, n: int, rng) -> list[tuple]:
-    rows = []
+def straight_trials(robot, brake, ix: int, iv: int, fb, n: int, rng) -> list[tuple]:
+    rows, safe_x = [], fb.safe_x_m
+
+    def push(u: float) -> np.ndarray:  # the fallback's cart channel, the stop command elsewhere
+        action = robot.spec.stop_action().astype(float)
+        action[fb.action_index] = u
+        return action
+
     for trial in range(n):
         obs = robot.reset(seed=trial).values
         side = 1.0 if trial % 2 else -1.0
         start = -side * 0.8 * safe_x
         for _ in range(150):  # gentle position loop to the start side
-            robot.write(np.array([np.clip(-3.0 * (obs[ix] - start) - 2.0 * obs[iv], -0.4, 0.4)]))
+            robot.write(push(np.clip(-3.0 * (obs[ix] - start) - 2.0 * obs[iv], -0.4, 0.4)))
             obs = robot.read().values
         effort, target = rng.uniform(0.5, 1.0), rng.uniform(0.3, 2.0)
         for _ in range(60):
             if side * obs[iv] >= target or side * obs[ix] > 0.1 * safe_x:
                 break
-            robot.write(np.array([side * effort]))
+            robot.write(push(side * effort))
             obs = robot.read().values
         rows.append(("straight", *brake_from_here(robot, brake, ix, iv, obs)))
     return rows
@@ -113,7 +120,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     with robot:
-        rows = straight_trials(robot, brake, ix, iv, fb.safe_x_m, args.trials, rng)
+        rows = straight_trials(robot, brake, ix, iv, fb, args.trials, rng)
         for checkpoint in args.checkpoint:
             rows += swing_trials(robot, brake, ix, iv, checkpoint, args.trials, rng)
     ex = cfg.explore
@@ -131,11 +138,17 @@ def main() -> None:
     print("\n| a (m/s^2) | react (s) | margin (m) | min slack (m) | stops past the shield | largest measured / "
           "predicted stop from >= 1 m/s (no margin) | predicted stop at 1.5 m/s (m) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
-    for a, react in dict.fromkeys([(ex.brake_decel_m_s2, ex.react_s), *GRID]):
+    explore = (ex.brake_decel_m_s2, ex.react_s)
+    plan = (
+        ex.plan_brake_decel_m_s2 or explore[0],
+        explore[1] if ex.plan_react_s is None else ex.plan_react_s,
+    )
+    roles = {explore: "exploration", plan: "planner, gate"} if plan != explore else {plan: "config"}
+    for a, react in dict.fromkeys([*roles, *GRID]):
         stop = v * react + v * v / (2 * a)
         pred = stop + ex.margin
         ratio = f"{np.max(d[fast] / stop[fast]):.2f}" if fast.any() else "-"
-        mark = " (config)" if (a, react) == (ex.brake_decel_m_s2, ex.react_s) else ""
+        mark = f" ({roles[a, react]})" if (a, react) in roles else ""
         print(f"| {a:g}{mark} | {react:g} | {ex.margin:g} | {np.min(pred - d):+.3f} | {int((pred < d).sum())} | "
               f"{ratio} | {1.5 * react + 2.25 / (2 * a):.3f} |")  # fmt: skip
 
