@@ -20,8 +20,9 @@ Two kinds of trials, HAL observations only (the same reading a rig gives):
   (more aggressive than anything the product runs), drives a swing-up for a random number of ticks,
   then the fallback brakes; the pole's reaction on the cart is what makes these stops long at low speed.
 
-The loop is lockstep (write, then read the next tick), as the twin and gym backends step: this is a
-twin measurement. The ``swing`` trials drive the robot where the shield would not let it go.
+Every tick reads, decides and writes at the control rate, paced on the wall clock for a serial rig
+(``--set backend=serial --set serial.port=PORT``: straight trials only, the rig homed before each),
+lockstep on the twin. The ``swing`` trials drive the robot where the shield would not let it go: twin only.
 
     python benchmarks/bench_brake.py [--config cartpole_swingup] [--checkpoint RUN ...] [--trials 60] [--set k=v]
 """
@@ -37,67 +38,107 @@ import torch
 
 from robot_mbrl.config import load_config
 from robot_mbrl.factory import make_robot, make_task
+from robot_mbrl.runtime.jobs import robot_session
 from robot_mbrl.safety.fallback import make_fallback
 
 GRID = ((3.0, 0.1), (5.0, 0.1), (8.0, 0.1), (8.0, 0.06), (10.0, 0.06), (12.0, 0.05))
 
 
-def brake_from_here(robot, brake, ix: int, iv: int, obs: np.ndarray, max_ticks: int = 100):
-    """Brake until the cart stops; (onset speed, distance travelled past the onset position)."""
+class Rig:
+    """One tick at a time at the robot's control rate (paced on the wall clock for a serial rig, lockstep
+    on the twin): read, decide, write, as the runtime loop does. ``reset`` starts a trial: the twin
+    resets itself, a rig is homed (``robot_mbrl/runtime/homing.py``)."""
+
+    def __init__(self, robot, cfg, paced: bool):
+        from robot_mbrl.runtime.homing import make_homing
+        from robot_mbrl.runtime.loop import RateLoop
+
+        self.robot, self.paced, self.homing = robot, paced, make_homing(cfg, robot.spec)
+        self._loop = iter(RateLoop(robot.spec.control_hz, paced=paced))
+
+    def reset(self, seed: int) -> None:
+        if self.homing is not None:
+            self.homing.home(self.robot, paced=self.paced)
+        self.robot.reset(seed=seed)
+
+    def tick(self, decide) -> np.ndarray:
+        """Read this tick's observation, write ``decide(values)``; the values read."""
+        next(self._loop)
+        obs = self.robot.read().values
+        self.robot.write(decide(obs))
+        return obs
+
+
+def brake_from_here(rig: Rig, brake, ix: int, iv: int, onset: np.ndarray | None = None, max_ticks: int = 100):
+    """Brake until the cart stops: (onset speed, distance past the onset position). ``onset``: the
+    reading of the tick that already wrote the first brake command (None: brake from the next tick)."""
+    obs = rig.tick(brake.act) if onset is None else onset
     x0, v0 = obs[ix], obs[iv]
     direction = 1.0 if v0 >= 0 else -1.0
     furthest = 0.0
     for _ in range(max_ticks):
-        robot.write(brake.act(obs))
-        obs = robot.read().values
+        obs = rig.tick(brake.act)
         furthest = max(furthest, direction * (obs[ix] - x0))
         if abs(obs[iv]) < 0.02:
             break
     return abs(v0), furthest
 
 
-def straight_trials(robot, brake, ix: int, iv: int, fb, n: int, rng) -> list[tuple]:
+def straight_trials(rig: Rig, brake, ix: int, iv: int, fb, n: int, rng) -> list[tuple]:
     rows, safe_x = [], fb.safe_x_m
 
     def push(u: float) -> np.ndarray:  # the fallback's cart channel, the stop command elsewhere
-        action = robot.spec.stop_action().astype(float)
+        action = rig.robot.spec.stop_action().astype(float)
         action[fb.action_index] = u
         return action
 
     for trial in range(n):
-        obs = robot.reset(seed=trial).values
+        rig.reset(seed=trial)
         side = 1.0 if trial % 2 else -1.0
         start = -side * 0.8 * safe_x
-        for _ in range(150):  # gentle position loop to the start side
-            robot.write(push(np.clip(-3.0 * (obs[ix] - start) - 2.0 * obs[iv], -0.4, 0.4)))
-            obs = robot.read().values
         effort, target = rng.uniform(0.5, 1.0), rng.uniform(0.3, 2.0)
-        for _ in range(60):
-            if side * obs[iv] >= target or side * obs[ix] > 0.1 * safe_x:
+
+        def to_start(o: np.ndarray, start=start) -> np.ndarray:  # a gentle position loop
+            return push(np.clip(-3.0 * (o[ix] - start) - 2.0 * o[iv], -0.4, 0.4))
+
+        def there(o: np.ndarray, side=side, target=target) -> bool:  # target speed or mid-rail
+            return side * o[iv] >= target or side * o[ix] > 0.1 * safe_x
+
+        def toward(o: np.ndarray, side=side, effort=effort, there=there) -> np.ndarray:
+            return brake.act(o) if there(o) else push(side * effort)
+
+        for _ in range(150):
+            rig.tick(to_start)
+        for _ in range(60):  # push toward the other side; the tick that gets there brakes
+            obs = rig.tick(toward)
+            if there(obs):
                 break
-            robot.write(push(side * effort))
-            obs = robot.read().values
-        rows.append(("straight", *brake_from_here(robot, brake, ix, iv, obs)))
+        else:
+            obs = None
+        rows.append(("straight", *brake_from_here(rig, brake, ix, iv, onset=obs)))
     return rows
 
 
-def swing_trials(robot, brake, ix: int, iv: int, checkpoint: str, n: int, rng) -> list[tuple]:
+def swing_trials(rig: Rig, brake, ix: int, iv: int, checkpoint: str, n: int, rng) -> list[tuple]:
     from robot_mbrl.agents.mpc import MPCAgent
 
     cfg = load_config(f"{checkpoint}/config.yaml", ["explore.plan_shield=false"])
-    agent = MPCAgent.load(checkpoint, cfg, robot.spec, make_task(cfg))
+    agent = MPCAgent.load(checkpoint, cfg, rig.robot.spec, make_task(cfg))
     planner, threshold = agent.planner(), agent.thresholds["disagreement"]
     rows = []
     for trial in range(n):
-        obs = robot.reset(seed=1000 + trial).values
+        rig.reset(seed=1000 + trial)
         planner.reset(trial)
-        warm = None
+        plan = {"warm": None}
+
+        def mpc(obs: np.ndarray, plan=plan) -> np.ndarray:
+            info = planner.plan(obs, plan["warm"], threshold)
+            plan["warm"] = planner.shift(info.actions)
+            return info.action
+
         for _ in range(int(rng.integers(10, 140))):
-            info = planner.plan(obs, warm, threshold)
-            warm = planner.shift(info.actions)
-            robot.write(info.action)
-            obs = robot.read().values
-        rows.append(("swing", *brake_from_here(robot, brake, ix, iv, obs)))
+            rig.tick(mpc)
+        rows.append(("swing", *brake_from_here(rig, brake, ix, iv)))
     return rows
 
 
@@ -109,7 +150,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=60, help="trials of each kind")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override (e.g. a twin parameter: the brake on a heavier cart)")  # fmt: skip
+                    help="config override (a twin parameter, or backend=serial serial.port=PORT for a rig)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.set)
@@ -118,11 +159,15 @@ def main() -> None:
     brake = make_fallback(fb, spec)
     ix, iv = spec.index(fb.position_channel), spec.index(fb.velocity_channel)
     rng = np.random.default_rng(args.seed)
+    serial = cfg.backend == "serial"
+    if serial and args.checkpoint:
+        ap.error("--checkpoint: the swing trials drive without the shield; run them on the twin only")
     t0 = time.perf_counter()
-    with robot:
-        rows = straight_trials(robot, brake, ix, iv, fb, args.trials, rng)
+    with robot_session(robot.connect()):
+        rig = Rig(robot, cfg, paced=serial or cfg.loop.paced)
+        rows = straight_trials(rig, brake, ix, iv, fb, args.trials, rng)
         for checkpoint in args.checkpoint:
-            rows += swing_trials(robot, brake, ix, iv, checkpoint, args.trials, rng)
+            rows += swing_trials(rig, brake, ix, iv, checkpoint, args.trials, rng)
     ex = cfg.explore
     print(f"# brake benchmark, {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}, "
           f"config {args.config}, checkpoints {args.checkpoint or None}, {len(rows)} stops, "
