@@ -184,10 +184,7 @@ def main() -> None:
           "predicted stop from >= 1 m/s (no margin) | predicted stop at 1.5 m/s (m) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     explore = (ex.brake_decel_m_s2, ex.react_s)
-    plan = (
-        ex.plan_brake_decel_m_s2 or explore[0],
-        explore[1] if ex.plan_react_s is None else ex.plan_react_s,
-    )
+    plan = ex.plan_brake()
     roles = {explore: "exploration", plan: "planner, gate"} if plan != explore else {plan: "config"}
     for a, react in dict.fromkeys([*roles, *GRID]):
         stop = v * react + v * v / (2 * a)

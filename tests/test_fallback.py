@@ -149,6 +149,7 @@ def test_brake_on_the_twin_stops_within_the_planners_shield_model(theta0):
     from robot_mbrl.config import load_config
 
     ex = load_config("cartpole_swingup").explore
+    a, react = ex.plan_brake()
     twin = CartpoleTwin(TWIN_CFG, seed=0)
     brake = make_fallback(FallbackConfig(kind="brake"), twin.spec)
     worst = -math.inf
@@ -161,7 +162,7 @@ def test_brake_on_the_twin_stops_within_the_planners_shield_model(theta0):
                     twin.write(brake.act(obs))
                     obs = twin.read().values
                     furthest = max(furthest, twin.truth().state[X] + 0.3)
-            model = v0 * ex.plan_react_s + v0 * v0 / (2 * ex.plan_brake_decel_m_s2)
+            model = v0 * react + v0 * v0 / (2 * a)
             assert furthest <= model + ex.margin, (v0, thetadot, furthest, model)
             worst = max(worst, furthest - model)
     assert worst > -0.1  # the model is not vacuous: some stop comes within 0.1 m of it

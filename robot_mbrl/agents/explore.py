@@ -53,6 +53,12 @@ class ExploreConfig:
         factory=lambda: {"x_m": "xdot_m_s"}, doc="position channel -> its velocity channel (for the shield)"
     )
 
+    def plan_brake(self) -> tuple[float, float]:
+        """(deceleration, reaction time) of the planner's and gate's shield: the ``plan_`` values
+        where set, else the exploration's."""
+        a = self.brake_decel_m_s2 if self.plan_brake_decel_m_s2 is None else self.plan_brake_decel_m_s2
+        return a, self.react_s if self.plan_react_s is None else self.plan_react_s
+
 
 def shield_pairs(spec: RobotSpec, cfg: ExploreConfig) -> list[tuple[int, int, float, float]]:
     """(position index, velocity index, low, high) of every constrained channel with a velocity in

@@ -57,9 +57,7 @@ class ShieldedTask(Task):
     def __init__(self, task: Task, spec: RobotSpec, cfg):
         self.inner = task
         self.name, self.max_step_reward = task.name, task.max_step_reward
-        self.a = cfg.brake_decel_m_s2 if cfg.plan_brake_decel_m_s2 is None else cfg.plan_brake_decel_m_s2
-        self.react = cfg.react_s if cfg.plan_react_s is None else cfg.plan_react_s
-        self.margin = cfg.margin
+        (self.a, self.react), self.margin = cfg.plan_brake(), cfg.margin
         self.pairs = shield_pairs(spec, cfg)
 
     def reward(self, obs, act, next_obs):
