@@ -36,10 +36,12 @@ import time
 import numpy as np
 import torch
 
+from robot_mbrl.agents.explore import stopping_point
 from robot_mbrl.config import load_config
 from robot_mbrl.factory import make_robot, make_task
 from robot_mbrl.runtime.jobs import robot_session
 from robot_mbrl.safety.fallback import make_fallback
+from robot_mbrl.typedconfig import ConfigError
 
 GRID = ((3.0, 0.1), (5.0, 0.1), (8.0, 0.1), (8.0, 0.06), (10.0, 0.06), (12.0, 0.05))
 
@@ -153,7 +155,10 @@ def main() -> None:
                     help="config override (a twin parameter, or backend=serial serial.port=PORT for a rig)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(args.config, args.set)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as err:
+        ap.error(str(err))
     robot = make_robot(cfg, seed=args.seed + 11)
     spec, fb = robot.spec, cfg.fallback
     brake = make_fallback(fb, spec)
@@ -187,12 +192,12 @@ def main() -> None:
     plan = ex.plan_brake()
     roles = {explore: "exploration", plan: "planner, gate"} if plan != explore else {plan: "config"}
     for a, react in dict.fromkeys([*roles, *GRID]):
-        stop = v * react + v * v / (2 * a)
+        stop = stopping_point(0.0, v, a, react)  # distance from the onset, v >= 0
         pred = stop + ex.margin
         ratio = f"{np.max(d[fast] / stop[fast]):.2f}" if fast.any() else "-"
         mark = f" ({roles[a, react]})" if (a, react) in roles else ""
         print(f"| {a:g}{mark} | {react:g} | {ex.margin:g} | {np.min(pred - d):+.3f} | {int((pred < d).sum())} | "
-              f"{ratio} | {1.5 * react + 2.25 / (2 * a):.3f} |")  # fmt: skip
+              f"{ratio} | {stopping_point(0.0, 1.5, a, react):.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -60,6 +60,13 @@ class ExploreConfig:
         return a, self.react_s if self.plan_react_s is None else self.plan_react_s
 
 
+def stopping_point(p, v, decel: float, react: float):
+    """Where the brake stops a mechanism at position ``p`` moving at ``v`` (floats, arrays or tensors):
+    ``p + v react + v |v| / (2 decel)`` — the shield's one model of the brake (exploration, planner,
+    gate and ``benchmarks/bench_brake.py``)."""
+    return p + v * react + v * abs(v) / (2 * decel)
+
+
 def shield_pairs(spec: RobotSpec, cfg: ExploreConfig) -> list[tuple[int, int, float, float]]:
     """(position index, velocity index, low, high) of every constrained channel with a velocity in
     ``explore.velocity_channels``. A robot with constraints must name real channels there: a typo
@@ -91,7 +98,7 @@ class ShieldedExplorer:
         worst = -np.inf
         for ip, iv, low, high in self._pairs:
             p, v = x[ip], x[iv]
-            stop = p + v * self.cfg.react_s + v * abs(v) / (2 * self.cfg.brake_decel_m_s2)
+            stop = stopping_point(p, v, self.cfg.brake_decel_m_s2, self.cfg.react_s)
             for q in (p, stop):
                 worst = max(worst, q - (high - self.cfg.margin), (low + self.cfg.margin) - q)
         return bool(worst > 0), float(worst)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from robot_mbrl.agents.explore import shield_pairs
+from robot_mbrl.agents.explore import shield_pairs, stopping_point
 from robot_mbrl.hal.robot import RobotSpec
 from robot_mbrl.tasks.base import Task
 from robot_mbrl.typedconfig import ConfigError
@@ -71,6 +71,6 @@ class ShieldedTask(Task):
         extra = []
         for ip, iv, low, high in self.pairs:
             p, v = obs[..., ip], obs[..., iv]
-            stop = p + v * self.react + v * v.abs() / (2 * self.a)
+            stop = stopping_point(p, v, self.a, self.react)
             extra.append(torch.maximum(stop - (high - self.margin), (low + self.margin) - stop))
         return torch.cat([g, torch.stack(extra, -1)], -1) if extra else g
