@@ -2,11 +2,20 @@
 
 Baseline in the same run: a naive relative-sleep loop (``sleep(period - work)``) whose error
 accumulates as drift. Usage: python benchmarks/bench_loop.py [--seconds 10]
+
+    python benchmarks/bench_loop.py --checkpoint RUN [--episodes 4]   # garbage-collector pauses
+
+With ``--checkpoint``: the pause a full cyclic-GC pass puts into a tick, in a process that holds a
+trained controller and the twin (what ``robot-mbrl run`` holds), with the heap as the episode loop
+keeps it (``runtime.loop.frozen_heap``) and without (the baseline, same process, same moment); then
+the collections CPython itself started inside the ticks of N episodes, per generation, with the
+longest pause and the slowest tick.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import time
 
@@ -54,11 +63,85 @@ def naive_loop(hz: float, seconds: float, work_s: float) -> dict:
     }
 
 
+def _full_pass_ms(repeats: int = 7) -> np.ndarray:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        gc.collect()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return np.asarray(out)
+
+
+def gc_pauses(checkpoint: str, episodes: int) -> None:
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.episode import run_episode
+    from robot_mbrl.runtime.loop import frozen_heap
+    from robot_mbrl.runtime.rundir import Tally
+
+    cfg = load_config(f"{checkpoint}/config.yaml", [])
+    robot, task = make_robot(cfg), make_task(cfg)
+    judge = make_judge(task, robot)
+    ctrl = MPCAgent.load(checkpoint, cfg, robot.spec, task).controller()
+    pauses: list[tuple[int, float]] = []
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        else:
+            pauses.append((info["generation"], (time.perf_counter() - started.pop()) * 1e3))
+
+    with robot:
+        run_episode(
+            robot,
+            judge,
+            ctrl,
+            episode=0,
+            max_steps=cfg.task.episode_steps,
+            seed=0,
+            paced=False,
+            tally=Tally(),
+        )  # fmt: skip  (warm-up: the process as a run holds it)
+        objects = len(gc.get_objects())
+        open_ms = _full_pass_ms()
+        with frozen_heap():
+            frozen_ms = _full_pass_ms()
+        gc.callbacks.append(on_gc)
+        tally, steps = Tally(), []
+        try:
+            for ep in range(episodes):
+                res = run_episode(robot, judge, ctrl, episode=ep, max_steps=cfg.task.episode_steps, seed=ep + 1,
+                                  paced=False, tally=tally)  # fmt: skip
+                steps.append(res.steps)
+        finally:
+            gc.callbacks.remove(on_gc)
+    print(f"\n## Garbage-collector pauses in a tick (`{checkpoint}`, {objects} tracked objects, Python "
+          f"{platform.python_version()})\n")  # fmt: skip
+    print("| heap | full pass p50 (ms) | max (ms) |")
+    print("|---|---|---|")
+    print(f"| as it is (baseline) | {np.median(open_ms):.1f} | {open_ms.max():.1f} |")
+    print(f"| frozen (the episode loop) | {np.median(frozen_ms):.3f} | {frozen_ms.max():.3f} |")
+    ratio = np.median(open_ms) / max(float(np.median(frozen_ms)), 1e-3)  # the timer's floor: 1 us
+    print(f"\nbaseline / frozen: {'>' if np.median(frozen_ms) < 1e-3 else ''}{ratio:.0f}x. Collections CPython "
+          f"started inside {episodes} episodes ({sum(steps)} ticks, heap frozen):")  # fmt: skip
+    for g in (0, 1, 2):
+        d = [ms for gen, ms in pauses if gen == g]
+        print(f"- generation {g}: {len(d)}" + (f", longest {max(d):.2f} ms" if d else ""))
+    print(f"- deadline misses {tally.deadline_misses}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--work-ms", type=float, default=2.0, help="simulated work per tick")
+    ap.add_argument("--checkpoint", help="a run directory: measure GC pauses instead of jitter")
+    ap.add_argument("--episodes", type=int, default=4)
     args = ap.parse_args()
+    if args.checkpoint:
+        gc_pauses(args.checkpoint, args.episodes)
+        return
     print(
         f"# loop jitter, {platform.node()} {platform.processor() or platform.machine()}, "
         f"{time.strftime('%Y-%m-%d')}, {args.seconds:.0f} s per row, {args.work_ms} ms work/tick"

@@ -66,6 +66,8 @@ def test_logging_a_switch_leaves_the_exploration_sequence_unchanged():
 def test_the_logged_applied_action_is_what_the_robot_applied():
     """The shield asks for a full brake; the HAL's rate limit lets part of it through this tick:
     the event's `applied` is the robot's, `commanded` the shield's request."""
+    import gc
+
     from robot_mbrl.factory import make_judge, make_task
     from robot_mbrl.runtime.episode import Decision, run_episode
     from robot_mbrl.runtime.rundir import Tally
@@ -77,7 +79,10 @@ def test_the_logged_applied_action_is_what_the_robot_applied():
         def observe(self, tr):
             return []
 
+        frozen = True
+
         def act(self, obs, tick, loop):
+            Jump.frozen &= gc.get_freeze_count() > 0
             u = np.array([1.0 if tick.index < 5 else -1.0])
             ev = [{"kind": "switch", "proposed": [0.0], "applied": u.tolist()}] if tick.index == 5 else []
             return Decision(u, events=ev)
@@ -89,6 +94,7 @@ def test_the_logged_applied_action_is_what_the_robot_applied():
                     tally=Tally(), on_event=events.append)  # fmt: skip
     (ev,) = events
     assert ev["commanded"] == [-1.0]
+    assert Jump.frozen and gc.get_freeze_count() == 0  # ticks ran with the heap frozen (loop.frozen_heap)
     assert -1.0 < ev["applied"][0] < 1.0  # rate-limited on the way from +1 to -1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 
 import numpy as np
@@ -41,6 +42,7 @@ class _Recording:
         self.robot, self.faulty, self.commands, self.readings = robot, faulty, [], []
 
     def read(self) -> Observation:
+        assert gc.get_freeze_count() > 0  # homing ticks run with the heap frozen (loop.frozen_heap)
         obs = self.robot.read()
         if self.faulty > 0:
             self.faulty -= 1

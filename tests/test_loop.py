@@ -89,3 +89,49 @@ def test_lockstep_never_sleeps_and_real_pacing_keeps_rate():
 def test_bad_rate_is_rejected():
     with pytest.raises(ValueError, match="rate_hz"):
         RateLoop(0.0)
+
+
+class _Cycle:
+    """A reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_frozen_heap_keeps_the_collector_off_objects_made_before_the_loop():
+    """A full collection inside the scope does not walk the objects that existed on entry (a cycle
+    dropped inside survives gc.collect()); on exit they are handed back and collected."""
+    import gc
+    import weakref
+
+    from robot_mbrl.runtime.loop import frozen_heap
+
+    x = _Cycle()
+    alive = weakref.ref(x)
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        del x
+        gc.collect()
+        assert alive() is not None  # frozen: not walked by the full pass
+        y = _Cycle()  # made inside the loop: collected as usual
+        made_inside = weakref.ref(y)
+        del y
+        gc.collect()
+        assert made_inside() is None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert alive() is None  # nothing leaks past the scope
+
+
+def test_frozen_heap_nests_and_unfreezes_on_an_exception():
+    import gc
+
+    from robot_mbrl.runtime.loop import frozen_heap
+
+    with pytest.raises(RuntimeError):
+        with frozen_heap():
+            with frozen_heap():
+                pass
+            assert gc.get_freeze_count() > 0  # the inner exit leaves the outer scope frozen
+            raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from robot_mbrl.hal.robot import Fault, Observation, Robot
-from robot_mbrl.runtime.loop import RateLoop, Tick
+from robot_mbrl.runtime.loop import RateLoop, Tick, frozen_heap
 from robot_mbrl.runtime.rundir import Tally
 from robot_mbrl.tasks.base import Task
 
@@ -99,6 +99,7 @@ class EpisodeResult:
     plan_ms_p50: float
 
 
+@frozen_heap()  # no full GC pass inside a tick (runtime/loop.py)
 def run_episode(
     robot: Robot,
     judge: Judge,

@@ -31,7 +31,7 @@ import numpy as np
 
 from robot_mbrl.agents.explore import ExploreConfig, ShieldedExplorer
 from robot_mbrl.hal.robot import Robot, RobotSpec
-from robot_mbrl.runtime.loop import RateLoop
+from robot_mbrl.runtime.loop import RateLoop, frozen_heap
 from robot_mbrl.safety.fallback import FallbackConfig, FallbackPolicy, LinearFeedbackPolicy, make_fallback
 from robot_mbrl.typedconfig import ConfigError, param, require_names
 
@@ -148,6 +148,7 @@ class Homing:
         err = np.asarray(values, dtype=float)[self._idx] - self._target
         return bool(np.all(np.abs(err) <= self._tol))
 
+    @frozen_heap()  # no full GC pass inside a tick (runtime/loop.py)
     def home(self, robot: Robot, *, paced: bool) -> HomingResult:
         """Drive ``robot`` (connected and active) to the start state; see the module docstring."""
         cfg, spec = self.cfg, self.spec
