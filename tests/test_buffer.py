@@ -61,7 +61,8 @@ def test_persist_reopen_and_append(tmp_path):
         _fill(buf, 0, 25)
         buf.flush()
         _fill(buf, 25, 5)
-    assert len(json.loads((d / "manifest.json").read_text())["chunks"]) == 2
+    lines = (d / "manifest.jsonl").read_text().splitlines()  # the schema line, then one per chunk
+    assert json.loads(lines[0])["schema"] == "robot_mbrl.buffer/2" and len(lines) == 3
     buf = ReplayBuffer.open(d)
     _check_rows(buf, 30)
     _fill(buf, 30, 10)
@@ -82,6 +83,20 @@ def test_corrupt_truncated_foreign_files_give_one_line_errors(tmp_path):
         ReplayBuffer.open(d)
     assert "\n" not in str(err.value)
     chunk.write_bytes(good)
+    journal = d / "manifest.jsonl"
+    head, entry = journal.read_text().splitlines()
+    for text, needle in [
+        ("", "manifest.jsonl: expected a buffer manifest journal (schema line first), got an empty file"),
+        (f"{head}\n{{not json\n{entry}\n", "manifest.jsonl: expected line 2: a JSON object, got '{not json'"),
+        (f'{head}\n{entry[:-1]}, "count": "ten"}}\n', "expected line 2: a chunk {file, count, sha256}"),
+        (head.replace("/2", "/9") + "\n", "expected schema 'robot_mbrl.buffer/2', got 'robot_mbrl.buffer/9'"),
+        (head.replace('"obs_dim": 3', '"obs_dim": 0') + "\n", "obs_dim: a positive integer, got 0"),
+    ]:
+        journal.write_text(text)
+        with pytest.raises(BufferFileError, match=re.escape(needle)) as err:
+            ReplayBuffer.open(d)
+        assert "\n" not in str(err.value)
+    journal.unlink()  # a buffer written by an earlier version: manifest.json, schema /1
     (d / "manifest.json").write_text('{"schema": "robot_mbrl.buff')
     with pytest.raises(BufferFileError, match="manifest.json: expected a JSON buffer manifest"):
         ReplayBuffer.open(d)
@@ -110,8 +125,77 @@ def test_orphan_temp_and_chunk_files_are_ignored(tmp_path):
     buf = ReplayBuffer.open(d)
     _check_rows(buf, 10)
     _fill(buf, 10, 3)
-    buf.close()  # the orphan chunk name is reused and atomically replaced
+    buf.close()  # the new chunk goes past the orphan's name
     _check_rows(ReplayBuffer.open(d), 13)
+    assert (d / "chunk_000001.npz").read_bytes() == b"written before the manifest was"
+
+
+def test_a_torn_journal_line_is_left_out_and_appending_goes_on(tmp_path, caplog):
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d, BufferConfig(flush_interval_s=1e9)) as buf:
+        for start in (0, 10):
+            _fill(buf, start, 10)
+            buf.flush()
+    journal = d / "manifest.jsonl"
+    journal.write_bytes(journal.read_bytes()[:-20])  # killed mid-append of the second chunk's line
+    buf = ReplayBuffer.open(d)
+    assert "torn last line" in caplog.text
+    _check_rows(buf, 10)  # the second chunk is an orphan now: its line never completed
+    _fill(buf, 10, 5)
+    buf.close()
+    _check_rows(ReplayBuffer.open(d), 15)
+
+
+def test_a_buffer_written_by_the_previous_version_opens_and_is_converted(tmp_path):
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d, BufferConfig(flush_interval_s=1e9)) as buf:
+        for start in (0, 10):
+            _fill(buf, start, 10)
+            buf.flush()
+    head, *entries = [json.loads(x) for x in (d / "manifest.jsonl").read_text().splitlines()]
+    (d / "manifest.jsonl").unlink()  # as the previous version wrote it: one JSON document
+    (d / "manifest.json").write_text(json.dumps({**head, "schema": "robot_mbrl.buffer/1", "chunks": entries}))
+    buf = ReplayBuffer.open(d)
+    _check_rows(buf, 20)
+    assert (d / "manifest.jsonl").exists() and not (d / "manifest.json").exists()
+    _fill(buf, 20, 5)
+    buf.close()
+    _check_rows(ReplayBuffer.open(d), 25)
+
+
+def test_interval_flushes_do_not_wait_for_the_disk_and_their_errors_surface(tmp_path, monkeypatch):
+    """The flush that add() makes inside a control tick only queues the write; flush() and close()
+    wait for it; a failed background write is raised in the caller's thread, never lost."""
+    import threading
+
+    import robot_mbrl.data.buffer as mod
+
+    gate, real = threading.Event(), mod.atomic_write_bytes
+
+    def slow_disk(path, data):
+        assert gate.wait(10)
+        real(path, data)
+
+    monkeypatch.setattr(mod, "atomic_write_bytes", slow_disk)
+    d = tmp_path / "buf"
+    buf = ReplayBuffer(3, 1, d, BufferConfig(flush_interval_s=0.0))
+    adder = threading.Thread(target=_fill, args=(buf, 0, 5))
+    adder.start()
+    adder.join(5)
+    assert not adder.is_alive()  # five interval flushes queued while the disk is stuck
+    assert not (d / "chunk_000000.npz").exists()
+    gate.set()
+    buf.close()
+    _check_rows(ReplayBuffer.open(d), 5)
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(mod, "atomic_write_bytes", full_disk)
+    buf = ReplayBuffer.open(d, cfg=BufferConfig(flush_interval_s=0.0))
+    _fill(buf, 5, 1)
+    with pytest.raises(OSError, match="background write failed: .*No space left on device"):
+        buf.flush()
 
 
 _CHILD = textwrap.dedent(

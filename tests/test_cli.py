@@ -36,7 +36,7 @@ def test_train_writes_the_run_directory(trained):
         "config.yaml",
         "metrics.jsonl",
         "checkpoint/model.pt",
-        "buffer/manifest.json",
+        "buffer/manifest.jsonl",
         "plots/returns.png",
         "plots/gate.png",  # the learning controllers' gate inputs, across retrains
     ):

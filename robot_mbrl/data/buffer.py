@@ -2,12 +2,19 @@
 
 On disk (``directory``)::
 
-    manifest.json          schema, dims, and the list of complete chunks {file, count, sha256}
+    manifest.jsonl         a journal: line 1 the schema and dims, then one line {file, count, sha256}
+                           per complete chunk, appended (and fsynced) after the chunk itself is on disk
     chunk_000000.npz ...   one .npz per flush with the rows added since the previous flush
 
-Every file is written to a temp file, fsynced and renamed (``runtime.files``); a chunk is written
-before the manifest that lists it, so after a crash the manifest only names complete chunks. Orphan
-chunks (written, not yet listed) and temp files are ignored on :meth:`ReplayBuffer.open`.
+A chunk is written to a temp file, fsynced and renamed (``runtime.files``) before the journal line
+that lists it, so after a crash the journal only names complete chunks; a torn last line (a kill
+mid-append) is left out. Orphan chunks (written, not yet listed) and temp files are ignored on
+:meth:`ReplayBuffer.open`. The flushes that :meth:`ReplayBuffer.add` makes on its interval run on a
+background writer (``runtime.files.OrderedWriter``): the control tick that adds a transition pays
+for an in-memory ``.npz`` (~0.2 ms), not for the fsyncs; :meth:`flush` and :meth:`close` return
+once everything is on disk. Appending a line keeps a flush O(1) however long the robot has run
+(rewriting a whole manifest took 6 ms at 1,000 chunks, 16 ms at 3,000, inside a 20 ms tick).
+Buffers written as ``manifest.json`` (schema ``robot_mbrl.buffer/1``) open and are converted.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 import zipfile
 from dataclasses import dataclass
@@ -23,13 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from robot_mbrl.runtime.files import atomic_write_bytes, atomic_write_json
+from robot_mbrl.runtime.files import OrderedWriter, append_jsonl, atomic_write_bytes, atomic_write_text
 from robot_mbrl.typedconfig import param
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "robot_mbrl.buffer/1"
-MANIFEST = "manifest.json"
+SCHEMA = "robot_mbrl.buffer/2"
+MANIFEST = "manifest.jsonl"
+SCHEMA_V1, MANIFEST_V1 = "robot_mbrl.buffer/1", "manifest.json"  # one JSON document, rewritten per flush
+_ENTRY = {"file": str, "count": int, "sha256": str}
 
 
 class BufferFileError(ValueError):
@@ -85,10 +95,12 @@ class ReplayBuffer:
         self._n = 0
         self._flushed = 0
         self._chunks: list[dict] = []
+        self._next_chunk = 0  # the index of the next chunk file
         self._last_flush = time.monotonic()
         self.directory = Path(directory) if directory is not None else None
+        self._writer = OrderedWriter(f"buffer {self.directory}")
         if self.directory is not None:
-            if (self.directory / MANIFEST).exists():
+            if (self.directory / MANIFEST).exists() or (self.directory / MANIFEST_V1).exists():
                 raise FileExistsError(f"{self.directory}: a buffer already exists; use ReplayBuffer.open")
             self.directory.mkdir(parents=True, exist_ok=True)
             self._write_manifest()
@@ -120,7 +132,7 @@ class ReplayBuffer:
             self._cols[k][i] = v
         self._n += 1
         if self.directory is not None and time.monotonic() - self._last_flush >= self.cfg.flush_interval_s:
-            self.flush()
+            self._flush(wait=False)
 
     def extend(self, batch: dict[str, np.ndarray]) -> None:
         """Append many rows at once (``N x ...`` columns; missing flag/stamp/id columns default to 0)."""
@@ -131,7 +143,7 @@ class ReplayBuffer:
             col[self._n : self._n + n] = batch[k] if k in batch else 0
         self._n += n
         if self.directory is not None and time.monotonic() - self._last_flush >= self.cfg.flush_interval_s:
-            self.flush()
+            self._flush(wait=False)
 
     def _grow(self, cap: int) -> None:
         for k, col in self._cols.items():
@@ -184,24 +196,36 @@ class ReplayBuffer:
 
     # -- persistence -----------------------------------------------------------------------
     def flush(self) -> None:
-        """Write the rows added since the last flush as a new chunk, then the manifest listing it."""
+        """Write the rows added since the last flush as a new chunk and list it in the journal;
+        returns once every write so far is on disk (raises the error of one that failed)."""
+        self._flush(wait=True)
+
+    def _flush(self, wait: bool) -> None:
         self._last_flush = time.monotonic()
-        if self.directory is None or self._n == self._flushed:
+        if self.directory is None:
             return
-        k, listed = len(self._chunks), {c["file"] for c in self._chunks}
-        while f"chunk_{k:06d}.npz" in listed or (self.directory / f"chunk_{k:06d}.npz.corrupt").exists():
-            k += 1  # after a salvage the count no longer names a free file
-        name = f"chunk_{k:06d}.npz"
-        mem = io.BytesIO()
-        np.savez(mem, **{k: col[self._flushed : self._n] for k, col in self._cols.items()})
-        data = mem.getvalue()
-        atomic_write_bytes(self.directory / name, data)
-        self._chunks.append(
-            {"file": name, "count": self._n - self._flushed, "sha256": hashlib.sha256(data).hexdigest()}
-        )
-        self._write_manifest()
-        self._flushed = self._n
-        log.debug("buffer flushed %d transitions to %s", self._chunks[-1]["count"], name)
+        if self._n > self._flushed:
+            name = f"chunk_{self._next_chunk:06d}.npz"
+            self._next_chunk += 1
+            mem = io.BytesIO()
+            np.savez(mem, **{k: col[self._flushed : self._n] for k, col in self._cols.items()})
+            data = mem.getvalue()
+            entry = {
+                "file": name,
+                "count": self._n - self._flushed,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            self._chunks.append(entry)
+            self._flushed = self._n
+            self._writer.submit(self._persist, data, entry)
+        if wait:
+            self._writer.drain()
+
+    def _persist(self, data: bytes, entry: dict) -> None:  # on the writer's thread
+        assert self.directory is not None
+        atomic_write_bytes(self.directory / entry["file"], data)
+        append_jsonl(self.directory / MANIFEST, entry)
+        log.debug("buffer flushed %d transitions to %s", entry["count"], entry["file"])
 
     def close(self) -> None:
         self.flush()
@@ -213,11 +237,11 @@ class ReplayBuffer:
         self.close()
 
     def _write_manifest(self) -> None:
+        """The whole journal, written atomically (a new buffer, a salvage, a converted manifest)."""
         assert self.directory is not None
-        atomic_write_json(
-            self.directory / MANIFEST,
-            {"schema": SCHEMA, "obs_dim": self.obs_dim, "act_dim": self.act_dim, "chunks": self._chunks},
-        )
+        head = {"schema": SCHEMA, "obs_dim": self.obs_dim, "act_dim": self.act_dim}
+        lines = [json.dumps(x, sort_keys=True) for x in (head, *self._chunks)]
+        atomic_write_text(self.directory / MANIFEST, "\n".join(lines) + "\n")
 
     @classmethod
     def open(
@@ -231,28 +255,12 @@ class ReplayBuffer:
         says how many rows went): the rest of the real data stays usable.
         """
         directory = Path(directory)
-        path = directory / MANIFEST
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BufferFileError(path, "a buffer manifest", "no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BufferFileError(path, "a JSON buffer manifest", f"unparsable data ({err})") from None
-        if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-            got = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
-            raise BufferFileError(path, f"schema {SCHEMA!r}", repr(got))
-        missing = [k for k in ("obs_dim", "act_dim", "chunks") if k not in manifest]
-        if missing:
-            raise BufferFileError(path, "keys obs_dim, act_dim, chunks", f"no {', '.join(missing)}")
-        for key in ("obs_dim", "act_dim"):
-            if not isinstance(manifest[key], int) or isinstance(manifest[key], bool) or manifest[key] < 1:
-                raise BufferFileError(path, f"{key}: a positive integer", repr(manifest[key]))
-        chunks = manifest["chunks"]
-        entry_ok = {"file": str, "count": int, "sha256": str}
-        if not isinstance(chunks, list) or not all(
-            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in entry_ok.items()) for e in chunks
-        ):
-            raise BufferFileError(path, "chunks: a list of {file, count, sha256}", repr(chunks)[:80])
+        if (directory / MANIFEST).exists() or not (directory / MANIFEST_V1).exists():
+            manifest, chunks = _read_journal(directory / MANIFEST)
+            convert = False
+        else:  # written by an earlier version: converted to the journal below
+            manifest, convert = _read_manifest_v1(directory / MANIFEST_V1), True
+            chunks = manifest["chunks"]
         buf = cls.__new__(cls)
         ReplayBuffer.__init__(buf, manifest["obs_dim"], manifest["act_dim"], None, cfg)
         dropped = []
@@ -268,14 +276,21 @@ class ReplayBuffer:
             buf.extend(rows)
             buf._chunks.append(entry)
         buf.directory = directory
+        buf._writer = OrderedWriter(f"buffer {directory}")
         buf._flushed = buf._n
         for entry, err in dropped:
             bad = directory / entry["file"]
             if bad.exists():
                 bad.rename(bad.with_name(bad.name + ".corrupt"))
             log.warning("buffer salvage: left out %d rows (%s)", entry["count"], err)
-        if dropped:
+        # past every chunk file there is (listed, orphan or set aside as corrupt): none is overwritten
+        used = [
+            int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"chunk_(\d+)\.npz.*", p.name))
+        ]
+        buf._next_chunk = max(used, default=-1) + 1
+        if dropped or convert:
             buf._write_manifest()
+            (directory / MANIFEST_V1).unlink(missing_ok=True)
         return buf
 
     def _read_chunk(self, path: Path, entry: dict) -> dict[str, np.ndarray]:
@@ -301,3 +316,58 @@ class ReplayBuffer:
                 got = "missing" if k not in cols else f"{cols[k].shape} {cols[k].dtype}"
                 raise BufferFileError(path, f"column {k} of shape {want} {np.dtype(dtype)}", got)
         return cols
+
+
+def _check_header(path: Path, head: object, schema: str) -> dict:
+    if not isinstance(head, dict) or head.get("schema") != schema:
+        got = head.get("schema") if isinstance(head, dict) else type(head).__name__
+        raise BufferFileError(path, f"schema {schema!r}", repr(got))
+    for key in ("obs_dim", "act_dim"):
+        if key not in head:
+            raise BufferFileError(path, f"key {key}", "none")
+        if not isinstance(head[key], int) or isinstance(head[key], bool) or head[key] < 1:
+            raise BufferFileError(path, f"{key}: a positive integer", repr(head[key]))
+    return head
+
+
+def _entry_ok(e: object) -> bool:
+    return isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in _ENTRY.items())
+
+
+def _read_journal(path: Path) -> tuple[dict, list[dict]]:
+    """(header, chunk entries) from the complete lines of a journal; a torn last line (a kill
+    mid-append) is left out (the next append cuts it off)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BufferFileError(path, "a buffer manifest", "no such file") from None
+    *lines, tail = raw.split(b"\n")  # every complete line ends in a newline
+    if tail:
+        log.warning("%s: left out a torn last line (%d bytes) of an interrupted append", path, len(tail))
+    if not lines:
+        raise BufferFileError(path, "a buffer manifest journal (schema line first)", "an empty file")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BufferFileError(
+                path, f"line {i}: a JSON object", repr(line[:40].decode(errors="replace"))
+            ) from None
+    head = _check_header(path, rows[0], SCHEMA)
+    for i, e in enumerate(rows[1:], 2):
+        if not _entry_ok(e):
+            raise BufferFileError(path, f"line {i}: a chunk {{file, count, sha256}}", repr(e)[:80])
+    return head, rows[1:]
+
+
+def _read_manifest_v1(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BufferFileError(path, "a JSON buffer manifest", f"unparsable data ({err})") from None
+    _check_header(path, manifest, SCHEMA_V1)
+    chunks = manifest.get("chunks")
+    if not isinstance(chunks, list) or not all(_entry_ok(e) for e in chunks):
+        raise BufferFileError(path, "chunks: a list of {file, count, sha256}", repr(chunks)[:80])
+    return manifest

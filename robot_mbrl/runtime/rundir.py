@@ -25,8 +25,17 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
+from robot_mbrl.data.buffer import MANIFEST
 from robot_mbrl.errors import RunDirError
-from robot_mbrl.runtime.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from robot_mbrl.runtime.files import (
+    OrderedWriter,
+    append_jsonl,
+    append_line,
+    atomic_write_json,
+    atomic_write_text,
+    jsonl_line,
+    read_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +85,28 @@ class RunDir:
         except (NotADirectoryError, FileExistsError):
             raise RunDirError(f"{self.path}: expected a run directory, got a file on its path") from None
         self._lock = _lock(self.path / ".lock")
+        self._writer = OrderedWriter(f"run {self.path}")
 
     def close(self) -> None:
-        """Release the run's lock (the files stay)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Finish the queued writes, then release the run's lock (the files stay)."""
+        try:
+            self._writer.drain()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
 
     def abandon(self) -> None:
         """The job failed: release the lock, and remove the folder if this job created it and nothing
         but its lock, its config, an empty buffer's manifest and empty folders went in (a rejected
         config or an unreachable robot leaves no empty run behind). Anything else in it is kept."""
-        self.close()
+        try:
+            self.close()
+        except OSError as err:  # the job's own error is the one to raise
+            log.error("%s", err)
         if not self.created or not self.path.is_dir():
             return
-        bare = {self.path / ".lock", self.path / "config.yaml", self.buffer / "manifest.json"}
+        bare = {self.path / ".lock", self.path / "config.yaml", self.buffer / MANIFEST}
         for root, _dirs, files in os.walk(self.path):
             if any(Path(root, f) not in bare for f in files):  # a buffer chunk, metrics, a checkpoint...
                 return
@@ -118,12 +134,15 @@ class RunDir:
         append_jsonl(self.path / "metrics.jsonl", record)
 
     def event(self, record: dict) -> None:
-        append_jsonl(self.path / "events.jsonl", record)
+        """Appended by a background writer (the gate logs inside control ticks; see OrderedWriter);
+        the record is encoded here, so the caller may reuse it."""
+        self._writer.submit(append_line, self.path / "events.jsonl", jsonl_line(record))
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.path / "metrics.jsonl")
 
     def events(self) -> list[dict]:
+        self._writer.drain()
         return read_jsonl(self.path / "events.jsonl")
 
     def write_summary(self, summary: dict) -> None:
