@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import queue
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from robot_mbrl.typedconfig import ConfigError
 
@@ -266,12 +271,39 @@ def _report(summary: dict, out: Path) -> None:
               f"{k['frames_skipped']} stale STATE frames skipped after {k['host_pauses']} host pauses")  # fmt: skip
 
 
+@contextmanager
+def queued_logging(
+    level: int, stream: TextIO | None = None, logger: logging.Logger | None = None
+) -> Iterator[None]:
+    """Log records are queued where they happen and written to ``stream`` (stderr) by a listener
+    thread: a terminal that blocks (an operator's Ctrl-S, a stalled ssh session) never stalls a
+    control tick that logs. Like ``logging.basicConfig``, it leaves a logger that already has
+    handlers (an embedding program's, pytest's) alone."""
+    logger = logger or logging.getLogger()
+    if logger.handlers:
+        yield
+        return
+    out = logging.StreamHandler(stream or sys.stderr)
+    out.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    listener, handler = logging.handlers.QueueListener(q, out), logging.handlers.QueueHandler(q)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    listener.start()
+    try:
+        yield
+    finally:
+        listener.stop()  # writes what is queued
+        logger.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    with queued_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from robot_mbrl.errors import USER_ERRORS
 
     try:

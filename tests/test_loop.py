@@ -135,3 +135,55 @@ def test_frozen_heap_nests_and_unfreezes_on_an_exception():
             assert gc.get_freeze_count() > 0  # the inner exit leaves the outer scope frozen
             raise RuntimeError("boom")
     assert gc.get_freeze_count() == 0
+
+
+class _StuckTerminal:
+    """A text stream whose writes block until released (an operator's Ctrl-S, a stalled ssh)."""
+
+    def __init__(self):
+        import threading
+
+        self.released = threading.Event()
+        self.text: list[str] = []
+
+    def write(self, s: str) -> int:
+        assert self.released.wait(10)
+        self.text.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def _returns_promptly(fn) -> bool:
+    import threading
+
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(5)
+    return not t.is_alive()
+
+
+def test_a_stuck_terminal_never_blocks_a_tick_through_the_progress_bar_or_a_log_line():
+    import logging
+
+    from robot_mbrl.cli import queued_logging
+    from robot_mbrl.runtime.progress import Progress
+
+    term = _StuckTerminal()
+    term.released.set()  # tqdm draws the empty bar on creation
+    bar = Progress(500, "train", file=term, refresh_s=0.01)
+    term.released.clear()
+    assert _returns_promptly(lambda: [(bar.tick(i), time.sleep(0.002)) for i in range(1, 251)])  # an episode
+    term.released.set()
+    bar.__exit__(None, None, None)
+    assert "250/500" in "".join(term.text)
+
+    logger = logging.getLogger("test.stuck_terminal")
+    logger.propagate = False
+    term = _StuckTerminal()
+    with queued_logging(logging.WARNING, stream=term, logger=logger):
+        assert _returns_promptly(lambda: logger.warning("gate: fallback (disagreement)"))
+        term.released.set()
+    assert "WARNING test.stuck_terminal: gate: fallback (disagreement)" in "".join(term.text)
+    assert not logger.handlers  # handed back as it was
