@@ -236,6 +236,48 @@ def test_kill_9_keeps_every_flushed_transition(tmp_path, seed):
     _check_rows(buf, len(buf))
 
 
+_CHILD_INTERVAL = textwrap.dedent(
+    """
+    import sys, time, numpy as np
+    from robot_mbrl.data.buffer import BufferConfig, ReplayBuffer
+    buf = ReplayBuffer(3, 1, sys.argv[1], BufferConfig(flush_interval_s=0.002))
+    i = 0
+    while True:  # a control loop: the interval flushes run on the background writer
+        buf.add(np.full(3, i), np.full(1, -i), float(i), np.full(3, i + 0.5), i % 7 == 0, False, 0.01 * i, i // 10)
+        i += 1
+        if i % 50 == 0:
+            sys.stdout.write(f"{i}\\n")
+            sys.stdout.flush()
+        time.sleep(0.0002)
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_during_background_flushes_leaves_a_clean_prefix(tmp_path, seed):
+    """Killed while the writer thread is mid-chunk or mid-journal-line: the buffer opens, every row
+    read back is the row that was written (a prefix), and appending goes on."""
+    rng = np.random.default_rng(seed)
+    d = tmp_path / "buf"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_INTERVAL, str(d)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(int(rng.integers(4, 20))):
+            child.stdout.readline()
+        time.sleep(float(rng.uniform(0, 0.01)))
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    buf = ReplayBuffer.open(d)
+    assert len(buf) > 0
+    _check_rows(buf, len(buf))
+    n = len(buf)
+    _fill(buf, n, 3)
+    buf.close()
+    _check_rows(ReplayBuffer.open(d), n + 3)
+
+
 def test_an_episode_cut_short_ends_where_the_next_begins():
     """A kill mid-episode leaves rows with no truncated flag; the next episode's first row must not
     become their successor in n-step or value targets."""
