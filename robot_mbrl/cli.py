@@ -288,6 +288,7 @@ def queued_logging(
     q: queue.SimpleQueue = queue.SimpleQueue()
     listener, handler = logging.handlers.QueueListener(q, out), logging.handlers.QueueHandler(q)
     logger.addHandler(handler)
+    level_before = logger.level
     logger.setLevel(level)
     listener.start()
     try:
@@ -295,25 +296,27 @@ def queued_logging(
     finally:
         listener.stop()  # writes what is queued
         logger.removeHandler(handler)
+        logger.setLevel(level_before)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with queued_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING):
-        return _run(args)
+        rc, message = _run(args)
+    if message:  # after the queued log lines: the last line is the one that says what went wrong
+        print(f"robot-mbrl {args.command}: {message}", file=sys.stderr)
+    return rc
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> tuple[int, str | None]:
     from robot_mbrl.errors import USER_ERRORS
 
     try:
-        return args.func(args)
+        return args.func(args), None
     except (ConfigError, UserError, *USER_ERRORS) as err:
-        print(f"robot-mbrl {args.command}: {err}", file=sys.stderr)
-        return 2
+        return 2, str(err)
     except KeyboardInterrupt:
-        print(f"robot-mbrl {args.command}: interrupted (robot safe-stopped)", file=sys.stderr)
-        return 130
+        return 130, "interrupted (robot safe-stopped)"
 
 
 if __name__ == "__main__":

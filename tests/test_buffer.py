@@ -155,11 +155,13 @@ def test_a_buffer_written_by_the_previous_version_opens_and_is_converted(tmp_pat
     head, *entries = [json.loads(x) for x in (d / "manifest.jsonl").read_text().splitlines()]
     (d / "manifest.jsonl").unlink()  # as the previous version wrote it: one JSON document
     (d / "manifest.json").write_text(json.dumps({**head, "schema": "robot_mbrl.buffer/1", "chunks": entries}))
+    ReplayBuffer.open(d).close()  # a job that only reads (run --checkpoint) writes nothing
+    assert not (d / "manifest.jsonl").exists() and (d / "manifest.json").exists()
     buf = ReplayBuffer.open(d)
     _check_rows(buf, 20)
-    assert (d / "manifest.jsonl").exists() and not (d / "manifest.json").exists()
     _fill(buf, 20, 5)
-    buf.close()
+    buf.close()  # the first rows added: the journal is written first, then their chunk
+    assert (d / "manifest.jsonl").exists() and not (d / "manifest.json").exists()
     _check_rows(ReplayBuffer.open(d), 25)
 
 
@@ -187,6 +189,7 @@ def test_interval_flushes_do_not_wait_for_the_disk_and_their_errors_surface(tmp_
     gate.set()
     buf.close()
     _check_rows(ReplayBuffer.open(d), 5)
+    assert not [t for t in threading.enumerate() if t.name == f"writer:buffer {d}"]  # close() ends it
 
     def full_disk(path, data):
         raise OSError(28, "No space left on device", str(path))

@@ -70,3 +70,29 @@ def test_a_failed_job_removes_only_the_empty_folder_it_created(tmp_path):
         raise KeyboardInterrupt
     assert (tmp_path / "c" / "metrics.jsonl").is_file()
     RunDir(tmp_path / "c").close()  # and its lock was released
+
+
+def test_events_are_queued_but_on_disk_before_the_episodes_metric_line(tmp_path, monkeypatch):
+    """The gate's events leave the tick at once (a slow disk does not hold it); the episode's
+    metrics line is written only after them, so a kill never keeps an episode and loses its alarms."""
+    import threading
+    import time
+
+    import robot_mbrl.runtime.rundir as mod
+
+    real = mod.append_line
+
+    def slow_disk(path, line):
+        time.sleep(0.05)
+        real(path, line)
+
+    monkeypatch.setattr(mod, "append_line", slow_disk)
+    run = RunDir(tmp_path / "run")
+    t0 = time.perf_counter()
+    for i in range(5):
+        run.event({"kind": "alarm", "tick": i})
+    assert time.perf_counter() - t0 < 0.05  # not one of the five 50 ms writes waited for
+    run.metric({"kind": "learn", "episode": 0})
+    assert len(read_jsonl(tmp_path / "run" / "events.jsonl")) == 5  # already there when the metric is
+    run.close()
+    assert not [t for t in threading.enumerate() if t.name == f"writer:run {tmp_path / 'run'}"]

@@ -14,7 +14,9 @@ background writer (``runtime.files.OrderedWriter``): the control tick that adds 
 for an in-memory ``.npz`` (~0.2 ms), not for the fsyncs; :meth:`flush` and :meth:`close` return
 once everything is on disk. Appending a line keeps a flush O(1) however long the robot has run
 (rewriting a whole manifest took 6 ms at 1,000 chunks, 16 ms at 3,000, inside a 20 ms tick).
-Buffers written as ``manifest.json`` (schema ``robot_mbrl.buffer/1``) open and are converted.
+Buffers written as ``manifest.json`` (schema ``robot_mbrl.buffer/1``) open; the first rows added (or a
+salvage) convert them to the journal first, so a job that only reads (``run --checkpoint``) writes
+nothing.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class ReplayBuffer:
         self._flushed = 0
         self._chunks: list[dict] = []
         self._next_chunk = 0  # the index of the next chunk file
+        self._v1: Path | None = None  # an earlier version's manifest, converted at the first write
         self._last_flush = time.monotonic()
         self.directory = Path(directory) if directory is not None else None
         self._writer = OrderedWriter(f"buffer {self.directory}")
@@ -205,19 +208,21 @@ class ReplayBuffer:
         if self.directory is None:
             return
         if self._n > self._flushed:
-            name = f"chunk_{self._next_chunk:06d}.npz"
-            self._next_chunk += 1
+            if self._v1 is not None:  # opened from an earlier version's manifest: journal first
+                self._writer.submit(self._convert, list(self._chunks))
+                self._v1 = None
             mem = io.BytesIO()
             np.savez(mem, **{k: col[self._flushed : self._n] for k, col in self._cols.items()})
             data = mem.getvalue()
             entry = {
-                "file": name,
+                "file": f"chunk_{self._next_chunk:06d}.npz",
                 "count": self._n - self._flushed,
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
+            self._writer.submit(self._persist, data, entry)  # queued first: an interrupt leaves it to retry
+            self._next_chunk += 1
             self._chunks.append(entry)
             self._flushed = self._n
-            self._writer.submit(self._persist, data, entry)
         if wait:
             self._writer.drain()
 
@@ -228,7 +233,10 @@ class ReplayBuffer:
         log.debug("buffer flushed %d transitions to %s", entry["count"], entry["file"])
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._writer.close()
 
     def __enter__(self) -> ReplayBuffer:
         return self
@@ -236,12 +244,18 @@ class ReplayBuffer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _write_manifest(self) -> None:
+    def _write_manifest(self, chunks: list[dict] | None = None) -> None:
         """The whole journal, written atomically (a new buffer, a salvage, a converted manifest)."""
         assert self.directory is not None
         head = {"schema": SCHEMA, "obs_dim": self.obs_dim, "act_dim": self.act_dim}
-        lines = [json.dumps(x, sort_keys=True) for x in (head, *self._chunks)]
+        lines = [json.dumps(x, sort_keys=True) for x in (head, *(self._chunks if chunks is None else chunks))]
         atomic_write_text(self.directory / MANIFEST, "\n".join(lines) + "\n")
+
+    def _convert(self, chunks: list[dict]) -> None:  # on the writer's thread, before the next chunk
+        assert self.directory is not None
+        self._write_manifest(chunks)
+        (self.directory / MANIFEST_V1).unlink(missing_ok=True)
+        log.info("%s: %s converted to %s (schema %s)", self.directory, MANIFEST_V1, MANIFEST, SCHEMA)
 
     @classmethod
     def open(
@@ -257,9 +271,10 @@ class ReplayBuffer:
         directory = Path(directory)
         if (directory / MANIFEST).exists() or not (directory / MANIFEST_V1).exists():
             manifest, chunks = _read_journal(directory / MANIFEST)
-            convert = False
-        else:  # written by an earlier version: converted to the journal below
-            manifest, convert = _read_manifest_v1(directory / MANIFEST_V1), True
+            v1 = None
+        else:  # written by an earlier version: converted to the journal when rows are added
+            v1 = directory / MANIFEST_V1
+            manifest = _read_manifest_v1(v1)
             chunks = manifest["chunks"]
         buf = cls.__new__(cls)
         ReplayBuffer.__init__(buf, manifest["obs_dim"], manifest["act_dim"], None, cfg)
@@ -288,9 +303,10 @@ class ReplayBuffer:
             int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"chunk_(\d+)\.npz.*", p.name))
         ]
         buf._next_chunk = max(used, default=-1) + 1
-        if dropped or convert:
-            buf._write_manifest()
-            (directory / MANIFEST_V1).unlink(missing_ok=True)
+        buf._v1 = v1
+        if dropped:  # the journal without them (salvage is asked for by a job that writes: --resume)
+            buf._convert(buf._chunks)
+            buf._v1 = None
         return buf
 
     def _read_chunk(self, path: Path, entry: dict) -> dict[str, np.ndarray]:
@@ -344,21 +360,23 @@ def _read_journal(path: Path) -> tuple[dict, list[dict]]:
     *lines, tail = raw.split(b"\n")  # every complete line ends in a newline
     if tail:
         log.warning("%s: left out a torn last line (%d bytes) of an interrupted append", path, len(tail))
-    if not lines:
-        raise BufferFileError(path, "a buffer manifest journal (schema line first)", "an empty file")
-    rows = []
+    rows: list[tuple[int, object]] = []  # (line number, parsed), blank lines skipped
     for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
+            rows.append((i, json.loads(line)))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BufferFileError(
                 path, f"line {i}: a JSON object", repr(line[:40].decode(errors="replace"))
             ) from None
-    head = _check_header(path, rows[0], SCHEMA)
-    for i, e in enumerate(rows[1:], 2):
+    if not rows:
+        raise BufferFileError(path, "a buffer manifest journal (schema line first)", "an empty file")
+    head = _check_header(path, rows[0][1], SCHEMA)
+    for i, e in rows[1:]:
         if not _entry_ok(e):
             raise BufferFileError(path, f"line {i}: a chunk {{file, count, sha256}}", repr(e)[:80])
-    return head, rows[1:]
+    return head, [e for _, e in rows[1:]]  # type: ignore[misc]
 
 
 def _read_manifest_v1(path: Path) -> dict:

@@ -139,7 +139,7 @@ class OrderedWriter:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         self._raise()
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None:
             self._thread = threading.Thread(target=self._work, name=f"writer:{self.name}", daemon=True)
             self._thread.start()
         self._q.put((fn, args))
@@ -150,18 +150,29 @@ class OrderedWriter:
             self._q.join()
         self._raise()
 
+    def close(self) -> None:
+        """:meth:`drain`, then end the thread (a later :meth:`submit` starts a new one)."""
+        try:
+            self.drain()
+        finally:
+            if self._thread is not None:
+                self._q.put(None)
+                self._thread.join()
+                self._thread = None
+
     def _raise(self) -> None:
         if self._error is not None:
             raise OSError(f"{self.name}: a background write failed: {self._error}") from self._error
 
     def _work(self) -> None:
-        while True:
-            fn, args = self._q.get()
+        while (job := self._q.get()) is not None:
             try:
                 if self._error is None:
-                    fn(*args)
+                    job[0](*job[1])
             except BaseException as err:  # noqa: BLE001 - surfaced in the caller's thread
                 self._error = err
                 log.error("%s: background write failed: %s", self.name, err)
             finally:
+                job = None  # the owner (a buffer and its columns) is not kept alive between jobs
                 self._q.task_done()
+        self._q.task_done()

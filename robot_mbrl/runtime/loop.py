@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -75,23 +76,26 @@ def _pct(values: list[float], qs: dict[str, float], scale: float = 1e3) -> dict:
 
 
 _frozen_depth = 0
+_frozen_lock = threading.Lock()
 
 
 @contextmanager
 def frozen_heap() -> Iterator[None]:
     """Freeze the garbage collector's view of the heap for a control loop (see the module docstring).
 
-    Re-entrant: only the outermost scope freezes and unfreezes."""
+    Re-entrant, and safe from several threads: only the outermost scope freezes and unfreezes."""
     global _frozen_depth
-    if _frozen_depth == 0:
-        gc.freeze()
-    _frozen_depth += 1
+    with _frozen_lock:
+        if _frozen_depth == 0:
+            gc.freeze()
+        _frozen_depth += 1
     try:
         yield
     finally:
-        _frozen_depth -= 1
-        if _frozen_depth == 0:
-            gc.unfreeze()
+        with _frozen_lock:
+            _frozen_depth -= 1
+            if _frozen_depth == 0:
+                gc.unfreeze()
 
 
 class RateLoop:

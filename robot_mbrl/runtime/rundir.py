@@ -90,7 +90,7 @@ class RunDir:
     def close(self) -> None:
         """Finish the queued writes, then release the run's lock (the files stay)."""
         try:
-            self._writer.drain()
+            self._writer.close()
         finally:
             if self._lock is not None:
                 self._lock.close()
@@ -131,6 +131,9 @@ class RunDir:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     def metric(self, record: dict) -> None:
+        """Written at once, after the queued events (between episodes: an episode's line never
+        reaches the disk before its alarms)."""
+        self._writer.drain()
         append_jsonl(self.path / "metrics.jsonl", record)
 
     def event(self, record: dict) -> None:

@@ -173,9 +173,15 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                         tally.solved_at_step = tally.real_steps
                     if solved and cfg.train.stop_when_solved:
                         break
-    finally:
-        buffer.close()
+    except BaseException:  # the job's own error (or the interrupt) is the one to raise
+        try:
+            buffer.close()
+        except OSError as err:
+            log.error("%s", err)
         keep_trace()
+        raise
+    buffer.close()  # every row on disk (a failed write is raised here)
+    keep_trace()
     tally.wall_s += time.monotonic() - t0
     summary = tally.summary(
         solved_threshold=target,
