@@ -255,14 +255,15 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def _report(summary: dict, out: Path) -> None:
-    plan = summary["plan_ms"]
+    plan, tick = summary["plan_ms"], summary["tick_ms"]
     print(
         f"run dir: {out}\n"
         f"episodes {summary['episodes']}  real steps {summary['real_steps']}  final return {summary['final_return']:.2f}  "
         f"solved at {summary['solved_at_step']}\n"
         f"violations {summary['violations']}  fallback ticks {summary['fallback_ticks']}/{summary['ticks']}  "
         f"alarms {len(summary['alarms'])}  deadline misses {summary['deadline_misses']}  "
-        f"plan ms p50/p99/max {plan['p50']:.2f}/{plan['p99']:.2f}/{plan['max']:.2f}  wall {summary['wall_s']:.1f} s"
+        f"plan ms p50/p99/max {plan['p50']:.2f}/{plan['p99']:.2f}/{plan['max']:.2f}  "
+        f"tick ms p50/p99/max {tick['p50']:.2f}/{tick['p99']:.2f}/{tick['max']:.2f}  wall {summary['wall_s']:.1f} s"
     )
     if "link" in summary:
         k = summary["link"]

@@ -64,6 +64,11 @@ def test_run_replays_the_checkpoint_gated(trained, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(SUMMARY_KEYS) <= set(summary) and summary["ticks"] == 60
     assert summary["plan_ms"]["p50"] > 0  # it planned
+    # a tick's work holds its plan (and the read, the bookkeeping, the write)
+    assert (
+        summary["tick_ms"]["p50"] > summary["plan_ms"]["p50"]
+        and summary["tick_ms"]["max"] >= summary["tick_ms"]["p99"]
+    )
     assert (tmp_path / "run" / "plots" / "gate.png").exists()
 
 

@@ -66,6 +66,8 @@ def episode_record(res: EpisodeResult, **extra) -> dict:
         "deadline_misses": res.deadline_misses,
         "terminated": res.terminated,
         "plan_ms_p50": round(res.plan_ms_p50, 3),
+        "tick_ms_p99": round(res.tick_ms_p99, 3),
+        "tick_ms_max": round(res.tick_ms_max, 3),
     }
     rec.update(extra)
     return rec

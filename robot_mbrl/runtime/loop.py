@@ -172,6 +172,11 @@ class RateLoop:
                     self.skipped += behind
                     i += behind
 
+    @property
+    def step_s(self) -> list[float]:
+        """Work time of every tick so far (seconds; start of the tick to the end of its work)."""
+        return list(self._step_s)
+
     def stats(self) -> LoopStats:
         return LoopStats(
             ticks=len(self._step_s),

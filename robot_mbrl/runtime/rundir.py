@@ -50,6 +50,7 @@ SUMMARY_KEYS = (
     "ticks",
     "alarms",
     "plan_ms",
+    "tick_ms",
     "deadline_misses",
     "wall_s",
 )
@@ -206,12 +207,20 @@ class Tally:
     ticks: int = 0
     alarms: list[dict] = field(default_factory=list)
     plan_s: list[float] = field(default_factory=list)
+    tick_s: list[float] = field(default_factory=list)  # each control tick's work (this process's)
     deadline_misses: int = 0
     end_stop_hits: int = 0
     wall_s: float = 0.0
 
     def summary(self, **extra) -> dict:
-        plan_ms = np.asarray(self.plan_s) * 1e3 if self.plan_s else np.zeros(1)
+        def ms(seconds: list[float]) -> dict:
+            a = np.asarray(seconds) * 1e3 if seconds else np.zeros(1)
+            return {
+                "p50": float(np.percentile(a, 50)),
+                "p99": float(np.percentile(a, 99)),
+                "max": float(a.max()),
+            }
+
         out = {
             "real_steps": self.real_steps,
             "episodes": len(self.returns),
@@ -222,11 +231,8 @@ class Tally:
             "fallback_ticks": self.fallback_ticks,
             "ticks": self.ticks,
             "alarms": self.alarms,
-            "plan_ms": {
-                "p50": float(np.percentile(plan_ms, 50)),
-                "p99": float(np.percentile(plan_ms, 99)),
-                "max": float(plan_ms.max()),
-            },
+            "plan_ms": ms(self.plan_s),
+            "tick_ms": ms(self.tick_s),
             "deadline_misses": self.deadline_misses,
             "end_stop_hits": self.end_stop_hits,
             "wall_s": round(self.wall_s, 3),
