@@ -4,6 +4,11 @@ Baseline in the same run: a naive relative-sleep loop (``sleep(period - work)``)
 accumulates as drift. Usage: python benchmarks/bench_loop.py [--seconds 10]
 
     python benchmarks/bench_loop.py --checkpoint RUN [--episodes 4]   # garbage-collector pauses
+    python benchmarks/bench_loop.py --load 4 [--rt-priority 50]        # jitter under CPU load
+
+With ``--load K``: the paced loop at 50 Hz while K other processes keep the CPUs busy (what else runs
+on a robot's computer: drivers, cameras, a training job), at normal scheduling (the baseline) and at
+``SCHED_FIFO`` ``--rt-priority`` (``loop.rt_priority``, ``runtime.loop.realtime``), same run.
 
 With ``--checkpoint``: the pause a full cyclic-GC pass puts into a tick, in a process that holds a
 trained controller and the twin (what ``robot-mbrl run`` holds), with the heap as the episode loop
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import time
 
@@ -132,13 +138,55 @@ def gc_pauses(checkpoint: str, episodes: int) -> None:
     print(f"- deadline misses {tally.deadline_misses}")
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+def under_load(load: int, priority: int, seconds: float, work_ms: float) -> None:
+    import multiprocessing as mp
+
+    from robot_mbrl.runtime.loop import realtime
+
+    hogs = [mp.Process(target=_spin, daemon=True) for _ in range(load)]
+    for p in hogs:
+        p.start()
+    try:
+        rows = [("normal scheduling (baseline)", rate_loop(50.0, seconds, work_ms / 1e3))]
+        with realtime(priority) as granted:
+            if not granted:
+                raise SystemExit(
+                    f"--rt-priority {priority}: SCHED_FIFO refused (needs CAP_SYS_NICE or an rtprio limit)"
+                )
+            rows.append((f"SCHED_FIFO {priority}", rate_loop(50.0, seconds, work_ms / 1e3)))
+    finally:
+        for p in hogs:
+            p.terminate()
+    print(f"## Loop jitter under CPU load ({platform.node()}, {os.cpu_count()} CPUs, {load} busy processes, "
+          f"{time.strftime('%Y-%m-%d')}, 50 Hz, {work_ms} ms work/tick, {seconds:.0f} s per row)\n")  # fmt: skip
+    print("| scheduling | ticks | start error p50 / p99 / max (ms) | overruns |")
+    print("|---|---|---|---|")
+    for name, r in rows:
+        j = r["jitter"]
+        print(
+            f"| {name} | {r['ticks']} | {j['p50']:.3f} / {j['p99']:.3f} / {j['max']:.3f} | {r['overruns']} |"
+        )
+    base, rt = rows[0][1]["jitter"], rows[1][1]["jitter"]
+    print(f"\np99 start error: baseline / SCHED_FIFO {base['p99'] / max(rt['p99'], 1e-3):.0f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--work-ms", type=float, default=2.0, help="simulated work per tick")
     ap.add_argument("--checkpoint", help="a run directory: measure GC pauses instead of jitter")
     ap.add_argument("--episodes", type=int, default=4)
+    ap.add_argument("--load", type=int, default=0, help="busy processes competing for the CPUs")
+    ap.add_argument("--rt-priority", type=int, default=50)
     args = ap.parse_args()
+    if args.load:
+        under_load(args.load, args.rt_priority, args.seconds, args.work_ms)
+        return
     if args.checkpoint:
         gc_pauses(args.checkpoint, args.episodes)
         return

@@ -79,6 +79,14 @@ class LoopConfig:
     plan_budget_fraction: float = param(
         0.8, "fraction of the control period the planner may use before the tick counts as missed", gt=0, le=1
     )
+    rt_priority: int = param(
+        0,
+        "SCHED_FIFO priority (1-99) of the control thread during paced episodes and homing, so other "
+        "processes on the robot's CPU cannot delay a tick (Linux; needs CAP_SYS_NICE or an rtprio "
+        "limit, else a warning and normal scheduling); 0 = normal scheduling",
+        ge=0,
+        le=99,
+    )
 
 
 @dataclass(frozen=True)

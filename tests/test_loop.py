@@ -187,3 +187,92 @@ def test_a_stuck_terminal_never_blocks_a_tick_through_the_progress_bar_or_a_log_
         term.released.set()
     assert "WARNING test.stuck_terminal: gate: fallback (disagreement)" in "".join(term.text)
     assert not logger.handlers  # handed back as it was
+
+
+def test_realtime_scope_sets_fifo_and_restores_or_warns_once_when_refused(monkeypatch, caplog):
+    import os
+
+    import robot_mbrl.runtime.loop as mod
+
+    calls = []
+    monkeypatch.setattr(mod, "_refused", [])
+    monkeypatch.setattr(
+        os, "sched_setscheduler", lambda pid, policy, param: calls.append((policy, param.sched_priority))
+    )
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_OTHER)
+    monkeypatch.setattr(os, "sched_getparam", lambda pid: os.sched_param(0))
+    with mod.realtime(0) as granted:
+        assert not granted and not calls  # 0: nothing asked of the OS
+    with mod.realtime(40) as granted:
+        assert granted and calls == [(os.SCHED_FIFO, 40)]
+    assert calls[-1] == (os.SCHED_OTHER, 0)  # restored on exit
+
+    def refuse(pid, policy, param):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    for _ in range(3):
+        with mod.realtime(40) as granted:
+            assert not granted
+    assert caplog.text.count("loop.rt_priority: expected permission for SCHED_FIFO 40") == 1
+
+
+def test_a_writer_started_from_a_realtime_thread_runs_at_normal_priority(tmp_path):
+    import os
+
+    from robot_mbrl.runtime.files import OrderedWriter
+    from robot_mbrl.runtime.loop import realtime
+
+    seen = []
+    with realtime(10) as granted:
+        if not granted:
+            pytest.skip("SCHED_FIFO not permitted here (no CAP_SYS_NICE)")
+        assert os.sched_getscheduler(0) == os.SCHED_FIFO
+        writer = OrderedWriter("test")
+        writer.submit(lambda: seen.append(os.sched_getscheduler(0)))
+        writer.close()
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert seen == [os.SCHED_OTHER]  # the thread inherited FIFO and lowered itself
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_episodes_run_at_the_configured_rt_priority_only_on_the_wall_clock(tmp_path, paced):
+    import os
+
+    import numpy as np
+
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.episode import Decision
+    from robot_mbrl.runtime.jobs import run_episodes
+    from robot_mbrl.runtime.loop import realtime
+    from robot_mbrl.runtime.progress import Progress
+    from robot_mbrl.runtime.rundir import RunDir, Tally
+
+    with realtime(10) as granted:
+        if not granted:
+            pytest.skip("SCHED_FIFO not permitted here (no CAP_SYS_NICE)")
+    cfg = load_config(
+        None, [f"loop.paced={str(paced).lower()}", "loop.rt_priority=10", "task.episode_steps=5"]
+    )
+    seen = []
+
+    class Record:
+        def reset(self, obs):
+            pass
+
+        def observe(self, tr):
+            return []
+
+        def act(self, obs, tick, loop):
+            seen.append(os.sched_getscheduler(0))
+            return Decision(np.zeros(1))
+
+    robot, task = make_robot(cfg), make_task(cfg)
+    run = RunDir(tmp_path / "run")
+    with robot, Progress(5, "t", enabled=False) as bar:
+        run_episodes(cfg, robot, make_judge(task, robot), Record(), run, Tally(), episodes=1, first_episode=0,
+                     seed_offset=0, progress=bar, kind="run")  # fmt: skip
+    run.close()
+    assert seen == [os.SCHED_FIFO if paced else os.SCHED_OTHER] * 5  # lockstep (a twin): no deadline to keep
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # back to normal between episodes

@@ -165,6 +165,9 @@ class OrderedWriter:
             raise OSError(f"{self.name}: a background write failed: {self._error}") from self._error
 
     def _work(self) -> None:
+        from robot_mbrl.runtime.loop import normal_priority
+
+        normal_priority()  # started from a real-time control thread: never compete with it
         while (job := self._q.get()) is not None:
             try:
                 if self._error is None:

@@ -12,6 +12,7 @@ from robot_mbrl.config import Config, config_to_dict
 from robot_mbrl.hal.robot import Robot, stop_on_signals
 from robot_mbrl.runtime.episode import Controller, EpisodeResult, Judge, run_episode
 from robot_mbrl.runtime.homing import Homing, make_homing
+from robot_mbrl.runtime.loop import realtime
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.policies import PolicyController, ZeroPolicy
 from robot_mbrl.runtime.progress import Progress
@@ -94,20 +95,21 @@ def run_episodes(
     paced = cfg.loop.paced or cfg.backend == "serial"  # a real device runs on the wall clock
     for i in range(episodes):
         ep = first_episode + i
-        homed = homing.home(robot, paced=paced).record() if homing is not None else {}
-        res = run_episode(
-            robot,
-            judge,
-            controller,
-            episode=ep,
-            max_steps=cfg.task.episode_steps,
-            seed=cfg.seed * 100_003 + seed_offset + ep,
-            paced=paced,
-            tally=tally,
-            on_transition=on_transition,
-            on_event=run.event,
-            on_tick=progress.tick,
-        )
+        with realtime(cfg.loop.rt_priority if paced else 0):  # a twin in lockstep has no deadline to keep
+            homed = homing.home(robot, paced=paced).record() if homing is not None else {}
+            res = run_episode(
+                robot,
+                judge,
+                controller,
+                episode=ep,
+                max_steps=cfg.task.episode_steps,
+                seed=cfg.seed * 100_003 + seed_offset + ep,
+                paced=paced,
+                tally=tally,
+                on_transition=on_transition,
+                on_event=run.event,
+                on_tick=progress.tick,
+            )
         run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps, **homed))
         progress.post(ret=res.ret)
         results.append(res)

@@ -27,7 +27,9 @@ episodes as usual. Nothing is collected on entry (that would be the same pause, 
 from __future__ import annotations
 
 import gc
+import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,7 +77,10 @@ def _pct(values: list[float], qs: dict[str, float], scale: float = 1e3) -> dict:
     }
 
 
+log = logging.getLogger(__name__)
+
 _frozen_depth = 0
+_refused: list[int] = []  # SCHED_FIFO requests the OS refused (warned about once)
 _frozen_lock = threading.Lock()
 
 
@@ -96,6 +101,39 @@ def frozen_heap() -> Iterator[None]:
             _frozen_depth -= 1
             if _frozen_depth == 0:
                 gc.unfreeze()
+
+
+@contextmanager
+def realtime(priority: int) -> Iterator[bool]:
+    """Run the calling thread at ``SCHED_FIFO`` ``priority`` inside the scope, then restore its
+    policy; yields whether it did. 0 (or no such call on this platform) does nothing; a refusal
+    (no CAP_SYS_NICE, no rtprio limit) is a warning and normal scheduling. Threads started inside
+    inherit the policy: :func:`normal_priority` is for those that must not compete with the loop."""
+    if priority <= 0 or not hasattr(os, "sched_setscheduler"):
+        yield False
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError as err:
+        if not _refused:  # once per process, not once per episode
+            log.warning(
+                "loop.rt_priority: expected permission for SCHED_FIFO %d (CAP_SYS_NICE or an rtprio limit), "
+                "got %s: the loop runs at normal priority", priority, err.strerror,
+            )  # fmt: skip
+        _refused.append(priority)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
+def normal_priority() -> None:
+    """Put the calling thread back on normal scheduling (a helper thread started by a real-time one)."""
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 class RateLoop:
