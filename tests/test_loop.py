@@ -195,7 +195,7 @@ def test_realtime_scope_sets_fifo_and_restores_or_warns_once_when_refused(monkey
     import robot_mbrl.runtime.loop as mod
 
     calls = []
-    monkeypatch.setattr(mod, "_refused", [])
+    monkeypatch.setattr(mod, "_refused", set())
     monkeypatch.setattr(
         os, "sched_setscheduler", lambda pid, policy, param: calls.append((policy, param.sched_priority))
     )

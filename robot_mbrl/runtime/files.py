@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from robot_mbrl.runtime.loop import normal_priority
+
 log = logging.getLogger(__name__)
 
 
@@ -165,8 +167,6 @@ class OrderedWriter:
             raise OSError(f"{self.name}: a background write failed: {self._error}") from self._error
 
     def _work(self) -> None:
-        from robot_mbrl.runtime.loop import normal_priority
-
         normal_priority()  # started from a real-time control thread: never compete with it
         while (job := self._q.get()) is not None:
             try:

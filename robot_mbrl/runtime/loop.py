@@ -17,11 +17,13 @@ ticks (counted in ``skipped``); a smaller overrun just starts the next tick late
 
 :func:`frozen_heap` keeps Python's cyclic garbage collector out of the ticks' time: a full
 collection walks every tracked object (~310k in a `train` process: torch, MuJoCo, the model) and
-takes 90-160 ms on this project's reference machine, seven control periods, whenever CPython's
+takes 90-190 ms on this project's reference machine (up to ten control periods) whenever CPython's
 heuristics pick a tick for it. Inside the scope the objects that existed on entry are frozen
 (``gc.freeze``: moved out of the collector's generations, O(1)), so a collection during the loop
 walks only what the loop itself allocated; on exit they are handed back and collected between
 episodes as usual. Nothing is collected on entry (that would be the same pause, just earlier).
+:func:`realtime` runs a rig's control thread at ``SCHED_FIFO`` (``loop.rt_priority``), so other
+processes on the robot's computer cannot delay a tick.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def _pct(values: list[float], qs: dict[str, float], scale: float = 1e3) -> dict:
 log = logging.getLogger(__name__)
 
 _frozen_depth = 0
-_refused: list[int] = []  # SCHED_FIFO requests the OS refused (warned about once)
+_refused: set[int] = set()  # SCHED_FIFO priorities the OS refused (each warned about once)
 _frozen_lock = threading.Lock()
 
 
@@ -116,12 +118,12 @@ def realtime(priority: int) -> Iterator[bool]:
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except OSError as err:
-        if not _refused:  # once per process, not once per episode
+        if priority not in _refused:  # once per process, not once per episode
             log.warning(
                 "loop.rt_priority: expected permission for SCHED_FIFO %d (CAP_SYS_NICE or an rtprio limit), "
                 "got %s: the loop runs at normal priority", priority, err.strerror,
             )  # fmt: skip
-        _refused.append(priority)
+        _refused.add(priority)
         yield False
         return
     try:
