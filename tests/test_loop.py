@@ -215,6 +215,10 @@ def test_realtime_scope_sets_fifo_and_restores_or_warns_once_when_refused(monkey
         with mod.realtime(40) as granted:
             assert not granted
     assert caplog.text.count("loop.rt_priority: expected permission for SCHED_FIFO 40") == 1
+    monkeypatch.delattr(os, "sched_setscheduler")  # not Linux
+    with mod.realtime(30) as granted:
+        assert not granted
+    assert "loop.rt_priority: expected a platform with SCHED_FIFO" in caplog.text
 
 
 def test_a_writer_started_from_a_realtime_thread_runs_at_normal_priority(tmp_path):

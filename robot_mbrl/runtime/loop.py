@@ -32,6 +32,7 @@ import gc
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -111,7 +112,15 @@ def realtime(priority: int) -> Iterator[bool]:
     policy; yields whether it did. 0 (or no such call on this platform) does nothing; a refusal
     (no CAP_SYS_NICE, no rtprio limit) is a warning and normal scheduling. Threads started inside
     inherit the policy: :func:`normal_priority` is for those that must not compete with the loop."""
-    if priority <= 0 or not hasattr(os, "sched_setscheduler"):
+    if priority <= 0:
+        yield False
+        return
+    if not hasattr(os, "sched_setscheduler"):  # not Linux
+        if priority not in _refused:
+            log.warning(
+                "loop.rt_priority: expected a platform with SCHED_FIFO, got %s: normal priority", sys.platform
+            )
+        _refused.add(priority)
         yield False
         return
     policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
