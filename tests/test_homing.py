@@ -114,3 +114,45 @@ def test_homing_is_on_for_rigs_only_and_checks_its_channels(twin):
         _homing(spec, gains=(1.0, 1.0))
     with pytest.raises(ConfigError, match="homing.tolerance: expected 3 values"):
         load_config(None, ["homing.tolerance=[0.1]"])
+
+
+def test_train_homes_the_rig_while_the_model_retrains(tmp_path, monkeypatch):
+    """The rig would stand still for the whole retrain and then home: the homing for the next
+    episode runs during the retrain instead (and each learning episode is still homed once)."""
+    import json
+    import threading
+    import time
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.cli import main
+
+    retraining, seen = threading.Event(), []
+    real_retrain, real_home = MPCAgent.retrain, Homing.home
+
+    def retrain(self, buffer, *a, **kw):
+        retraining.set()
+        try:
+            out = real_retrain(self, buffer, *a, **kw)
+            time.sleep(0.3)  # a retrain that outlasts this twin's quick homing
+            return out
+        finally:
+            retraining.clear()
+
+    def home(self, robot, *, paced):
+        seen.append(retraining.is_set())
+        return real_home(self, robot, paced=paced)
+
+    monkeypatch.setattr(MPCAgent, "retrain", retrain)
+    monkeypatch.setattr(Homing, "home", home)
+    out = tmp_path / "run"
+    rc = main(["train", "--out", str(out), "--steps", "180", "--quiet", "--set", "homing.mode=always",
+               "--set", "task.episode_steps=60", "--set", "retrain.min_transitions=50",
+               "--set", "train.eval_episodes=0", "--set", "trainer.max_epochs=5"])  # fmt: skip
+    assert rc == 0
+    learn = [
+        m
+        for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if m.get("kind") == "learn"
+    ]
+    assert len(learn) == 3 and all(m["homing_ticks"] > 0 for m in learn)
+    assert seen == [False, True, True]  # the first before any model; the others during a retrain

@@ -89,14 +89,17 @@ def run_episodes(
     kind: str,
     on_transition=None,
     homing: Homing | None = None,
+    homed: dict | None = None,
 ) -> list[EpisodeResult]:
-    """``episodes`` episodes, each after ``homing`` (a rig's reset; None where the robot resets itself)."""
+    """``episodes`` episodes, each after ``homing`` (a rig's reset; None where the robot resets itself).
+    ``homed``: the first episode's homing record where it was done already (during a retrain)."""
     results = []
-    paced = cfg.loop.paced or cfg.backend == "serial"  # a real device runs on the wall clock
+    paced = is_paced(cfg)
     for i in range(episodes):
         ep = first_episode + i
         with realtime(cfg.loop.rt_priority if paced else 0):  # a twin in lockstep has no deadline to keep
-            homed = homing.home(robot, paced=paced).record() if homing is not None else {}
+            if i > 0 or homed is None:
+                homed = homing.home(robot, paced=paced).record() if homing is not None else {}
             res = run_episode(
                 robot,
                 judge,
@@ -114,6 +117,10 @@ def run_episodes(
         progress.post(ret=res.ret)
         results.append(res)
     return results
+
+
+def is_paced(cfg: Config) -> bool:
+    return cfg.loop.paced or cfg.backend == "serial"  # a real device runs on the wall clock
 
 
 def _open_job(cfg: Config, run: RunDir):  # -> robot, task, judge

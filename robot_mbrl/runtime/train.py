@@ -16,6 +16,7 @@ serial backend there is no second robot, so evaluation is skipped and learning e
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -30,8 +31,9 @@ from robot_mbrl.errors import RunDirError
 from robot_mbrl.factory import make_judge, make_robot, make_task
 from robot_mbrl.models.trainer import RetrainSchedule
 from robot_mbrl.runtime.episode import Transition
-from robot_mbrl.runtime.homing import make_homing
-from robot_mbrl.runtime.jobs import link_record, robot_session, run_episodes
+from robot_mbrl.runtime.homing import Homing, make_homing
+from robot_mbrl.runtime.jobs import is_paced, link_record, robot_session, run_episodes
+from robot_mbrl.runtime.loop import realtime
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
 from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run, run_dir
@@ -124,6 +126,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     t0 = time.monotonic()
     episode = first_episode
     controller = None
+    homed = None  # the next episode's homing, done during the retrain
     trace: list[tuple] = []  # the learning controllers' gate trace, ticks as real steps (gate.png)
     trace_from = 0  # real steps when the current controller was built
 
@@ -147,12 +150,14 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                                                 correlation=cfg.train.explore_correlation)  # fmt: skip
                 res = run_episodes(
                     cfg, robot, judge, controller or explorer, run, tally, episodes=1, first_episode=episode,
-                    seed_offset=0, progress=bar, kind="learn", on_transition=store, homing=homing,
+                    seed_offset=0, progress=bar, kind="learn", on_transition=store, homing=homing, homed=homed,
                 )[0]  # fmt: skip
+                homed = None
                 buffer.flush()
                 episode += 1
                 if schedule.due(len(buffer), episode_ended=True):
-                    _, record = agent.retrain(buffer)
+                    more = tally.real_steps < cfg.train.steps
+                    record, homed = _retrain(agent, buffer, cfg, robot, homing if more else None)
                     schedule.mark_trained(len(buffer))
                     agent.save(run.checkpoint)
                     record.update(kind="retrain", real_steps=tally.real_steps)
@@ -194,6 +199,34 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     run.write_summary(summary)
     write_plots(run, trace or None)
     return summary, run.path
+
+
+def _retrain(
+    agent: MPCAgent, buffer: ReplayBuffer, cfg: Config, robot, homing: Homing | None
+) -> tuple[dict, dict | None]:  # fmt: skip
+    """Retrain; on a rig, home it for the next episode meanwhile: the retrain's torch runs on one
+    thread and the homing loop needs little of the other core, and the rig would otherwise stand
+    for the whole retrain and then home. Returns the retrain record and the homing record (None
+    without homing). A retrain error is raised once the rig is homed."""
+    if homing is None:
+        return agent.retrain(buffer)[1], None
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["record"] = agent.retrain(buffer)[1]
+        except BaseException as err:  # noqa: BLE001 - raised below, in the job's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=work, name="retrain", daemon=True)
+    worker.start()
+    paced = is_paced(cfg)
+    with realtime(cfg.loop.rt_priority if paced else 0):
+        homed = homing.home(robot, paced=paced).record()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["record"], homed
 
 
 def is_solved(mean_return: float, target: float | None, mpc_fraction: float, min_mpc_fraction: float) -> bool:
