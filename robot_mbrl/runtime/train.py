@@ -219,7 +219,7 @@ def _retrain(
             box["error"] = err
 
     worker = threading.Thread(target=work, name="retrain", daemon=True)
-    worker.start()
+    worker.start()  # before the homing takes its real-time priority: the retrain does not inherit it
     paced = is_paced(cfg)
     with realtime(cfg.loop.rt_priority if paced else 0):
         homed = homing.home(robot, paced=paced).record()
