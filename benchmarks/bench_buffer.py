@@ -117,6 +117,12 @@ def main() -> None:
     ap.add_argument("--flushes", type=int, default=20)
     ap.add_argument("--dir", default=None, help="where to write (the storage to measure)")
     args = ap.parse_args()
+    try:
+        counts = [int(x) for x in args.chunks.split(",")]
+    except ValueError:
+        ap.error(f"--chunks: expected comma-separated integers, got {args.chunks!r}")
+    if args.flushes < 1 or any(n < 0 for n in counts):
+        ap.error(f"--chunks / --flushes: expected >= 0 / >= 1, got {args.chunks!r} / {args.flushes}")
     root = Path(args.dir or tempfile.mkdtemp())
     root.mkdir(parents=True, exist_ok=True)
     print(f"## Persisting real data from the control tick ({platform.node()}, {time.strftime('%Y-%m-%d')}, "
@@ -124,7 +130,7 @@ def main() -> None:
     print("| chunks on disk | previous: whole manifest (ms p50 / max) | journal, waited | journal, in the tick | "
           "tick: previous / now |")  # fmt: skip
     print("|---|---|---|---|---|")
-    for n in [int(x) for x in args.chunks.split(",")]:
+    for n in counts:
         r = bench(n, args.flushes, root)
         cells = " | ".join(f"{np.median(v):.2f} / {v.max():.2f}" for v in r.values())
         ratio = np.median(r["previous: whole manifest"]) / np.median(r["journal, in the tick"])

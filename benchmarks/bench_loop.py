@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--load", type=int, default=0, help="busy processes competing for the CPUs")
     ap.add_argument("--rt-priority", type=int, default=50)
     args = ap.parse_args()
+    if args.load < 0:
+        ap.error(f"--load: expected a number of busy processes >= 0, got {args.load}")
     if args.load:
         under_load(args.load, args.rt_priority, args.seconds, args.work_ms)
         return

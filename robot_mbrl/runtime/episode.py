@@ -198,8 +198,8 @@ def run_episode(
     tally.deadline_misses += misses
     tally.end_stop_hits += hits
     tally.plan_s += plan_s
-    tick_s = loop.step_s
-    tally.tick_s += tick_s
+    tally.tick_s += loop.step_s
+    tick_ms = loop.stats().step_ms
     return EpisodeResult(
         episode=episode,
         steps=steps,
@@ -210,6 +210,6 @@ def run_episode(
         end_stop_hits=hits,
         terminated=terminated,
         plan_ms_p50=float(np.median(plan_s) * 1e3) if plan_s else 0.0,
-        tick_ms_p99=float(np.percentile(tick_s, 99) * 1e3) if tick_s else 0.0,
-        tick_ms_max=float(np.max(tick_s) * 1e3) if tick_s else 0.0,
+        tick_ms_p99=tick_ms["p99"],
+        tick_ms_max=tick_ms["max"],
     )

@@ -94,12 +94,11 @@ def run_episodes(
     """``episodes`` episodes, each after ``homing`` (a rig's reset; None where the robot resets itself).
     ``homed``: the first episode's homing record where it was done already (during a retrain)."""
     results = []
-    paced = is_paced(cfg)
     for i in range(episodes):
         ep = first_episode + i
-        with realtime(cfg.loop.rt_priority if paced else 0):  # a twin in lockstep has no deadline to keep
-            if i > 0 or homed is None:
-                homed = homing.home(robot, paced=paced).record() if homing is not None else {}
+        if i > 0 or homed is None:
+            homed = home(cfg, robot, homing)
+        with control_priority(cfg):
             res = run_episode(
                 robot,
                 judge,
@@ -107,7 +106,7 @@ def run_episodes(
                 episode=ep,
                 max_steps=cfg.task.episode_steps,
                 seed=cfg.seed * 100_003 + seed_offset + ep,
-                paced=paced,
+                paced=is_paced(cfg),
                 tally=tally,
                 on_transition=on_transition,
                 on_event=run.event,
@@ -121,6 +120,21 @@ def run_episodes(
 
 def is_paced(cfg: Config) -> bool:
     return cfg.loop.paced or cfg.backend == "serial"  # a real device runs on the wall clock
+
+
+def control_priority(cfg: Config):  # -> a context manager
+    """The control thread's scheduling for ``cfg``'s loop: ``loop.rt_priority`` on the wall clock; a
+    twin in lockstep has no deadline to keep."""
+    return realtime(cfg.loop.rt_priority if is_paced(cfg) else 0)
+
+
+def home(cfg: Config, robot: Robot, homing: Homing | None) -> dict:
+    """Home the rig (its reset) at the control thread's priority; its record, {} where the robot
+    resets itself (``homing`` None)."""
+    if homing is None:
+        return {}
+    with control_priority(cfg):
+        return homing.home(robot, paced=is_paced(cfg)).record()
 
 
 def _open_job(cfg: Config, run: RunDir):  # -> robot, task, judge

@@ -70,7 +70,11 @@ class LoopStats:
         }
 
 
-def _pct(values: list[float], qs: dict[str, float], scale: float = 1e3) -> dict:
+P50_P99_MAX = {"p50": 50, "p99": 99, "max": 100}
+
+
+def percentiles_ms(values: list[float], qs: dict[str, float] = P50_P99_MAX, scale: float = 1e3) -> dict:
+    """Percentiles of ``values`` (seconds) in ms, by name (q 0 = min, 100 = max); zeros when empty."""
     if not values:
         return {k: 0.0 for k in qs}
     a = np.asarray(values) * scale
@@ -109,29 +113,25 @@ def frozen_heap() -> Iterator[None]:
 @contextmanager
 def realtime(priority: int) -> Iterator[bool]:
     """Run the calling thread at ``SCHED_FIFO`` ``priority`` inside the scope, then restore its
-    policy; yields whether it did. 0 (or no such call on this platform) does nothing; a refusal
-    (no CAP_SYS_NICE, no rtprio limit) is a warning and normal scheduling. Threads started inside
-    inherit the policy: :func:`normal_priority` is for those that must not compete with the loop."""
+    policy; yields whether it did. 0 does nothing; a refusal (no CAP_SYS_NICE, no rtprio limit, not
+    Linux) is one warning per priority and normal scheduling. Threads started inside inherit the
+    policy: :func:`normal_priority` is for those that must not compete with the loop."""
     if priority <= 0:
         yield False
         return
-    if not hasattr(os, "sched_setscheduler"):  # not Linux
-        if priority not in _refused:
-            log.warning(
-                "loop.rt_priority: expected a platform with SCHED_FIFO, got %s: normal priority", sys.platform
-            )
-        _refused.add(priority)
-        yield False
-        return
-    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
     try:
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except OSError as err:
+    except (AttributeError, OSError) as err:  # not Linux; not permitted
         if priority not in _refused:  # once per process, not once per episode
+            expected, got = (
+                ("a platform with SCHED_FIFO", sys.platform)
+                if isinstance(err, AttributeError)
+                else (f"permission for SCHED_FIFO {priority} (CAP_SYS_NICE or an rtprio limit)", err.strerror)
+            )
             log.warning(
-                "loop.rt_priority: expected permission for SCHED_FIFO %d (CAP_SYS_NICE or an rtprio limit), "
-                "got %s: the loop runs at normal priority", priority, err.strerror,
-            )  # fmt: skip
+                "loop.rt_priority: expected %s, got %s: the loop runs at normal priority", expected, got
+            )
         _refused.add(priority)
         yield False
         return
@@ -231,7 +231,7 @@ class RateLoop:
             ticks=len(self._step_s),
             overruns=self.overruns,
             skipped=self.skipped,
-            step_ms=_pct(self._step_s, {"p50": 50, "p99": 99, "max": 100}),
-            slack_ms=_pct(self._slack_s, {"p50": 50, "p1": 1, "min": 0}),
-            jitter_ms=_pct(self._jitter_s, {"p50": 50, "p99": 99, "max": 100}),
+            step_ms=percentiles_ms(self._step_s),
+            slack_ms=percentiles_ms(self._slack_s, {"p50": 50, "p1": 1, "min": 0}),
+            jitter_ms=percentiles_ms(self._jitter_s),
         )

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 try:
@@ -36,6 +35,7 @@ from robot_mbrl.runtime.files import (
     jsonl_line,
     read_jsonl,
 )
+from robot_mbrl.runtime.loop import percentiles_ms
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +213,6 @@ class Tally:
     wall_s: float = 0.0
 
     def summary(self, **extra) -> dict:
-        def ms(seconds: list[float]) -> dict:
-            a = np.asarray(seconds) * 1e3 if seconds else np.zeros(1)
-            return {
-                "p50": float(np.percentile(a, 50)),
-                "p99": float(np.percentile(a, 99)),
-                "max": float(a.max()),
-            }
-
         out = {
             "real_steps": self.real_steps,
             "episodes": len(self.returns),
@@ -231,8 +223,8 @@ class Tally:
             "fallback_ticks": self.fallback_ticks,
             "ticks": self.ticks,
             "alarms": self.alarms,
-            "plan_ms": ms(self.plan_s),
-            "tick_ms": ms(self.tick_s),
+            "plan_ms": percentiles_ms(self.plan_s),
+            "tick_ms": percentiles_ms(self.tick_s),
             "deadline_misses": self.deadline_misses,
             "end_stop_hits": self.end_stop_hits,
             "wall_s": round(self.wall_s, 3),

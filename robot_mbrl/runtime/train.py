@@ -32,8 +32,7 @@ from robot_mbrl.factory import make_judge, make_robot, make_task
 from robot_mbrl.models.trainer import RetrainSchedule
 from robot_mbrl.runtime.episode import Transition
 from robot_mbrl.runtime.homing import Homing, make_homing
-from robot_mbrl.runtime.jobs import is_paced, link_record, robot_session, run_episodes
-from robot_mbrl.runtime.loop import realtime
+from robot_mbrl.runtime.jobs import home, link_record, robot_session, run_episodes
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
 from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run, run_dir
@@ -220,9 +219,7 @@ def _retrain(
 
     worker = threading.Thread(target=work, name="retrain", daemon=True)
     worker.start()  # before the homing takes its real-time priority: the retrain does not inherit it
-    paced = is_paced(cfg)
-    with realtime(cfg.loop.rt_priority if paced else 0):
-        homed = homing.home(robot, paced=paced).record()
+    homed = home(cfg, robot, homing)
     worker.join()
     if "error" in box:
         raise box["error"]
