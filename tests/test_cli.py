@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from robot_mbrl.runtime.loop import percentiles_ms
 from robot_mbrl.runtime.rundir import SUMMARY_KEYS
 
 TINY = ["--set", "task.episode_steps=60", "--set", "retrain.min_transitions=50", "--set", "train.eval_episodes=1",
@@ -74,15 +75,34 @@ def test_run_replays_the_checkpoint_gated(trained, tmp_path):
 
 def test_resume_continues_a_run(trained):
     out, _ = trained
+    with open(out / "timing.jsonl", "a") as f:  # the times of an episode killed before its metrics line
+        f.write(json.dumps({"episode": 3, "kind": "learn", "plan_ms": [999.0], "tick_ms": [999.0]}) + "\n")
     with open(out / "metrics.jsonl", "a") as f:  # the line a kill mid-append leaves
         f.write('{"kind": "learn", "episode": 3, "ret')
     r = cli("train", "--resume", str(out), "--steps", "240", *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["real_steps"] == 240 and summary["episodes"] == 4
+    r = cli("train", "--resume", str(out), "--steps", "300", *TINY)  # episode 3 is twice in timing.jsonl now
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["real_steps"] == 300 and summary["episodes"] == 5
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     alarms = [e for e in events if e.get("kind") == "alarm"]
     assert len(summary["alarms"]) == len(alarms)  # the alarms from before the resume count too
+    # the plan and tick percentiles are the whole run's (the episodes before the resume count), and
+    # the killed episode's times are not (its number came again after the resume)
+    times = {
+        (t["kind"], t["episode"]): t for t in map(json.loads, (out / "timing.jsonl").read_text().splitlines())
+    }
+    learn = [times["learn", e] for e in range(5)]
+    evals = [t for (kind, _), t in times.items() if kind == "eval"]
+    assert len(learn[0]["tick_ms"]) == 60 and len(evals) >= 2
+    plan_ms = [ms for t in learn + evals for ms in t["plan_ms"]]
+    tick_ms = [ms for t in learn for ms in t["tick_ms"]]
+    assert max(plan_ms) < 999.0
+    for got, want in ((summary["plan_ms"], plan_ms), (summary["tick_ms"], tick_ms)):
+        assert got == pytest.approx(percentiles_ms(want, scale=1.0), abs=2e-3)
 
 
 def test_run_simple_policies(tmp_path):

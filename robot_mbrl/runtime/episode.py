@@ -99,6 +99,8 @@ class EpisodeResult:
     plan_ms_p50: float
     tick_ms_p99: float = 0.0  # the tick's whole work: read, bookkeeping, decide, write
     tick_ms_max: float = 0.0
+    plan_s: list[float] = field(default_factory=list)  # each plan's solve time (MPC ticks)
+    tick_s: list[float] = field(default_factory=list)  # each tick's whole work
 
 
 @frozen_heap()  # no full GC pass inside a tick (runtime/loop.py)
@@ -212,4 +214,6 @@ def run_episode(
         plan_ms_p50=float(np.median(plan_s) * 1e3) if plan_s else 0.0,
         tick_ms_p99=tick_ms["p99"],
         tick_ms_max=tick_ms["max"],
+        plan_s=plan_s,
+        tick_s=loop.step_s,
     )

@@ -74,6 +74,17 @@ def episode_record(res: EpisodeResult, **extra) -> dict:
     return rec
 
 
+def timing_record(episode: int, kind: str, plan_s: list[float], tick_s: list[float]) -> dict:
+    """A ``timing.jsonl`` line: the episode's plan and tick times in ms (to the µs); a resume
+    restores the run's percentiles from them."""
+    return {
+        "episode": episode,
+        "kind": kind,
+        "plan_ms": [round(t * 1e3, 3) for t in plan_s],
+        "tick_ms": [round(t * 1e3, 3) for t in tick_s],
+    }
+
+
 def run_episodes(
     cfg: Config,
     robot: Robot,
@@ -112,6 +123,7 @@ def run_episodes(
                 on_event=run.event,
                 on_tick=progress.tick,
             )
+        run.timing(timing_record(ep, kind, res.plan_s, res.tick_s))  # before its metrics line
         run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps, **homed))
         progress.post(ret=res.ret)
         results.append(res)

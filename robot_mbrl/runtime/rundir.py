@@ -1,7 +1,8 @@
 """Run directories: resolved config, per-episode metrics, events and the summary.
 
 Layout (DESIGN.md): ``config.yaml``, ``metrics.jsonl`` (one line per episode), ``events.jsonl``
-(every gate switch and alarm), ``summary.json``, ``checkpoint/``, ``buffer/``, ``plots/``.
+(every gate switch and alarm), ``timing.jsonl`` (each episode's plan and tick times, ms),
+``summary.json``, ``checkpoint/``, ``buffer/``, ``plots/``.
 Every file is written atomically or appended line by line with fsync, so a killed run leaves
 readable files behind and ``--resume`` can continue it.
 """
@@ -54,6 +55,8 @@ SUMMARY_KEYS = (
     "deadline_misses",
     "wall_s",
 )
+
+TIMING = "timing.jsonl"  # one line per episode: {"episode", "kind", "plan_ms": [...], "tick_ms": [...]}
 
 
 def default_run_path(command: str, root: str | Path = "runs") -> Path:
@@ -142,8 +145,16 @@ class RunDir:
         the record is encoded here, so the caller may reuse it."""
         self._writer.submit(append_line, self.path / "events.jsonl", jsonl_line(record))
 
+    def timing(self, record: dict) -> None:
+        """An episode's per-tick times, queued like :meth:`event` (before its metrics line)."""
+        self._writer.submit(append_line, self.path / TIMING, jsonl_line(record))
+
     def metrics(self) -> list[dict]:
         return read_jsonl(self.path / "metrics.jsonl")
+
+    def timings(self) -> list[dict]:
+        self._writer.drain()
+        return read_jsonl(self.path / TIMING)
 
     def events(self) -> list[dict]:
         self._writer.drain()

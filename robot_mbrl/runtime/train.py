@@ -32,7 +32,7 @@ from robot_mbrl.factory import make_judge, make_robot, make_task
 from robot_mbrl.models.trainer import RetrainSchedule
 from robot_mbrl.runtime.episode import Transition
 from robot_mbrl.runtime.homing import Homing, make_homing
-from robot_mbrl.runtime.jobs import home, link_record, robot_session, run_episodes
+from robot_mbrl.runtime.jobs import home, link_record, robot_session, run_episodes, timing_record
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
 from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run, run_dir
@@ -51,7 +51,8 @@ def solved_threshold(cfg: Config, max_step_reward: float | None) -> float | None
 
 def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
     tally, episodes, retrains = Tally(), 0, []
-    for rec in run.metrics():
+    metrics = run.metrics()
+    for rec in metrics:
         if rec.get("kind") == "learn":
             tally.returns.append(rec["return"])
             tally.real_steps = rec["real_steps"]
@@ -65,6 +66,19 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
             retrains.append(rec)
         elif rec.get("kind") == "eval" and rec.get("solved") and tally.solved_at_step is None:
             tally.solved_at_step = rec["real_steps"]
+    # plan and tick times of the episodes that have their metrics line (the last line per episode:
+    # one written just before a kill, its metrics line lost, may come again after the resume)
+    recorded = {(rec.get("kind"), rec.get("episode")) for rec in metrics}
+    try:
+        times = {(t.get("kind"), t.get("episode")): t for t in run.timings()}
+    except ValueError as err:  # times are not robot data: the run goes on, its percentiles restart
+        log.warning("%s; plan_ms and tick_ms in summary.json count from the resume", err)
+        times = {}
+    for key, t in times.items():
+        if key in recorded and key[0] in ("learn", "eval"):
+            tally.plan_s += [ms / 1e3 for ms in t.get("plan_ms", ())]
+            if key[0] == "learn":  # the run's tick times are the learning episodes' (as in _evaluate)
+                tally.tick_s += [ms / 1e3 for ms in t.get("tick_ms", ())]
     for ev in run.events():  # the learning episodes' alarms and the retrains' val_loss alarms
         if ev.get("kind") == "alarm":
             tally.alarms.append({"tick": ev.get("run_tick", ev.get("tick")), "reason": ev.get("trigger")})
@@ -247,6 +261,7 @@ def _evaluate(cfg: Config, agent: MPCAgent, robot, task, run: RunDir, tally: Tal
     fallback = sum(r.fallback_ticks for r in results)
     mpc_fraction = 1.0 - fallback / max(sum(r.steps for r in results), 1)
     solved = is_solved(mean, target, mpc_fraction, cfg.task.solved_min_mpc_fraction)
+    run.timing(timing_record(episode, "eval", scratch.plan_s, scratch.tick_s))  # before its metrics line
     run.metric({
         "kind": "eval", "episode": episode, "real_steps": tally.real_steps, "eval_return": round(mean, 3),
         "eval_returns": [round(r.ret, 3) for r in results], "eval_violations": sum(r.violations for r in results),
@@ -264,4 +279,7 @@ class _NullRun:
         pass
 
     def event(self, record: dict) -> None:
+        pass
+
+    def timing(self, record: dict) -> None:
         pass
