@@ -164,7 +164,9 @@ class FrameDecoder:
         while True:
             i = self._buf.find(0)
             if i < 0:
-                if len(self._buf) > self.max_frame_bytes:
+                if self._discarding:  # the rest of an overlong run: nothing to keep
+                    self._buf.clear()
+                elif len(self._buf) > self.max_frame_bytes:
                     self.overflows += 1
                     self._buf.clear()
                     self._discarding = True
@@ -176,6 +178,10 @@ class FrameDecoder:
                 continue
             if not frame:
                 continue  # back-to-back delimiters are allowed (a sender may flush with 0x00)
+            if len(frame) > self.max_frame_bytes:  # however the bytes were split across reads
+                self.overflows += 1
+                self._resync = False
+                continue
             resync, self._resync = self._resync, False
             try:
                 out.append(decode_frame(frame))

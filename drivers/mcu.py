@@ -207,9 +207,9 @@ def _unpack(fmt: str, payload: bytes, name: str) -> tuple:
     return struct.unpack(fmt, payload)
 
 
-def _floats(payload: bytes, offset: int, n: int, name: str) -> tuple[float, ...]:
-    if n > MAX_CHANNELS:
-        raise MessageError(f"{name}: {n} channels exceeds the maximum {MAX_CHANNELS}")
+def _floats(payload: bytes, offset: int, n: int, name: str, max_n: int = MAX_CHANNELS) -> tuple[float, ...]:
+    if n > max_n:
+        raise MessageError(f"{name}: {n} channels exceeds the maximum {max_n}")
     if len(payload) - offset != 4 * n:
         raise MessageError(f"{name}: expected {offset + 4 * n} bytes, got {len(payload)}")
     return struct.unpack_from(f"<{n}f", payload, offset)
@@ -239,7 +239,9 @@ def decode_message(payload: bytes) -> Message:
         if len(payload) < 8:
             raise MessageError(f"HELLO_ACK: expected >= 8 bytes, got {len(payload)}")
         _, version, device_id, ns, na = struct.unpack_from("<BBIBB", payload)
-        flat = _floats(payload, 8, 2 * (ns + na), "HELLO_ACK")
+        if ns + na > MAX_CHANNELS:
+            raise MessageError(f"HELLO_ACK: {ns + na} channels exceeds the maximum {MAX_CHANNELS}")
+        flat = _floats(payload, 8, 2 * (ns + na), "HELLO_ACK", max_n=2 * MAX_CHANNELS)  # (low, high) each
         pairs = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(ns + na))
         return HelloAck(version, device_id, pairs[:ns], pairs[ns:])
     if t == MsgType.HEARTBEAT:

@@ -92,6 +92,16 @@ def test_stream_decoder_bounds_memory():
     assert dec.feed(b"\x01\x02\x00" + encode_frame(b"ok")) == [b"ok"]  # tail of the long run discarded
 
 
+@pytest.mark.parametrize("split", [10_000, 600, 300, 1])
+def test_an_oversize_frame_is_discarded_however_the_reads_split_it(split):
+    big = encode_frame(bytes(range(1, 256)) * 4)  # ~1 KB, over the 512-byte maximum
+    dec, out = FrameDecoder(max_frame_bytes=512), []
+    for i in range(0, len(big), split):
+        out += dec.feed(big[i : i + split])
+    assert out == [] and dec.overflows == 1
+    assert dec.feed(encode_frame(b"next")) == [b"next"]  # and the next frame is not lost
+
+
 def test_stream_start_resync_is_not_an_error_after_reset():
     dec = FrameDecoder()
     good = encode_frame(b"\x42")

@@ -66,12 +66,19 @@ def test_every_type_has_a_vector():
         mcu.Command(1, (float("nan"),)).encode(),  # never actuate on NaN
         b"\x04\x02",  # ESTOP engage must be 0/1
         bytes([0x81, 1, 0, 0, 0, 0, 2, 1]),  # HELLO_ACK announces limits it does not carry
+        mcu.HelloAck(1, 1, ((-1.0, 1.0),) * 20, ((-1.0, 1.0),) * 13).encode(),  # 33 channels
     ],
 )
 def test_invalid_payloads_raise_message_error(payload):
     with pytest.raises(MessageError):
         mcu.decode_message(payload)
     assert issubclass(MessageError, ProtocolError)
+
+
+def test_a_hello_ack_carries_up_to_32_channels():
+    ack = mcu.HelloAck(1, 7, ((-1.0, 1.0),) * 20, ((-2.0, 2.0),) * 12)  # (low, high) each: 64 floats
+    assert mcu.decode_message(ack.encode()) == ack
+    assert mcu.McuDecoder().feed(mcu.encode(ack)) == [ack]
 
 
 def test_state_values_are_float32_and_seq_wraps():
