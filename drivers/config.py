@@ -16,7 +16,12 @@ class SerialConfig:
     read_timeout_s: float | None = param(
         None, "blocking read timeout; null = derived from the baud rate and the frame size", gt=0
     )
-    write_timeout_s: float = param(0.05, "a write that blocks longer than this means the link is down", gt=0)
+    write_timeout_s: float = param(
+        0.005,
+        "a write that blocks longer than this means the link is down (a device that stopped reading); "
+        "the control tick waits at most this long",
+        gt=0,
+    )
     max_frame_bytes: int = param(256, "longest frame expected on the wire (for timeouts and resync)", gt=8)
     retries: int = param(3, "attempts for request/response exchanges (handshake, ACKs)", ge=1)
     backoff_initial_s: float = param(0.05, "first reconnect delay; doubles after each failure", gt=0)

@@ -157,37 +157,59 @@ class PacketParser:
         self._buf.clear()
 
     def feed(self, data: bytes) -> list[Packet]:
+        """Packets completed by ``data``. A header whose length field lies (corrupted) is dropped as
+        soon as a complete, CRC-valid packet starts after it: the next reply is not held back until
+        the lying length's worth of bytes came. Linear in the bytes fed, whatever they are."""
         self._buf += data
-        out: list[Packet] = []
+        buf, out, pos = self._buf, [], 0
         while True:
-            i = self._buf.find(HEADER)
+            i = buf.find(HEADER, pos)
             if i < 0:
-                keep = 3 if len(self._buf) >= 3 else len(self._buf)  # a header may straddle chunks
-                self.bytes_skipped += len(self._buf) - keep
-                del self._buf[: len(self._buf) - keep]
-                return out
-            if i:
-                self.bytes_skipped += i
-                del self._buf[:i]
-            if len(self._buf) < 7:
-                return out
-            length = self._buf[5] | self._buf[6] << 8
+                keep = max(pos, len(buf) - 3)  # a header may straddle chunks
+                self.bytes_skipped += keep - pos
+                pos = keep
+                break
+            self.bytes_skipped += i - pos
+            pos = i
+            if len(buf) - pos < 7:
+                break
+            length = buf[pos + 5] | buf[pos + 6] << 8
             if length < 3 or length > MAX_PACKET_BYTES:
                 self.packet_errors += 1
-                del self._buf[:1]  # a false header; look for the next one
+                pos += 1  # a false header; look for the next one
                 continue
-            if len(self._buf) < 7 + length:
-                return out
-            raw = bytes(self._buf[: 7 + length])
+            if len(buf) - pos < 7 + length:
+                j = buf.find(HEADER, pos + 1)
+                if j > 0 and self._complete_at(j):
+                    self.packet_errors += 1  # this header's length lied: a whole packet starts inside it
+                    pos = j
+                    continue
+                break
             try:
-                out.append(decode_packet(raw))
-                del self._buf[: 7 + length]
+                out.append(decode_packet(bytes(buf[pos : pos + 7 + length])))
+                pos += 7 + length
             except CrcError:
                 self.crc_errors += 1
-                del self._buf[:1]
+                pos += 1
             except DxlPacketError:
                 self.packet_errors += 1
-                del self._buf[:1]
+                pos += 1
+        del buf[:pos]
+        return out
+
+    def _complete_at(self, j: int) -> bool:
+        """Whether a complete packet with a valid CRC starts at ``self._buf[j]``."""
+        buf = self._buf
+        if len(buf) - j < 7:
+            return False
+        length = buf[j + 5] | buf[j + 6] << 8
+        if length < 3 or length > MAX_PACKET_BYTES or len(buf) - j < 7 + length:
+            return False
+        try:
+            decode_packet(bytes(buf[j : j + 7 + length]))
+        except (CrcError, DxlPacketError):
+            return False
+        return True
 
 
 # -- instruction builders ---------------------------------------------------------------------

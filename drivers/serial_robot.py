@@ -37,7 +37,14 @@ import numpy as np
 
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
-from robot_mbrl.drivers.session import RESEND_S, DeviceSession, HandshakeError, Pending, restart_reason
+from robot_mbrl.drivers.session import (
+    CLOCK_DRIFT_MAX,
+    RESEND_S,
+    DeviceSession,
+    HandshakeError,
+    Pending,
+    restart_reason,
+)
 from robot_mbrl.drivers.transport import LinkDown, LinkStats, Transport
 from robot_mbrl.hal.robot import Fault, Observation, Robot, RobotSpec
 
@@ -96,6 +103,9 @@ class SerialRobot(DeviceSession, Robot):
         self.device_restarts = 0  # restarts detected while the link stayed up
         self.device_fault_reports: list[mcu.FaultReport] = []
         self._want_active = False  # restore after a reconnect / device restart
+        self._resume_pending = False  # re-handshaken while active: the next STATE decides (_resume)
+        self._release_ok = False  # a latch this host may clear: activate() asked, or a restart's boot latch
+        self._estop_held = False  # the device latched on its own: commands stop until activate()
         self._handshake_due: float | None = None  # set while waiting for HELLO_ACK: next HELLO resend
         self._handshake_since = 0.0
         self._hello_warned = False
@@ -104,6 +114,7 @@ class SerialRobot(DeviceSession, Robot):
         self._error: Exception | None = None
         self._refused: str | None = None  # last re-handshake refusal (logged once)
         self._seen: mcu.State | None = None  # newest STATE accepted: ordering and restart detection
+        self._seen_rx_s: float | None = None  # when it arrived
         self._state: mcu.State | None = None  # newest STATE reported by read()
         self._state_rx_s: float | None = None
         self._clock_offset_s: float | None = None  # host time - device time, lowest latency seen
@@ -135,7 +146,8 @@ class SerialRobot(DeviceSession, Robot):
     def _connect(self) -> None:
         if not self.transport.reconnect_blocking(self._exchange_budget_s):
             raise LinkDown(f"cannot open {self.transport.url}")
-        self._seen = self._state = None  # a new session: no ordering against an old one
+        self._seen = self._state = self.device = None  # a new session: no ordering against an old one
+        self._estop_held = self._release_ok = False
         try:
             self._handshake_blocking()
         except BaseException:
@@ -154,19 +166,20 @@ class SerialRobot(DeviceSession, Robot):
             raise NotActive("connect() before activate()")
         self._want_active = True
         self._prev_obs_ok = False
+        self._release_ok, self._estop_held = True, False  # a person's decision: whoever latched it
         try:
-            if self._handshake_due is None:  # else the re-handshake in progress releases it
+            if self._handshake_due is None and not self._resume_pending:  # else the re-handshake releases it
                 self._send_acked(mcu.Estop(False), mcu.MsgType.ESTOP)
             self._wait_for(lambda: self.active)
         except BaseException:
-            self._want_active = False
+            self._want_active = self._release_ok = False
             self._pending.pop(mcu.MsgType.ESTOP, None)  # never release later on our own
             raise
         return self
 
     def deactivate(self) -> None:
         """Back to read-only; the device watchdog brakes once commands stop."""
-        self.active = self._want_active = False
+        self.active = self._want_active = self._release_ok = False
         self._pending.pop(mcu.MsgType.ESTOP, None)
 
     def _reset(self, seed: int | None) -> Observation:  # noqa: ARG002 - a real rig cannot be seeded
@@ -184,22 +197,28 @@ class SerialRobot(DeviceSession, Robot):
         return obs
 
     # -- I/O hooks ----------------------------------------------------------------------------
-    def _send(self, action: np.ndarray) -> None:
+    def _send(self, action: np.ndarray) -> bool:
         if not self.active:
-            if self._want_active:  # reconnecting: the device is braking on its watchdog meanwhile
-                log.debug("command dropped: re-handshake in progress after a link loss or device restart")
-                return
+            if self._want_active:  # reconnecting, or e-stop held: the device brakes meanwhile
+                log.debug("command dropped: re-handshake in progress, or the device's e-stop held")
+                return False
             raise NotActive("SerialRobot is configured read-only; call activate() to command")
-        n_act = self.device.n_actuators if self.device else self.spec.act_dim
-        values = [0.0] * n_act
-        for i, j in enumerate(self._act_idx):
-            values[j] = float(action[i])
-        self._cmd_seq = (self._cmd_seq + 1) % mcu.SEQ_MOD
         try:
-            self.transport.write(mcu.encode(mcu.Command(self._cmd_seq, tuple(values))))
+            self.transport.write(self._command(action))
             self._cmds_since_read += 1
+            return True
         except LinkDown:
             log.debug("command %d not sent: link down", self._cmd_seq)
+            return False
+
+    def _command(self, action: np.ndarray) -> bytes:
+        """The wire COMMAND for ``action`` (spec channels onto device actuators), with the next seq
+        (1 … 2**32 - 1: a device reports 0 for "none applied yet", see :func:`restart_reason`)."""
+        values = [0.0] * (self.device.n_actuators if self.device else self.spec.act_dim)
+        for i, j in enumerate(self._act_idx):
+            values[j] = float(action[i])
+        self._cmd_seq = self._cmd_seq % (mcu.SEQ_MOD - 1) + 1
+        return mcu.encode(mcu.Command(self._cmd_seq, tuple(values)))
 
     def _read(self) -> Observation:
         self._poll()
@@ -207,6 +226,8 @@ class SerialRobot(DeviceSession, Robot):
         faults = Fault.NONE
         if not self.transport.is_open or self._handshake_due is not None or self._pending:
             faults |= Fault.COMM  # link down, or the device is not (re)configured yet
+        if self._estop_held:
+            faults |= Fault.ESTOP  # latched by the device on its own: invalid until activate()
         st = self._state
         if st is None or self._state_rx_s is None:
             values = np.full(self.spec.obs_dim, np.nan)
@@ -245,18 +266,14 @@ class SerialRobot(DeviceSession, Robot):
     def _safe_stop(self) -> None:
         """Stop command then ESTOP, best effort: a dead link is logged, never raised."""
         was_active, self.active, self._want_active = self.active, False, False
+        self._release_ok = self._resume_pending = False
         self._pending.pop(mcu.MsgType.ESTOP, None)  # a pending release must never follow the e-stop
         if not self.transport.is_open:
             log.warning("safe stop: link down; the device watchdog brakes on its own")
             return
         try:
             if was_active:
-                stop = self.spec.stop_action()
-                values = [0.0] * (self.device.n_actuators if self.device else self.spec.act_dim)
-                for i, j in enumerate(self._act_idx):
-                    values[j] = float(stop[i])
-                self._cmd_seq = (self._cmd_seq + 1) % mcu.SEQ_MOD
-                self.transport.write(mcu.encode(mcu.Command(self._cmd_seq, tuple(values))))
+                self.transport.write(self._command(self.spec.stop_action()))
             self.transport.write(mcu.encode(mcu.Estop(True)))
         except OSError as err:  # LinkDown and SerialException are OSErrors
             log.warning("safe stop: %s; the device watchdog brakes on its own", err)
@@ -338,7 +355,8 @@ class SerialRobot(DeviceSession, Robot):
     def _on_state(self, msg: mcu.State, now: float) -> None:
         st = self.transport.stats
         if self._seen is not None:
-            reason = restart_reason(self._seen, msg)
+            elapsed = None if self._seen_rx_s is None else now - self._seen_rx_s
+            reason = restart_reason(self._seen, msg, elapsed)
             if reason is not None:
                 self._on_device_restart(reason)
             else:
@@ -360,14 +378,18 @@ class SerialRobot(DeviceSession, Robot):
         self._skip_gap = False
         self._prev_rx_s = now
         self._seen = self._state = msg
-        self._state_rx_s = now
+        self._seen_rx_s = self._state_rx_s = now
+        if self.active and msg.faults & mcu.DeviceFault.ESTOP:
+            self._hold_estop("engaged while active")
         self._confirm_release(msg)
-        # min-latency clock offset; it may grow 1 ms per s so device clock drift cannot pin it
+        self._resume(msg)
+        # min-latency clock offset; it may grow faster than any device clock drifts behind ours
+        # (CLOCK_DRIFT_MAX), or a slow device clock would make every state look older and older
         offset = now - msg.t_us * 1e-6
         if self._clock_offset_s is None:
             self._clock_offset_s = offset
         else:
-            leak = 1e-3 * max(0.0, now - self._offset_at_s)
+            leak = CLOCK_DRIFT_MAX * max(0.0, now - self._offset_at_s)
             self._clock_offset_s = min(self._clock_offset_s + leak, offset)
         self._offset_at_s = now
 
@@ -385,5 +407,7 @@ class SerialRobot(DeviceSession, Robot):
         self._prev_rx_s = None
         self._prev_obs_seq, self._prev_obs_ok = None, False  # no transition spans the restart
         self._clock_offset_s = None  # its clock restarted
+        # it lost the release this host gave it: its boot latch may be cleared again (not one held)
+        self._release_ok = self._want_active and not self._estop_held
         if self._handshake_due is None:
             self._start_handshake()  # it lost its watchdog config and its e-stop release

@@ -22,23 +22,41 @@ log = logging.getLogger("robot_mbrl.drivers.serial_robot")  # one logger for the
 RESEND_S = 0.05  # an unanswered HELLO / WATCHDOG_CONFIG / ESTOP release is re-sent this often
 SEQ_RESTART_WINDOW = 16  # STATE seq going back by more than this: the device restarted
 CLOCK_RESTART_TOLERANCE_US = 1_000  # device clock going back by more than this: the device restarted
+CLOCK_DRIFT_MAX = 0.05  # device clocks (crystal, resonator, RC oscillator) are within 5 % of ours
+CLOCK_LAG_RESTART_S = 0.5  # the device clock fell this far behind ours (plus the drift): it restarted
 
 
-def restart_reason(held: mcu.State, new: mcu.State) -> str | None:
+def restart_reason(held: mcu.State, new: mcu.State, elapsed_s: float | None = None) -> str | None:
     """Why ``new`` must come from a restarted device (None: the same run of the device).
 
-    The device restarted when its STATE ``seq`` went back by more than :data:`SEQ_RESTART_WINDOW`,
-    or when its clock went back by more than :data:`CLOCK_RESTART_TOLERANCE_US` although ``seq``
-    did not just step back a little (a state at most that many steps older is dropped as a
-    reordered/duplicate frame; if a restart hid behind it, the next states, whose ``seq`` moves
-    forward again with the clock still behind, reveal it within that window).
+    ``held`` is the newest STATE accepted before, ``elapsed_s`` the host time between their receipts
+    (None: unknown). The device restarted when
+
+    * its STATE ``seq`` went back by more than :data:`SEQ_RESTART_WINDOW`, or its clock went back by
+      more than :data:`CLOCK_RESTART_TOLERANCE_US` although ``seq`` did not just step back a little
+      (a state at most that many steps older is dropped as a reordered/duplicate frame; if a restart
+      hid behind it, the next states, whose ``seq`` moves forward again with the clock still behind,
+      reveal it within that window);
+    * or, with ``seq`` moving forward: the last applied command's ``cmd_seq`` fell back to 0 (the
+      host never sends 0), or the device clock advanced less than the host's by more than
+      :data:`CLOCK_LAG_RESTART_S` plus :data:`CLOCK_DRIFT_MAX` of the time between them — a restart
+      while the host was away (a retrain, a link loss) long enough for the new run's ``seq`` and clock
+      to pass the old ones.
     """
     back_seq = mcu.seq_delta(held.seq, new.seq)  # how far new is behind held (> 2**31: ahead)
     back_us = held.t_us - new.t_us
     reordered = 0 < back_seq <= SEQ_RESTART_WINDOW
+    clock = f"device clock {held.t_us * 1e-6:.3f} s -> {new.t_us * 1e-6:.3f} s"
     if SEQ_RESTART_WINDOW < back_seq <= 1 << 31 or (back_us > CLOCK_RESTART_TOLERANCE_US and not reordered):
-        clock = f"device clock {held.t_us * 1e-6:.3f} s -> {new.t_us * 1e-6:.3f} s"
         return f"STATE seq {held.seq} -> {new.seq}, {clock}"
+    if back_seq == 0 or reordered:
+        return None
+    if held.cmd_seq != 0 and new.cmd_seq == 0:
+        return f"STATE seq {held.seq} -> {new.seq}, applied command {held.cmd_seq} -> none, {clock}"
+    if elapsed_s is not None:
+        lag_s = elapsed_s - (new.t_us - held.t_us) * 1e-6
+        if lag_s > CLOCK_LAG_RESTART_S + CLOCK_DRIFT_MAX * elapsed_s:
+            return f"STATE seq {held.seq} -> {new.seq}, {clock} in {elapsed_s:.3f} s of host time"
     return None
 
 
@@ -76,6 +94,14 @@ class DeviceSession:
                 f"device has {ack.n_sensors} sensors / {ack.n_actuators} actuators; "
                 f"config maps {self._obs_idx} / {self._act_idx}"
             )
+        known = self.device
+        if known is not None and not self._blocking and ack != known:  # a re-handshake: the same device only
+            # (USB re-enumeration can put another adapter behind the same port name)
+            raise HandshakeError(
+                f"another device answers on {self.transport.url}: id {ack.device_id:#x} with limits "
+                f"{ack.sensor_limits} / {ack.actuator_limits}, expected {known.device_id:#x} with "
+                f"{known.sensor_limits} / {known.actuator_limits} (connect() again to accept it)"
+            )
 
     def _fail(self, err: Exception) -> None:
         """Inside connect()/activate() an error is raised by the waiting loop; otherwise logged."""
@@ -98,16 +124,49 @@ class DeviceSession:
             return
         self._refused = None
         self.device, self._handshake_due = ack, None
+        # active before: the first STATE after the watchdog's ACK decides whether to release (_resume)
+        self._resume_pending = self._want_active
         try:
             self._send_acked(mcu.WatchdogConfig(self.cfg.watchdog_ms), mcu.MsgType.WATCHDOG_CONFIG)
-            if self._want_active:
-                self._send_acked(mcu.Estop(False), mcu.MsgType.ESTOP)
         except LinkDown:
             return  # reopening the link restarts the handshake
         if not self._blocking:
             log.info(
-                "re-handshake with device %#x: restoring watchdog %d ms%s",
-                ack.device_id, self.cfg.watchdog_ms, " and ESTOP release" if self._want_active else "",
+                "re-handshake with device %#x: restoring watchdog %d ms", ack.device_id, self.cfg.watchdog_ms
+            )
+
+    def _resume(self, state: mcu.State) -> None:
+        """After a re-handshake of an active robot, the first STATE once the device is configured
+        again: e-stop clear → commands resume; latched by a restart (the release this host gave was
+        lost) or with activate() waiting → released again; latched otherwise (an operator, the
+        device's own protection, while the link was down) → held: this host never clears it."""
+        if not self._resume_pending or self._handshake_due is not None or self._pending:
+            return
+        self._resume_pending = False
+        if not state.faults & mcu.DeviceFault.ESTOP:
+            if not self._estop_held:
+                self.active, self._prev_obs_ok = True, False
+            return
+        if not self._release_ok:
+            self._hold_estop("found latched after the re-handshake")
+            return
+        try:
+            self._send_acked(mcu.Estop(False), mcu.MsgType.ESTOP)
+            log.info("ESTOP release re-sent to device %#x: the latch is its restart's", self.device.device_id)
+        except LinkDown:
+            return
+
+    def _hold_estop(self, how: str) -> None:
+        """The device latched its e-stop without this host asking: stop commanding and never release
+        it on our own; :meth:`activate` (a person's decision) is the way back."""
+        self.active, self._release_ok = False, False
+        self._pending.pop(mcu.MsgType.ESTOP, None)
+        if not self._estop_held:
+            self._estop_held = True
+            log.error(
+                "device on %s: e-stop %s, not engaged by this host: commands stop and the e-stop stays "
+                "latched until activate() is called again",
+                self.transport.url, how,
             )  # fmt: skip
 
     def _on_ack(self, ack: mcu.Ack) -> None:
@@ -137,6 +196,7 @@ class DeviceSession:
             log.debug("ESTOP ACK followed by a latched STATE %d: the release is still pending", state.seq)
             return
         del self._pending[mcu.MsgType.ESTOP]
+        self._release_ok = False  # released: a later latch is not ours to clear
         if self._want_active and self._handshake_due is None:
             self.active = True
             self._prev_obs_ok = False
@@ -144,6 +204,7 @@ class DeviceSession:
     def _start_handshake(self) -> None:
         """(Re)start the handshake: HELLO now, re-sent every resend interval until HELLO_ACK."""
         self.active = False  # no commands until the device is known again
+        self._resume_pending = False
         self._pending.clear()
         self._clock_offset_s = None  # the device may have rebooted: its clock restarted
         self._polled_s = None  # a new session: nothing queued before it to discard

@@ -3,12 +3,19 @@
 The transport owns the port and the link counters; it knows nothing about frames. Failures of the
 underlying port become :class:`LinkDown` (an ``OSError``) after the port is closed, and
 :meth:`Transport.try_reconnect` reopens it with exponential backoff without ever blocking longer
-than one open attempt — so a control loop can call it every tick.
+than one open attempt — so a control loop can call it every tick. The backoff starts over only
+after a link that stayed up for ``backoff_max_s``: a device that accepts the open and then fails at
+once (hung, not reading) is retried less and less often instead of flapping.
+
+Ports are opened exclusively (pyserial's ``exclusive=True``, an advisory lock on POSIX): a second
+process opening the same rig fails instead of interleaving its commands with ours.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -66,7 +73,7 @@ class Transport:
         baud: int = 1_000_000,
         *,
         read_timeout_s: float | None = None,
-        write_timeout_s: float = 0.05,
+        write_timeout_s: float = 0.005,
         max_frame_bytes: int = 256,
         retries: int = 3,
         backoff_initial_s: float = 0.05,
@@ -91,6 +98,8 @@ class Transport:
         self._timeout: float | None = None
         self._backoff_s = backoff_initial_s
         self._next_attempt_s = 0.0
+        self._opened_s: float | None = None
+        self._fd: int | None = None  # the open port's non-blocking descriptor (None: pyserial writes)
         self._ever_open = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -103,15 +112,17 @@ class Transport:
         if self._port is not None:
             return self
         try:
-            port = self._opener(self.url, baudrate=self.baud, timeout=0, write_timeout=self.write_timeout_s)
+            port = self._opener(
+                self.url, baudrate=self.baud, timeout=0, write_timeout=self.write_timeout_s, exclusive=True
+            )
         except (OSError, ValueError) as err:  # SerialException is an OSError
             raise LinkDown(f"cannot open {self.url}: {err}") from err
-        self._port, self._timeout = port, 0.0
+        self._port, self._timeout, self._opened_s = port, 0.0, self._clock()
+        self._fd = _nonblocking_fd(port)
         if self._ever_open:
             self.stats.reconnects += 1
             log.info("link %s reconnected", self.url)
         self._ever_open = True
-        self._backoff_s = self.backoff_initial_s
         try:
             port.reset_input_buffer()
         except (OSError, AttributeError):
@@ -130,7 +141,12 @@ class Transport:
         log.warning("link %s lost: %s", self.url, err)
         self.stats.link_losses += 1
         self.close()
-        self._next_attempt_s = self._clock() + self._backoff_s
+        now = self._clock()
+        if self._opened_s is not None and now - self._opened_s >= self.backoff_max_s:
+            self._backoff_s = self.backoff_initial_s  # it had been up a while: a fresh loss
+        else:  # lost again right after it was opened: back off further
+            self._backoff_s = min(self._backoff_s * 2.0, self.backoff_max_s)
+        self._next_attempt_s = now + self._backoff_s
         return LinkDown(f"{self.url}: {err}")
 
     def try_reconnect(self) -> bool:
@@ -172,12 +188,38 @@ class Transport:
             self._timeout = timeout_s
 
     def write(self, data: bytes) -> None:
+        """All of ``data``, or :class:`LinkDown` once the port took none of the rest for
+        ``write_timeout_s`` (a device that stopped reading): the caller's tick waits no longer."""
         port = self._require()
         try:
-            n = port.write(data)
+            if self._fd is None:  # loop:// and the like
+                n = port.write(data)
+            else:
+                n = self._write_fd(data)
         except (OSError, ValueError) as err:  # SerialTimeoutException, EIO, closed socket
             raise self._lost(err) from err
         self.stats.bytes_out += n if n is not None else len(data)
+
+    def _write_fd(self, data: bytes) -> int:
+        """Write to the non-blocking descriptor; wait for room only while some is left over. (Not
+        pyserial's write: it raises its timeout when the time ran out during a write that took
+        everything, e.g. the process was preempted for longer than the timeout.)"""
+        view, deadline = memoryview(data), None
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except BlockingIOError:
+                pass
+            if not view:
+                break
+            now = time.monotonic()
+            deadline = deadline or now + self.write_timeout_s
+            if now >= deadline or not select.select([], [self._fd], [], deadline - now)[1]:
+                raise TimeoutError(
+                    f"write timeout: the port took {len(data) - len(view)} of {len(data)} bytes "
+                    f"in {self.write_timeout_s * 1e3:.0f} ms"
+                )
+        return len(data)
 
     def read_available(self, max_bytes: int = 4096) -> bytes:
         """Whatever has arrived, without waiting. A hung-up port raises :class:`LinkDown`."""
@@ -216,6 +258,16 @@ class Transport:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _nonblocking_fd(port: Any) -> int | None:
+    """The port's file descriptor where it is non-blocking (pyserial's POSIX serial ports and
+    socket:// connections are), else None."""
+    try:
+        fd = port.fileno()
+        return fd if isinstance(fd, int) and not os.get_blocking(fd) else None
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        return None
 
 
 def make_transport(cfg: SerialConfig, opener: Opener = serial.serial_for_url) -> Transport:

@@ -80,7 +80,7 @@ class McuEmulator(ThreadedDevice):
         self._u = np.zeros(len(actuator_limits))
         self._faults = DeviceFault.NONE
         self._injected = DeviceFault.NONE
-        self._report_fault = False
+        self._reported = DeviceFault.NONE  # fault bits of the last STATE: a FAULT report when one rises
         self._seq = 0
         self._cmd_seq = 0
         self._last_cmd_s: float | None = None  # watchdog armed by the first command
@@ -98,7 +98,13 @@ class McuEmulator(ThreadedDevice):
         """Raise device fault bits (e.g. LIMIT, SENSOR) until :meth:`clear_fault`."""
         with self._lock:
             self._injected |= bits
-            self._report_fault = True  # sent by the device thread (one writer on the link)
+
+    def press_estop(self) -> None:
+        """The operator's e-stop button (or the firmware's own protection): brake and latch, as an
+        ESTOP engage does, without any host asking. Only an ESTOP release clears it."""
+        with self._lock:
+            self._faults |= DeviceFault.ESTOP
+            self._u = np.zeros_like(self._u)
 
     def clear_fault(self, bits: DeviceFault) -> None:
         with self._lock:
@@ -152,9 +158,10 @@ class McuEmulator(ThreadedDevice):
                 if msg.engage:
                     self._faults |= DeviceFault.ESTOP
                     self._u = np.zeros_like(self._u)
-                else:
+                elif self._faults & DeviceFault.ESTOP:  # (not latched: a release changes nothing)
                     self._faults &= ~DeviceFault.ESTOP
-                    self._last_cmd_s = None  # re-armed by the next command
+                    self._u = np.zeros_like(self._u)  # nothing acts until a new command re-arms the watchdog
+                    self._last_cmd_s = None
             self._send(mcu.Ack(mcu.MsgType.ESTOP, 0))
         elif isinstance(msg, mcu.WatchdogConfig):
             ok = msg.timeout_ms > 0
@@ -180,9 +187,10 @@ class McuEmulator(ThreadedDevice):
         with self._lock:
             self._seq = (self._seq + 1) % mcu.SEQ_MOD
             faults = int(self._faults | self._injected) | (int(plant_faults()) if plant_faults else 0)
-            report, self._report_fault = self._report_fault, False
+            rising = faults & ~int(self._reported) & ~int(DeviceFault.CLAMPED)  # CLAMPED: informational
+            self._reported = DeviceFault(faults)
             state = mcu.State(self._seq, int(now_s * 1e6), self._cmd_seq, faults, values)
-        if report:
+        if rising:  # sent by the device thread (one writer on the link), before the STATE that shows it
             self._send(mcu.FaultReport(faults, 0))
         self._send(state)
 

@@ -150,3 +150,47 @@ def test_garbage_and_corruption_from_host_never_stop_the_device():
         assert emu.decoder.crc_errors + emu.decoder.framing_errors > 0
         assert all(c.applied == (0.25,) for c in emu.command_log())  # never a corrupted value
         host.port.close()
+
+
+def test_a_release_of_a_device_not_latched_keeps_its_watchdog_armed(served):
+    """A host that re-sends a release after a link glitch must not disarm the watchdog of a device
+    still applying its last command (that device would drive on with nobody commanding it)."""
+    emu, plant, host = served
+    host.send(mcu.Command(1, (1.0,)))
+    host.pump(0.02)
+    host.send(mcu.Estop(False))  # not latched: acknowledged, nothing else changes
+    host.pump(0.15)  # no command for 3 watchdog timeouts
+    assert mcu.Ack(mcu.MsgType.ESTOP, 0) in host.msgs
+    assert host.states()[-1].faults & mcu.DeviceFault.WATCHDOG and plant.brakes > 0
+
+
+def test_a_released_latch_applies_nothing_until_a_new_command(served):
+    emu, plant, host = served
+    host.send(mcu.Command(1, (1.0,)))
+    host.pump(0.02)
+    emu.press_estop()  # the operator's button: braked and latched, no host asked
+    host.pump(0.02)
+    assert host.states()[-1].faults & mcu.DeviceFault.ESTOP
+    host.send(mcu.Estop(False))
+    host.pump(0.02)
+    x = plant.x
+    host.pump(0.1)  # released, and no command since: the old command is not taken up again
+    assert not host.states()[-1].faults & mcu.DeviceFault.ESTOP and plant.x == x and plant.u == 0.0
+    host.send(mcu.Command(2, (1.0,)))
+    host.pump(0.03)
+    assert plant.x > x
+
+
+def test_a_fault_report_is_sent_once_per_rising_fault(served):
+    emu, plant, host = served
+    host.send(mcu.Command(1, (0.5,)))
+    host.pump(0.02)
+    emu.inject_fault(mcu.DeviceFault.LIMIT)
+    host.pump(0.02)
+    emu.inject_fault(mcu.DeviceFault.LIMIT)  # already up: no second report
+    host.pump(0.12)  # and the watchdog trips (no command): a report for WATCHDOG
+    emu.press_estop()
+    host.pump(0.02)
+    reports = [m.faults for m in host.msgs if isinstance(m, mcu.FaultReport)]
+    rises = [r & ~prev for prev, r in zip([0, *reports], reports, strict=False)]
+    assert rises == [mcu.DeviceFault.LIMIT, mcu.DeviceFault.WATCHDOG, mcu.DeviceFault.ESTOP], reports

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from robot_mbrl.hal import BoxConstraint, Channel, Observation, Robot, RobotSpec, stop_on_signals
+from robot_mbrl.hal import BoxConstraint, Channel, Fault, Observation, Robot, RobotSpec, stop_on_signals
 
 SPEC = RobotSpec(
     obs=(Channel("x_m", "m", -1, 1), Channel("theta_rad", "rad", -np.pi, np.pi, angle=True)),
@@ -82,3 +82,44 @@ def test_context_manager_safe_stops_on_normal_exit():
     with r:
         r.write(np.array([0.1, 0.1]))
     assert r.stops == 1
+
+
+class Flaky(Recorder):
+    """A link that can drop commands (``up`` False) and a device that can report its watchdog."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.faults = True, Fault.NONE
+
+    def _read(self):
+        return Observation(np.zeros(2), 0.0, self.faults)
+
+    def _send(self, action):
+        if not self.up:
+            return False
+        self.sent.append(action.copy())
+        return True
+
+
+def test_a_command_that_was_not_sent_is_not_reported_as_applied():
+    r = Flaky().connect()
+    r.reset()
+    for _ in range(3):
+        r.write(np.array([1.0, 0.0]))  # ramps 0.2, 0.4, 0.6
+    r.up = False
+    assert r.write(np.array([1.0, 0.0])).tolist() == SPEC.stop_action().tolist()  # dropped: the stop acts
+    r.up = True
+    assert r.write(np.array([1.0, 0.0]))[0] == pytest.approx(0.2)  # ramps from the stop, not from 0.8
+
+
+@pytest.mark.parametrize("fault", [Fault.WATCHDOG, Fault.ESTOP, Fault.COMM])
+def test_the_rate_limit_starts_from_the_stop_after_the_device_stopped_acting(fault):
+    r = Flaky().connect()
+    r.reset()
+    for _ in range(4):
+        r.write(np.array([1.0, 0.0]))  # at 0.8
+    r.faults = fault  # the device braked on its watchdog (a host stall), or e-stopped, or the link
+    r.read()
+    r.faults = Fault.NONE
+    r.read()
+    assert r.write(np.array([1.0, 0.0]))[0] == pytest.approx(0.2)  # no jump from rest to 1.0

@@ -12,7 +12,13 @@ import pytest
 
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
-from robot_mbrl.drivers.serial_robot import LINK_WARN_INTERVAL_S, HandshakeError, NotActive, SerialRobot
+from robot_mbrl.drivers.serial_robot import (
+    LINK_WARN_INTERVAL_S,
+    HandshakeError,
+    NotActive,
+    SerialRobot,
+    restart_reason,
+)
 from robot_mbrl.drivers.transport import make_transport
 from robot_mbrl.hal.robot import Channel, Fault, RobotSpec
 from robot_mbrl.hil.emulator import serve
@@ -422,5 +428,132 @@ def test_a_late_estop_engage_ack_is_not_taken_for_the_release():
         dev.write(mcu.encode(mcu.Ack(mcu.MsgType.ESTOP)) + _state(3, 30_000))
         robot.read()
         assert robot.active
+    finally:
+        dev.close()
+
+
+def test_an_estop_the_device_latched_on_its_own_is_never_released_by_the_host(caplog):
+    """The operator's button (or the firmware's protection) latches while the robot is active: the
+    host stops commanding, reports ESTOP, and does not clear the latch — not even when a link glitch
+    makes it handshake again. activate() (a person's decision) releases it."""
+    caplog.set_level(logging.ERROR, logger=LOG)
+    emulator, port = _serve(faults=FaultConfig())
+    try:
+        with _robot(port) as robot:
+            robot.reset()
+            robot.activate()
+            _run(robot, 10)
+            n_rx = len(emulator.received)
+            emulator.press_estop()
+            time.sleep(0.03)
+            obs = robot.read()
+            assert obs.faults & Fault.ESTOP and not robot.active
+            assert (robot.write(np.array([0.5])) == SPEC.stop_action()).all()  # dropped, not raised
+            emulator.link.unplug()  # a glitch: the host reconnects and handshakes again
+            _run(robot, 10)
+            emulator.link.replug()
+            assert _wait_until(lambda: robot.read() is not None and robot.device is not None and not robot._pending
+                               and robot.stats.reconnects >= 1, 3.0)  # fmt: skip
+            obs = _run(robot, 20)
+            assert obs.faults & Fault.ESTOP and not robot.active and emulator.faults & mcu.DeviceFault.ESTOP
+            assert mcu.Estop(False) not in emulator.received[n_rx:]
+            assert len([r for r in caplog.records if "not engaged by this host" in r.message]) == 1
+            robot.activate()  # the person's decision
+            obs = _run(robot, 10, u=0.3)
+            assert obs.ok and robot.active and not emulator.faults & mcu.DeviceFault.ESTOP
+    finally:
+        emulator.stop()
+
+
+def test_a_glitch_shorter_than_the_watchdog_resumes_without_an_estop_release():
+    emulator, port = _serve(faults=FaultConfig())
+    try:
+        with _robot(port) as robot:
+            robot.reset()
+            robot.activate()
+            _run(robot, 10)
+            n_rx = len(emulator.received)
+            robot.transport._lost(OSError("EIO (test)"))  # the host's side of the link failed
+            deadline = time.monotonic() + 2.0
+            obs = _run(robot, 1)
+            while not (obs.ok and robot.active) and time.monotonic() < deadline:
+                obs = _run(robot, 1)
+            assert obs.ok and robot.active
+            assert mcu.Estop(False) not in emulator.received[n_rx:]  # the device was never latched
+            assert any(isinstance(m, mcu.WatchdogConfig) for m in emulator.received[n_rx:])
+    finally:
+        emulator.stop()
+
+
+def test_another_device_behind_the_port_is_refused_at_the_re_handshake(caplog):
+    caplog.set_level(logging.ERROR, logger=LOG)
+    clock = _Clock()
+    robot, dev = _loop_robot(clock)
+    first = mcu.HelloAck(1, 0xAAAA, ((-10, 10), (-10, 10)), ((-1, 1),))
+    try:
+        robot._start_handshake()
+        dev.write(mcu.encode(first) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(1, 0))
+        assert robot.read().ok and robot.device == first
+        robot._start_handshake()  # as after a link loss
+        for other in (
+            mcu.HelloAck(1, 0xBBBB, first.sensor_limits, first.actuator_limits),  # another id
+            mcu.HelloAck(1, 0xAAAA, first.sensor_limits, ((-50, 50),)),  # other actuator limits
+        ):
+            clock.t += 0.01
+            dev.write(mcu.encode(other) + _state(2, 10_000))
+            obs = robot.read()
+            assert obs.faults & Fault.COMM and robot.device == first
+        assert len([r for r in caplog.records if "another device answers" in r.message]) == 2
+        clock.t += 0.01
+        dev.write(mcu.encode(first) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(3, 20_000))
+        assert robot.read().ok  # the same device again: accepted
+    finally:
+        dev.close()
+
+
+def test_restarts_hidden_by_a_host_pause_are_detected():
+    """The device restarted while the host was away long enough for the new run's seq and clock to
+    pass the old ones: its applied command fell back to none, or its clock advanced too little."""
+    held = mcu.State(30, 300_000, 28, 0, ())
+    assert "applied command 28 -> none" in restart_reason(held, mcu.State(110, 1_100_000, 0, 0, ()), 1.5)
+    # nothing applied yet before: the clock tells (1.1 s of device time in 3 s of host time)
+    held0 = mcu.State(30, 300_000, 0, 0, ())
+    assert "in 3.000 s of host time" in restart_reason(held0, mcu.State(140, 1_400_000, 0, 0, ()), 3.0)
+    # the same run: a device clock 4 % slow over a 60 s retrain, a buffered state 0.3 s late
+    assert restart_reason(held, mcu.State(3030, 300_000 + 57_600_000, 28, 0, ()), 60.0) is None
+    assert restart_reason(held, mcu.State(31, 310_000, 28, 0, ()), 0.31) is None
+    assert restart_reason(held, mcu.State(29, 290_000, 0, 0, ()), 0.01) is None  # reordered: dropped
+
+
+def test_a_restart_during_a_host_pause_rehandshakes():
+    emulator, port = _serve()
+    try:
+        with _robot(port) as robot:
+            robot.reset()
+            robot.activate()
+            _run(robot, 30)
+            time.sleep(0.4)  # the host away (a retrain); the device restarts meanwhile
+            emulator.restart()
+            time.sleep(1.0)  # its new seq (~100) and clock (1 s) are past the old ones (~70, 0.7 s)
+            obs = _run(robot, 1)
+            deadline = time.monotonic() + 2.0
+            while not (obs.ok and robot.active) and time.monotonic() < deadline:
+                obs = _run(robot, 1)
+            assert robot.device_restarts == 1 and obs.ok and robot.active
+            assert emulator.watchdog_ms == 60  # its watchdog setting restored
+    finally:
+        emulator.stop()
+
+
+def test_a_device_clock_slower_than_ours_never_makes_fresh_states_stale():
+    clock = _Clock()
+    robot, dev = _loop_robot(clock)
+    try:
+        for k in range(6000):  # 60 s at 100 Hz; the device clock runs 3 % slow, 1 ms of latency
+            dev.write(_state(k + 1, round(k * 0.01 * 0.97 * 1e6)))
+            clock.t += 0.001
+            obs = robot.read()
+            assert obs.ok, (k, obs.info["age_s"])
+            clock.t += 0.009
     finally:
         dev.close()

@@ -114,3 +114,78 @@ def test_reconnect_succeeds_when_device_returns():
         t.close()
         os.close(master)
         os.close(slave)
+
+
+def test_a_device_that_stopped_reading_costs_a_write_timeout_not_a_control_period():
+    master, slave = os.openpty()  # nobody reads the master: the pty's buffer fills, then writes block
+    tty.setraw(slave)
+    t = Transport(os.ttyname(slave), write_timeout_s=0.005).open()
+    try:
+        worst = 0.0
+        with pytest.raises(LinkDown, match="write timeout"):
+            for _ in range(100_000):
+                t0 = time.monotonic()
+                try:
+                    t.write(b"\x55" * 64)
+                finally:
+                    worst = max(worst, time.monotonic() - t0)
+        assert worst < 0.005 + 0.02  # the timeout, plus scheduling slack on a loaded machine
+        assert t.stats.link_losses == 1 and not t.is_open
+    finally:
+        t.close()
+        os.close(master)
+        os.close(slave)
+
+
+def test_backoff_grows_while_the_link_fails_right_after_opening_and_restarts_after_a_good_run():
+    now = [0.0]
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    t = Transport(os.ttyname(slave), backoff_initial_s=0.1, backoff_max_s=0.4, clock=lambda: now[0])
+    try:
+        delays = []
+        for _ in range(4):  # opens, then fails at once (a hung device): no reset on open
+            assert t.try_reconnect()
+            t._lost(OSError("write timeout (test)"))
+            delays.append(round(t._next_attempt_s - now[0], 6))
+            now[0] = t._next_attempt_s
+        assert delays == [0.2, 0.4, 0.4, 0.4]
+        assert t.try_reconnect()
+        now[0] += 0.5  # up for longer than backoff_max_s: the next loss is a fresh one
+        t._lost(OSError("EIO (test)"))
+        assert round(t._next_attempt_s - now[0], 6) == 0.1
+    finally:
+        t.close()
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_second_process_cannot_open_the_same_port():
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    first = Transport(os.ttyname(slave)).open()
+    try:
+        with pytest.raises(LinkDown, match="lock"):
+            Transport(os.ttyname(slave)).open()  # another host on the same rig: refused
+        first.write(b"ok")
+    finally:
+        first.close()
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_write_the_port_took_whole_never_times_out():
+    """However late the writer runs (preempted on a loaded machine), a write the OS took whole is
+    done: the timeout only bounds the wait for room (pyserial's own write raises it here)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    t = Transport(os.ttyname(slave), write_timeout_s=1e-9).open()  # expired before the write returns
+    try:
+        for _ in range(100):
+            t.write(b"0123456789")
+        assert t.is_open and t.stats.link_losses == 0
+        assert len(os.read(master, 4096)) == 1000
+    finally:
+        t.close()
+        os.close(master)
+        os.close(slave)

@@ -192,7 +192,9 @@ class Robot(ABC):
     def _read(self) -> Observation: ...
 
     @abstractmethod
-    def _send(self, action: np.ndarray) -> None: ...
+    def _send(self, action: np.ndarray) -> bool | None:
+        """Command ``action`` (already clamped); False where it could not be sent (a link down):
+        the actuator then rests at its stop, and the rate limit starts from there again."""
 
     @abstractmethod
     def _safe_stop(self) -> None: ...
@@ -227,7 +229,10 @@ class Robot(ABC):
         return self._reset(seed)
 
     def read(self) -> Observation:
-        return self._read()
+        obs = self._read()
+        if obs.faults & _NOT_ACTUATING:  # braking or e-stopped on its own, or the link down: the next
+            self._last_applied = self._spec.stop_action()  # command ramps up from the stop again
+        return obs
 
     def write(self, action: np.ndarray) -> np.ndarray:
         """Clamp ``action`` to limits and rate limits, send it, return what was applied."""
@@ -236,7 +241,8 @@ class Robot(ABC):
         if not np.array_equal(applied, requested):
             self.clamp_count += 1
             log.debug("command %s clamped to %s", requested, applied)
-        self._send(applied)
+        if self._send(applied) is False:  # not sent: nothing but the stop acts
+            applied = self._spec.stop_action()
         self._last_applied = applied
         return applied
 
@@ -251,6 +257,9 @@ class Robot(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_NOT_ACTUATING = Fault.WATCHDOG | Fault.ESTOP | Fault.COMM
 
 
 class _Terminated(SystemExit):
