@@ -31,6 +31,13 @@ class SerialConfig:
     stale_periods: float = param(
         2.0, "observation is STALE when no STATE arrived for this many periods", gt=0
     )
+    link_timeout_s: float | None = param(
+        5.0,
+        "read() raises LinkLost once the device has been unreachable, unconfigured or e-stop-held "
+        "(by the device, not this host) for this long: the job ends with one line instead of "
+        "counting ticks without a robot; null = never",
+        gt=0,
+    )
     obs_from_sensor: tuple[int, ...] = param(
         (), "spec obs channel i reads device sensor obs_from_sensor[i]; empty = identity"
     )

@@ -50,7 +50,15 @@ from robot_mbrl.hal.robot import Fault, Observation, Robot, RobotSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESEND_S", "HandshakeError", "NotActive", "SerialRobot", "device_faults_to_hal", "restart_reason"]
+__all__ = [
+    "RESEND_S",
+    "HandshakeError",
+    "LinkLost",
+    "NotActive",
+    "SerialRobot",
+    "device_faults_to_hal",
+    "restart_reason",
+]
 
 LINK_WARN_INTERVAL_S = 10.0  # at most one WARNING about corrupt/lost frames per interval
 HOST_AWAY_PERIODS = 10  # no read for this many control periods (a retrain): the backlog is stale
@@ -75,6 +83,11 @@ def device_faults_to_hal(bits: int) -> Fault:
 
 class NotActive(RuntimeError):
     """A command was written while the robot is not activated (configure-only mode)."""
+
+
+class LinkLost(ConnectionError):
+    """The device has been out of reach (link down, not configured, e-stop held) for longer than
+    ``SerialConfig.link_timeout_s``."""
 
 
 class SerialRobot(DeviceSession, Robot):
@@ -127,6 +140,7 @@ class SerialRobot(DeviceSession, Robot):
         self._prev_obs_ok = False
         self._prev_obs_seq: int | None = None
         self._link_warned_at: float | None = None
+        self._unusable_since: float | None = None  # since when the device has been out of reach
         self._link_bad_reported = 0
 
     @property
@@ -144,6 +158,7 @@ class SerialRobot(DeviceSession, Robot):
 
     # -- lifecycle hooks --------------------------------------------------------------------
     def _connect(self) -> None:
+        self._unusable_since = None
         if not self.transport.reconnect_blocking(self._exchange_budget_s):
             raise LinkDown(f"cannot open {self.transport.url}")
         self._seen = self._state = self.device = None  # a new session: no ordering against an old one
@@ -228,6 +243,7 @@ class SerialRobot(DeviceSession, Robot):
             faults |= Fault.COMM  # link down, or the device is not (re)configured yet
         if self._estop_held:
             faults |= Fault.ESTOP  # latched by the device on its own: invalid until activate()
+        self._check_reach(now, faults)
         st = self._state
         if st is None or self._state_rx_s is None:
             values = np.full(self.spec.obs_dim, np.nan)
@@ -262,6 +278,27 @@ class SerialRobot(DeviceSession, Robot):
             "vouched": vouched,
         }
         return Observation(values, self._state_rx_s, faults, info)
+
+    def _check_reach(self, now: float, faults: Fault) -> None:
+        """Raise :class:`LinkLost` once the device has been out of reach for ``link_timeout_s``."""
+        if not faults & (Fault.COMM | Fault.ESTOP) or (faults & Fault.ESTOP and not self._estop_held):
+            self._unusable_since = None
+            return
+        if self._unusable_since is None:
+            self._unusable_since = now
+        limit = self.cfg.link_timeout_s
+        if limit is not None and now - self._unusable_since > limit:
+            if not self.transport.is_open:
+                why = "the link is down"
+            elif self._estop_held:
+                why = "its e-stop was engaged on the device (not by this host) and is held"
+            else:
+                why = f"it does not answer ({self._awaited()})"
+            self._unusable_since = None  # a caller that goes on gets another full period
+            raise LinkLost(
+                f"{self.transport.url}: {why} for {limit:g} s (serial.link_timeout_s); "
+                "the robot's own watchdog brakes it"
+            )
 
     def _safe_stop(self) -> None:
         """Stop command then ESTOP, best effort: a dead link is logged, never raised."""

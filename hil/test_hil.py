@@ -195,6 +195,37 @@ def test_cli_run_against_the_emulator(tmp_path):
         emu.stop()
 
 
+def test_cli_ends_with_one_line_when_the_device_goes_away(tmp_path):
+    """The rig vanishes mid-run (its emulator stops): the job ends with one line and a non-zero exit
+    after serial.link_timeout_s, instead of counting ticks without a robot and exiting 0."""
+    import subprocess
+    import sys
+    import threading
+
+    from robot_mbrl.hil.emulator import serve_twin
+    from robot_mbrl.sim.cartpole import CartpoleTwin
+    from robot_mbrl.sim.params import TwinConfig
+
+    emu, port = serve_twin(CartpoleTwin(TwinConfig(), seed=0), "pty")
+    timer = threading.Timer(4.0, emu.stop)  # after the CLI's start-up and a few dozen ticks
+    timer.start()
+    try:
+        cmd = [
+            sys.executable, "-m", "robot_mbrl.cli", "run", "--backend", "serial", "--port", port,
+            "--policy", "safe", "--episodes", "1", "--set", "task.episode_steps=2000",
+            "--set", "serial.link_timeout_s=1", "--out", str(tmp_path / "run"), "--quiet",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        log.info("cli stdout: %s\nstderr: %s", proc.stdout[-2000:], proc.stderr[-2000:])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("robot-mbrl run: ") and "for 1 s (serial.link_timeout_s)" in last, last
+        assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "summary.json").exists()
+    finally:
+        timer.cancel()
+        emu.stop()
+
+
 @pytest.fixture(scope="module")
 def learned_checkpoint(tmp_path_factory):
     """A small gated-MPC checkpoint learned on the twin through the real train job."""

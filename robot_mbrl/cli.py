@@ -207,8 +207,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if not (args.resume / "config.yaml").is_file():
             raise UserError(f"--resume {args.resume}: expected a run directory with config.yaml, got none")
-        if args.config is None:
-            args.config = str(args.resume / "config.yaml")
+        if args.config is not None:  # the run's config is its own: another would mix two jobs in one run
+            raise UserError(
+                f"--resume {args.resume}: expected no CONFIG (the run continues under its config.yaml; "
+                f"change keys with --set), got {args.config}"
+            )
+        args.config = str(args.resume / "config.yaml")
     cfg = _load(args, extra)
     _check_port(args, cfg)
     if args.salvage_buffer and args.resume is None:
@@ -255,10 +259,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def _report(summary: dict, out: Path) -> None:
-    plan, tick = summary["plan_ms"], summary["tick_ms"]
+    plan, tick, final = summary["plan_ms"], summary["tick_ms"], summary["final_return"]
     print(
         f"run dir: {out}\n"
-        f"episodes {summary['episodes']}  real steps {summary['real_steps']}  final return {summary['final_return']:.2f}  "
+        f"episodes {summary['episodes']}  real steps {summary['real_steps']}  "
+        f"final return {'-' if final is None else f'{final:.2f}'}  "
         f"solved at {summary['solved_at_step']}\n"
         f"violations {summary['violations']}  fallback ticks {summary['fallback_ticks']}/{summary['ticks']}  "
         f"alarms {len(summary['alarms'])}  deadline misses {summary['deadline_misses']}  "
@@ -268,7 +273,8 @@ def _report(summary: dict, out: Path) -> None:
     if "link" in summary:
         k = summary["link"]
         print(f"link: {k['crc_errors']} CRC / {k['framing_errors']} framing errors, {k['frames_dropped']} STATE "
-              f"frames lost, {k['reconnects']} reconnects, {k['device_restarts']} device restarts; "
+              f"frames lost, {k['link_losses']} link losses, {k['reconnects']} reconnects "
+              f"({k['reconnect_failures']} failed attempts), {k['device_restarts']} device restarts; "
               f"{k['frames_skipped']} stale STATE frames skipped after {k['host_pauses']} host pauses")  # fmt: skip
 
 
@@ -318,6 +324,12 @@ def _run(args: argparse.Namespace) -> tuple[int, str | None]:
         return 2, str(err)
     except KeyboardInterrupt:
         return 130, "interrupted (robot safe-stopped)"
+    except OSError as err:  # the file system: permissions, a read-only mount, a full disk
+        return 1, f"{err} (what was written before is kept)"
+    except SystemExit as err:
+        if err.code == 128 + signal.SIGTERM:  # robot_mbrl.hal.robot.stop_on_signals
+            return int(err.code), "terminated (robot safe-stopped)"
+        raise
 
 
 if __name__ == "__main__":

@@ -140,10 +140,33 @@ def test_a_torn_journal_line_is_left_out_and_appending_goes_on(tmp_path, caplog)
     journal.write_bytes(journal.read_bytes()[:-20])  # killed mid-append of the second chunk's line
     buf = ReplayBuffer.open(d)
     assert "torn last line" in caplog.text
-    _check_rows(buf, 10)  # the second chunk is an orphan now: its line never completed
-    _fill(buf, 10, 5)
+    _check_rows(buf, 20)  # its line never completed, but its chunk did: recovered, not lost
+    assert "chunk_000001.npz: recovered 10 rows" in caplog.text
+    _fill(buf, 20, 5)
+    buf.close()  # the journal is written anew first (it lists the recovered chunk), then the new rows
+    caplog.clear()
+    _check_rows(ReplayBuffer.open(d), 25)
+    assert "recovered" not in caplog.text and "torn" not in caplog.text
+
+
+def test_a_chunk_whose_journal_line_a_kill_prevented_is_recovered_and_a_broken_one_kept(tmp_path, caplog):
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d, BufferConfig(flush_interval_s=1e9)) as buf:
+        for start in (0, 10, 20):
+            _fill(buf, start, 10)
+            buf.flush()
+    journal = d / "manifest.jsonl"
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-2]))  # the last 2 lines lost
+    (d / "chunk_000002.npz").write_bytes((d / "chunk_000002.npz").read_bytes()[:100])  # and one chunk broken
+    ReplayBuffer.open(d).close()  # only read: nothing written
+    assert len(journal.read_text().splitlines()) == 2
+    buf = ReplayBuffer.open(d)
+    _check_rows(buf, 20)  # chunk 1 recovered; chunk 2 left out with a warning, kept on disk
+    assert "chunk_000002.npz: not in the journal and unreadable" in caplog.text
+    _fill(buf, 20, 5)
     buf.close()
-    _check_rows(ReplayBuffer.open(d), 15)
+    assert (d / "chunk_000002.npz").exists() and (d / "chunk_000003.npz").exists()
+    _check_rows(ReplayBuffer.open(d), 25)
 
 
 def test_a_buffer_written_by_the_previous_version_opens_and_is_converted(tmp_path):

@@ -1,11 +1,13 @@
 """Tiny-budget smoke runs of every CLI command, as a user runs them (subprocesses)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from robot_mbrl.runtime.loop import percentiles_ms
 from robot_mbrl.runtime.rundir import SUMMARY_KEYS
@@ -105,6 +107,64 @@ def test_resume_continues_a_run(trained):
         assert got == pytest.approx(percentiles_ms(want, scale=1.0), abs=2e-3)
 
 
+def test_resume_refuses_what_would_mix_or_lose_runs(trained, tmp_path):
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    before = (run / "summary.json").read_text()
+    r = cli("train", "cartpole_balance", "--resume", str(run), *TINY)  # another job's config
+    assert r.returncode == 2 and "expected no CONFIG" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (run / "metrics.jsonl").rename(
+        tmp_path / "metrics.jsonl"
+    )  # the record lost: summary.json is all there is
+    r = cli("train", "--resume", str(run), "--steps", "400", *TINY)
+    assert r.returncode == 2 and "summary.json reports" in r.stderr and "Traceback" not in r.stderr
+    assert (run / "summary.json").read_text() == before  # not overwritten
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    r = cli("train", "--resume", str(run), "--steps", "400", *TINY)
+    assert r.returncode == 2 and "line 2" in r.stderr and "Traceback" not in r.stderr
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    pendulum = ["backend=gym", "model.control_affine=false", "model.control_channels=[]", "monitor.residual_channels=[]",
+                "symmetry.negate=[]", "fallback.position_channel=obs_0", "fallback.velocity_channel=obs_2",
+                "explore.velocity_channels={obs_0: obs_2}"]  # fmt: skip
+    r = cli("train", "--resume", str(run), *(a for v in pendulum for a in ("--set", v)), *TINY)
+    assert r.returncode == 2 and "a run of another robot" in r.stderr, r.stderr[-500:]
+
+
+def test_resume_runs_the_retrain_a_kill_interrupted_first_and_records_changed_settings(trained, tmp_path):
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last = max(i for i, x in enumerate(lines) if '"retrain"' in x)
+    # killed during the last retrain: its record never written (the checkpoint is the one before)
+    (run / "metrics.jsonl").write_text("\n".join(lines[:last]) + "\n")
+    n = len(lines[:last])
+    r = cli("train", "--resume", str(run), "--steps", str(json.loads(lines[-1])["real_steps"] + 60), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[n:]]
+    assert new[0] == "retrain" and "learn" in new, new  # before the next episode, not after it
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["steps"] == json.loads(lines[-1])["real_steps"] + 60  # the record says so
+    assert "resumed with changed settings: train.steps" in r.stderr
+
+
+def test_resume_of_a_solved_run_leaves_it_as_it_is(tmp_path):
+    run = tmp_path / "solved"
+    easy = ["--set", "task.solved_return=-1000", "--set", "task.solved_min_mpc_fraction=0"]
+    r = cli("train", "--out", str(run), "--steps", "600", "--seed", "1", *TINY, *easy)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["solved_at_step"] is not None and summary["real_steps"] < 600
+    metrics = (run / "metrics.jsonl").read_text()
+    checkpoint = (run / "checkpoint" / "model.pt").read_bytes()
+    r = cli("train", "--resume", str(run), *TINY, *easy)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "metrics.jsonl").read_text() == metrics  # no episode, no retrain
+    assert (run / "checkpoint" / "model.pt").read_bytes() == checkpoint  # (nor a commissioning undone)
+
+
 def test_run_simple_policies(tmp_path):
     for policy in ("random", "safe", "zero"):
         r = cli("run", "--policy", policy, "--episodes", "1", "--out", str(tmp_path / policy), *TINY)
@@ -131,6 +191,12 @@ def test_user_errors_are_one_line_exit_2(args, needle):
     r = cli(*args)
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_file_system_error_is_one_line_exit_1():
+    r = cli("run", "--policy", "zero", "--episodes", "1", "--out", "/sys/kernel/robot-mbrl-run", *TINY)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "/sys/kernel/robot-mbrl-run" in r.stderr
 
 
 @pytest.mark.parametrize(

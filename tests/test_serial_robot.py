@@ -15,6 +15,7 @@ from robot_mbrl.drivers.config import SerialConfig
 from robot_mbrl.drivers.serial_robot import (
     LINK_WARN_INTERVAL_S,
     HandshakeError,
+    LinkLost,
     NotActive,
     SerialRobot,
     restart_reason,
@@ -555,5 +556,26 @@ def test_a_device_clock_slower_than_ours_never_makes_fresh_states_stale():
             obs = robot.read()
             assert obs.ok, (k, obs.info["age_s"])
             clock.t += 0.009
+    finally:
+        dev.close()
+
+
+def test_a_device_out_of_reach_for_the_link_timeout_raises_link_lost():
+    clock = _Clock()
+    cfg = SerialConfig(port="loop://", link_timeout_s=2.0)
+    robot = SerialRobot(SPEC, make_transport(cfg).open(), cfg, clock=clock)
+    dev = robot.transport
+    hello = mcu.HelloAck(1, 7, ((-10, 10), (-10, 10)), ((-1, 1),))
+    try:
+        robot._start_handshake()
+        dev.write(mcu.encode(hello) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(1, 0))
+        assert robot.read().ok
+        robot._start_handshake()  # as after a link loss: the device does not answer any more
+        for _ in range(199):  # 1.99 s of COMM: observations say so, nothing raises yet
+            clock.t += 0.01
+            assert robot.read().faults & Fault.COMM
+        clock.t += 0.05
+        with pytest.raises(LinkLost, match=r"does not answer \(HELLO_ACK\) for 2 s"):
+            robot.read()
     finally:
         dev.close()

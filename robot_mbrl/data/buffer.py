@@ -98,7 +98,7 @@ class ReplayBuffer:
         self._flushed = 0
         self._chunks: list[dict] = []
         self._next_chunk = 0  # the index of the next chunk file
-        self._v1: Path | None = None  # an earlier version's manifest, converted at the first write
+        self._stale_journal = False  # rewrite the journal at the first write (old manifest, recovered chunks)
         self._last_flush = time.monotonic()
         self.directory = Path(directory) if directory is not None else None
         self._writer = OrderedWriter(f"buffer {self.directory}")
@@ -208,9 +208,9 @@ class ReplayBuffer:
         if self.directory is None:
             return
         if self._n > self._flushed:
-            if self._v1 is not None:  # opened from an earlier version's manifest: journal first
+            if self._stale_journal:  # an earlier version's manifest, or chunks it missed: journal first
                 self._writer.submit(self._convert, list(self._chunks))
-                self._v1 = None
+                self._stale_journal = False
             mem = io.BytesIO()
             np.savez(mem, **{k: col[self._flushed : self._n] for k, col in self._cols.items()})
             data = mem.getvalue()
@@ -254,8 +254,9 @@ class ReplayBuffer:
     def _convert(self, chunks: list[dict]) -> None:  # on the writer's thread, before the next chunk
         assert self.directory is not None
         self._write_manifest(chunks)
-        (self.directory / MANIFEST_V1).unlink(missing_ok=True)
-        log.info("%s: %s converted to %s (schema %s)", self.directory, MANIFEST_V1, MANIFEST, SCHEMA)
+        if (self.directory / MANIFEST_V1).exists():
+            (self.directory / MANIFEST_V1).unlink()
+            log.info("%s: %s converted to %s (schema %s)", self.directory, MANIFEST_V1, MANIFEST, SCHEMA)
 
     @classmethod
     def open(
@@ -298,16 +299,49 @@ class ReplayBuffer:
             if bad.exists():
                 bad.rename(bad.with_name(bad.name + ".corrupt"))
             log.warning("buffer salvage: left out %d rows (%s)", entry["count"], err)
+        recovered = buf._recover_unlisted(directory, chunks)
         # past every chunk file there is (listed, orphan or set aside as corrupt): none is overwritten
         used = [
             int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"chunk_(\d+)\.npz.*", p.name))
         ]
         buf._next_chunk = max(used, default=-1) + 1
-        buf._v1 = v1
+        buf._stale_journal = v1 is not None or recovered
         if dropped:  # the journal without them (salvage is asked for by a job that writes: --resume)
             buf._convert(buf._chunks)
-            buf._v1 = None
+            buf._stale_journal = False
         return buf
+
+    def _recover_unlisted(self, directory: Path, listed: list[dict]) -> bool:
+        """Chunks past the journal's last entry: a kill came after a chunk's (atomic, fsynced) write
+        and before its journal line. Complete ones are loaded (the journal gets them at the next
+        write); an unreadable one is left where it is, with a warning. True if any was loaded."""
+        last = max((_chunk_index(e["file"]) for e in listed), default=-1)
+        found = sorted(
+            (i, p) for p in directory.iterdir() if (i := _chunk_index(p.name)) is not None and i > last
+        )  # fmt: skip
+        recovered = 0
+        for _, path in found:
+            data = path.read_bytes()
+            try:
+                with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                    count = len(z["obs"])
+            except (zipfile.BadZipFile, ValueError, OSError, KeyError) as err:
+                log.warning("%s: not in the journal and unreadable (%s): left out, kept on disk", path, err)
+                continue
+            entry = {"file": path.name, "count": count, "sha256": hashlib.sha256(data).hexdigest()}
+            try:
+                rows = self._read_chunk(path, entry)
+            except BufferFileError as err:
+                log.warning("%s: not in the journal and %s: left out, kept on disk", path, err.got)
+                continue
+            self.extend(rows)
+            self._chunks.append(entry)
+            self._flushed = self._n
+            recovered += 1
+            log.warning(
+                "%s: recovered %d rows written before a kill could list them in the journal", path, count
+            )
+        return recovered > 0
 
     def _read_chunk(self, path: Path, entry: dict) -> dict[str, np.ndarray]:
         try:
@@ -332,6 +366,11 @@ class ReplayBuffer:
                 got = "missing" if k not in cols else f"{cols[k].shape} {cols[k].dtype}"
                 raise BufferFileError(path, f"column {k} of shape {want} {np.dtype(dtype)}", got)
         return cols
+
+
+def _chunk_index(name: str) -> int | None:
+    m = re.fullmatch(r"chunk_(\d+)\.npz", name)
+    return int(m.group(1)) if m else None
 
 
 def _check_header(path: Path, head: object, schema: str) -> dict:

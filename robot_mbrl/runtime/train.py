@@ -15,6 +15,7 @@ serial backend there is no second robot, so evaluation is skipped and learning e
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from robot_mbrl.agents.explore import ShieldedExplorer
 from robot_mbrl.agents.mpc import MODEL_FILE, MPCAgent
@@ -50,10 +52,23 @@ def solved_threshold(cfg: Config, max_step_reward: float | None) -> float | None
 
 
 def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
+    """What the run recorded before: its metrics (required), its plan/tick times and alarms (if
+    unreadable: a warning, and they count from the resume)."""
     tally, episodes, retrains = Tally(), 0, []
-    metrics = run.metrics()
-    for rec in metrics:
+    path = run.path / "metrics.jsonl"
+    try:
+        metrics = run.metrics()
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunDirError(
+            f"{path}: {err}: the run's record is damaged (mend the line, or start a new run)"
+        ) from None
+    learn_keys = ("episode", "return", "real_steps", "steps", "violations", "fallback_ticks", "deadline_misses",
+                  "end_stop_hits")  # fmt: skip
+    for i, rec in enumerate(metrics):
         if rec.get("kind") == "learn":
+            missing = [k for k in learn_keys if not isinstance(rec.get(k), int | float)]
+            if missing:
+                raise RunDirError(f"{path}: record {i + 1}: expected numbers for {missing}, got {rec}")
             tally.returns.append(rec["return"])
             tally.real_steps = rec["real_steps"]
             tally.ticks += rec["steps"]
@@ -79,10 +94,61 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
             tally.plan_s += [ms / 1e3 for ms in t.get("plan_ms", ())]
             if key[0] == "learn":  # the run's tick times are the learning episodes' (as in _evaluate)
                 tally.tick_s += [ms / 1e3 for ms in t.get("tick_ms", ())]
-    for ev in run.events():  # the learning episodes' alarms and the retrains' val_loss alarms
+    try:
+        events = run.events()
+    except (ValueError, UnicodeDecodeError) as err:  # events are the record of alarms, not robot data
+        log.warning("%s; the alarms in summary.json count from the resume", err)
+        events = []
+    for ev in events:  # the learning episodes' alarms and the retrains' val_loss alarms
         if ev.get("kind") == "alarm":
             tally.alarms.append({"tick": ev.get("run_tick", ev.get("tick")), "reason": ev.get("trigger")})
+    before = _read_summary(run)
+    if before.get("episodes", 0) > len(
+        tally.returns
+    ):  # metrics.jsonl lost or cut: summary.json is all that is left
+        raise RunDirError(
+            f"{path}: expected the {before['episodes']} episodes summary.json reports, got {len(tally.returns)} "
+            "(restore metrics.jsonl, or start a new run: resuming would overwrite summary.json)"
+        )
+    tally.wall_s = float(
+        before.get("wall_s", 0.0) or 0.0
+    )  # as of the last finished job (a killed one's is lost)
     return tally, episodes, retrains
+
+
+def _record_changes(run: RunDir, resolved: dict) -> None:
+    """A resume under changed keys (--set, --steps, --port, --seed): logged, and written to the run's
+    config.yaml, so that the run's record and a later plain --resume hold what it now runs under."""
+    try:
+        before = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        before = None
+    changed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in _diff(before or {}, resolved).items()]
+    if changed:
+        log.warning("%s: resumed with changed settings: %s", run.path, "; ".join(changed))
+        run.write_config(resolved)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    for k in dict.fromkeys([*a, *b]):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(_diff(x, y, f"{prefix}{k}."))
+        elif x != y:
+            out[f"{prefix}{k}"] = (x, y)
+    return out
+
+
+def _read_summary(run: RunDir) -> dict:
+    try:
+        out = json.loads((run.path / "summary.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as err:
+        log.warning("%s/summary.json: %s; it is written anew at the end", run.path, err)
+        return {}
+    return out if isinstance(out, dict) else {}
 
 
 def train_job(
@@ -106,7 +172,13 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     schedule = RetrainSchedule(cfg.retrain)
     if resume:
         buffer = ReplayBuffer.open(run.buffer, cfg.buffer, salvage=salvage)
+        if (buffer.obs_dim, buffer.act_dim) != (spec.obs_dim, spec.act_dim):
+            raise RunDirError(
+                f"{run.buffer}: expected transitions of this robot ({spec.obs_dim} observations, "
+                f"{spec.act_dim} actions), got {buffer.obs_dim} / {buffer.act_dim}: a run of another robot"
+            )
         tally, first_episode, retrains = _restore_tally(run)
+        _record_changes(run, config_to_dict(cfg))
         ids = buffer.arrays()["episode_id"]
         if len(ids):  # an episode killed mid-way has rows but no metrics line: the next gets a new id
             first_episode = max(first_episode, int(ids.max()) + 1)
@@ -120,7 +192,11 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
             log.warning(
                 "%s: no checkpoint: the model is trained from the buffer at the next retrain", run.path
             )
-        schedule.mark_trained(len(buffer) if agent.trained else 0)
+        # what the checkpoint was trained on (a kill during a retrain leaves the one before): the
+        # retrain it missed runs before the next episode, not after it
+        schedule.mark_trained(
+            retrains[-1].get("transitions", len(buffer)) if agent.trained and retrains else 0
+        )
         log.info("resuming %s at episode %d with %d transitions", run.path, first_episode, len(buffer))
     else:
         run.write_config(config_to_dict(cfg))
@@ -147,12 +223,39 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         if controller is not None:
             trace.extend((t[0] + trace_from, *t[1:]) for t in controller.trace)
 
+    def retrain() -> tuple[dict, dict | None]:
+        """Retrain on the whole buffer (homing the rig for the next episode meanwhile), save and record
+        it; the record and the homing's."""
+        nonlocal controller
+        more = tally.real_steps < cfg.train.steps
+        record, homed = _retrain(agent, buffer, cfg, robot, homing if more else None)
+        schedule.mark_trained(len(buffer))
+        agent.save(run.checkpoint)
+        record.update(kind="retrain", real_steps=tally.real_steps)
+        run.metric(record)
+        retrains.append(record)
+        keep_trace()
+        controller = None  # rebuild with the new thresholds and a fresh monitor
+        if record["shift_alarm"]:
+            event = {"tick": tally.ticks, "run_tick": tally.ticks, "kind": "alarm", "trigger": "val_loss",
+                     "score": record["fresh_mse"], "threshold": record["reference_mse"],
+                     "reason": "fresh-data loss above holdout loss: trained longer"}  # fmt: skip
+            run.event(event)
+            tally.alarms.append({"tick": tally.ticks, "reason": "val_loss"})
+        return record, homed
+
+    def done() -> bool:
+        solved = tally.solved_at_step is not None and cfg.train.stop_when_solved
+        return solved or tally.real_steps >= cfg.train.steps
+
     try:
         # the robot first: a rig that cannot be reached draws no progress bar
         with robot_session(robot), Progress(cfg.train.steps, "train", enabled=progress) as bar:
             bar.tick(tally.real_steps)
             bar.post()
-            while tally.real_steps < cfg.train.steps:
+            if resume and not done() and schedule.due(len(buffer), episode_ended=True):
+                homed = retrain()[1]  # the one a kill interrupted (or that never ran)
+            while not done():
                 if agent.trained and episode >= cfg.train.explore_episodes:
                     if controller is None:
                         controller = agent.controller(gate=cfg.run.gate, learning=True)
@@ -169,28 +272,12 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 buffer.flush()
                 episode += 1
                 if schedule.due(len(buffer), episode_ended=True):
-                    more = tally.real_steps < cfg.train.steps
-                    record, homed = _retrain(agent, buffer, cfg, robot, homing if more else None)
-                    schedule.mark_trained(len(buffer))
-                    agent.save(run.checkpoint)
-                    record.update(kind="retrain", real_steps=tally.real_steps)
-                    run.metric(record)
-                    retrains.append(record)
-                    keep_trace()
-                    controller = None  # rebuild with the new thresholds and a fresh monitor
-                    if record["shift_alarm"]:
-                        event = {"tick": tally.ticks, "run_tick": tally.ticks, "kind": "alarm", "trigger": "val_loss",
-                                 "score": record["fresh_mse"], "threshold": record["reference_mse"],
-                                 "reason": "fresh-data loss above holdout loss: trained longer"}  # fmt: skip
-                        run.event(event)
-                        tally.alarms.append({"tick": tally.ticks, "reason": "val_loss"})
+                    record, homed = retrain()
                     bar.post(ret=res.ret, holdout=record["holdout_mse"])
                 if evaluate and agent.trained and episode % cfg.train.eval_every_episodes == 0:
                     solved = _evaluate(cfg, agent, eval_robot, task, run, tally, episode, target)
                     if solved and tally.solved_at_step is None:
                         tally.solved_at_step = tally.real_steps
-                    if solved and cfg.train.stop_when_solved:
-                        break
     except BaseException:  # the job's own error (or the interrupt) is the one to raise
         try:
             buffer.close()
