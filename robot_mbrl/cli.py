@@ -141,6 +141,8 @@ def _check_port(args: argparse.Namespace, cfg) -> None:  # noqa: ANN001 - a Conf
 
 def _checkpoint_config(args: argparse.Namespace) -> None:
     """With no CONFIG, a job on a checkpoint runs under the config its run was trained with."""
+    if args.checkpoint is not None and args.checkpoint.is_file():  # RUN/checkpoint/model.pt: its folder
+        args.checkpoint = args.checkpoint.parent
     ck = args.checkpoint
     if args.config is not None or ck is None:
         return
@@ -166,6 +168,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.episodes is not None:
         extra.append(f"run.episodes={args.episodes}")
     if args.policy is not None:
+        if args.checkpoint is not None:
+            raise UserError(
+                f"--policy {args.policy}: expected either --checkpoint (the learned controller) or --policy "
+                "(no model), got both"
+            )
         extra.append(f"run.policy={args.policy}")
     _checkpoint_config(args)
     cfg = _load(args, extra)
@@ -232,6 +239,12 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     from robot_mbrl.sim.cartpole import CartpoleTwin
 
     cfg = _load(args)
+    if args.duration is not None and not args.duration > 0:
+        raise UserError(f"--duration: expected seconds > 0 (or none: until Ctrl-C), got {args.duration}")
+    if cfg.backend == "gym":
+        raise UserError(
+            f"{args.config}: expected a cart-pole config (emulate serves the cart-pole twin), got backend gym"
+        )
     twin = CartpoleTwin(cfg.twin, seed=cfg.seed)
     twin.connect()
     twin.reset(cfg.seed)

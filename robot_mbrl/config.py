@@ -121,7 +121,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = param(0, "seed for every stochastic component", ge=0)
+    seed: int = param(0, "seed for every stochastic component", ge=0, le=2**32 - 1)
     backend: Literal["twin", "gym", "serial"] = param("twin", "what the controller drives")
     twin: TwinConfig = param(factory=TwinConfig)
     gym: GymConfig = param(factory=GymConfig)
@@ -201,12 +201,15 @@ def load_config(name_or_path: str | None = None, overrides: tuple[str, ...] | li
     """Load a config file (or packaged name), apply ``--set`` overrides, validate, freeze."""
     source, text = resolve_path(name_or_path)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
         raise ConfigError(source, where, "valid YAML", str(getattr(err, "problem", err))) from None
-    data = {} if data is None else data
+    if data is None:  # an empty file is a mistake, not "all library defaults"
+        raise ConfigError(
+            source, "<root>", "a mapping of sections (robot-mbrl config prints them)", "an empty file"
+        )
     if not isinstance(data, dict):
         raise ConfigError(source, "<root>", "a mapping of sections", type(data).__name__)
     set_keys = []
@@ -215,11 +218,49 @@ def load_config(name_or_path: str | None = None, overrides: tuple[str, ...] | li
         _apply(data, keys, value)
         set_keys.append(".".join(keys))
     try:
-        return build(Config, data, source=source)
+        cfg = build(Config, data, source=source)
+        _cross_check(cfg, source)
+        return cfg
     except ConfigError as err:
-        if any(err.key == k or err.key.startswith(k + ".") or k.startswith(err.key + ".") for k in set_keys):
+        key = err.key.split("[")[0]  # an element of a list: the key that was set
+        if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys):
             raise ConfigError(f"{source} (--set)", err.key, err.expected, err.got) from None
         raise
+
+
+def _cross_check(cfg: Config, source: str) -> None:
+    """Settings each valid alone that contradict each other (found before any robot time)."""
+    if cfg.trainer.min_transitions > cfg.retrain.min_transitions:
+        raise ConfigError(
+            source, "trainer.min_transitions",
+            f"<= retrain.min_transitions ({cfg.retrain.min_transitions}): a retrain would have too few",
+            cfg.trainer.min_transitions,
+        )  # fmt: skip
+    if (
+        cfg.backend == "twin"
+        and cfg.fallback.kind == "brake"
+        and cfg.fallback.safe_x_m >= cfg.twin.end_stop_x_m
+    ):
+        raise ConfigError(
+            source, "fallback.safe_x_m",
+            f"< twin.end_stop_x_m ({cfg.twin.end_stop_x_m}): the brake's barrier must act before the end stop",
+            cfg.fallback.safe_x_m,
+        )  # fmt: skip
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML's signature
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -185,6 +185,16 @@ def test_run_simple_policies(tmp_path):
             ["run", "--port", "/dev/ttyNOPE", "--policy", "zero"],
             "--port /dev/ttyNOPE: expected --backend serial",
         ),
+        (["run", "--policy", "random", "--checkpoint", "/x"], "expected either --checkpoint (the learned"),
+        (["emulate", "--duration", "-1"], "--duration: expected seconds > 0"),
+        (["emulate", "inverted_pendulum_gym", "--duration", "1"], "expected a cart-pole config"),
+        (["config", "--set", "trainer.min_transitions=1000"], "trainer.min_transitions: expected <= retrain"),
+        (["config", "--set", "fallback.safe_x_m=5"], "fallback.safe_x_m: expected < twin.end_stop_x_m"),
+        (["config", "--set", "seed=99999999999999999999"], "seed: expected a value <= 4294967295"),
+        (
+            ["run", "--policy", "safe", "--set", "fallback.position_channel=bogus"],
+            "fallback.position_channel",
+        ),
     ],
 )
 def test_user_errors_are_one_line_exit_2(args, needle):

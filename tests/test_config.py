@@ -83,3 +83,14 @@ def test_cross_field_errors_show_the_values_they_name():
 def test_infinite_values_are_refused():
     with pytest.raises(ConfigError, match="gate.disagreement_threshold: expected a finite number"):
         load_config(None, ["gate.disagreement_threshold=.inf"])
+
+
+def test_a_key_given_twice_and_an_empty_file_are_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("seed: 1\nplanner:\n  horizon: 5\n  horizon: 7\n")
+    with pytest.raises(ConfigError, match=r"line 4: expected valid YAML, got \"key 'horizon' given twice"):
+        load_config(str(twice))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="expected a mapping of sections.*got 'an empty file'"):
+        load_config(str(empty))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
 from robot_mbrl.errors import RunDirError
-from robot_mbrl.runtime.files import append_jsonl, read_jsonl
+from robot_mbrl.runtime.files import append_jsonl, atomic_write_bytes, read_jsonl
 from robot_mbrl.runtime.rundir import RunDir, run_dir
 
 
@@ -96,3 +97,12 @@ def test_events_are_queued_but_on_disk_before_the_episodes_metric_line(tmp_path,
     assert len(read_jsonl(tmp_path / "run" / "events.jsonl")) == 5  # already there when the metric is
     run.close()
     assert not [t for t in threading.enumerate() if t.name == f"writer:run {tmp_path / 'run'}"]
+
+
+def test_atomic_writes_get_the_modes_open_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "summary.json", b"{}")
+        assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644  # readable by the team, not 0600
+    finally:
+        os.umask(old)

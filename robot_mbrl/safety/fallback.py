@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from robot_mbrl.hal.robot import RobotSpec
-from robot_mbrl.typedconfig import param
+from robot_mbrl.typedconfig import ConfigError, param, require_names
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,8 @@ class FallbackConfig:
             raise ValueError("barrier_width_m must be smaller than safe_x_m")
 
 
-def _channel(spec: RobotSpec, name: str) -> int:
-    if name not in spec.obs_names:
-        raise ValueError(f"fallback: no observation channel {name!r} (known: {', '.join(spec.obs_names)})")
+def _channel(spec: RobotSpec, name: str, key: str) -> int:
+    require_names(f"fallback.{key}", [name], spec.obs_names)
     return spec.index(name)
 
 
@@ -91,10 +90,12 @@ class BrakePolicy:
 
     def __init__(self, spec: RobotSpec, cfg: FallbackConfig):
         self.spec, self.cfg = spec, cfg
-        self._ix = _channel(spec, cfg.position_channel)
-        self._iv = _channel(spec, cfg.velocity_channel)
+        self._ix = _channel(spec, cfg.position_channel, "position_channel")
+        self._iv = _channel(spec, cfg.velocity_channel, "velocity_channel")
         if cfg.action_index >= spec.act_dim:
-            raise ValueError(f"action_index {cfg.action_index} >= act_dim {spec.act_dim}")
+            raise ConfigError(
+                "config", "fallback.action_index", f"< {spec.act_dim} (the action channels)", cfg.action_index
+            )
 
     def barrier(self, x: float) -> float:
         """0 inside the barrier start, else (|x| - start) / width with the sign of x."""
@@ -114,7 +115,7 @@ class LinearFeedbackPolicy:
 
     def __init__(self, spec: RobotSpec, cfg: FallbackConfig):
         self.spec = spec
-        self._idx = np.array([_channel(spec, c) for c in cfg.channels], dtype=int)
+        self._idx = np.array([_channel(spec, c, "channels") for c in cfg.channels], dtype=int)
         self._angle = spec.angle_mask[self._idx]
         n = len(cfg.channels)
         if len(cfg.gains) != spec.act_dim * n:
