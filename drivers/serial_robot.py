@@ -160,7 +160,7 @@ class SerialRobot(DeviceSession, Robot):
     def _connect(self) -> None:
         self._unusable_since = None
         if not self.transport.reconnect_blocking(self._exchange_budget_s):
-            raise LinkDown(f"cannot open {self.transport.url}")
+            raise self.transport.last_error or LinkDown(f"cannot open {self.transport.url}")
         self._seen = self._state = self.device = None  # a new session: no ordering against an old one
         self._estop_held = self._release_ok = False
         try:

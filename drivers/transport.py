@@ -101,6 +101,7 @@ class Transport:
         self._opened_s: float | None = None
         self._fd: int | None = None  # the open port's non-blocking descriptor (None: pyserial writes)
         self._ever_open = False
+        self.last_error: LinkDown | None = None  # why the last open attempt failed
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -160,6 +161,7 @@ class Transport:
             self.open()
             return True
         except LinkDown as err:
+            self.last_error = err
             self.stats.reconnect_failures += 1
             self._backoff_s = min(self._backoff_s * 2.0, self.backoff_max_s)
             self._next_attempt_s = now + self._backoff_s

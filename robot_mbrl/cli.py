@@ -328,12 +328,31 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def _labelled(err: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """A setting found wrong once the robot is known (channel names, say) names the config it came
+    from, as a load error does: the file (or packaged name), and "(--set)" where --set gave it."""
+    if err.source != "config":
+        return err
+    from robot_mbrl.config import DEFAULT_CONFIG
+
+    source = getattr(args, "config", None) or f"{DEFAULT_CONFIG}.yaml"
+    key = err.key.split("[")[0]
+    if any(
+        key == k or key.startswith(k + ".")
+        for k in (ov.split("=")[0] for ov in getattr(args, "overrides", []))
+    ):
+        source += " (--set)"
+    return ConfigError(source, err.key, err.expected, err.got)
+
+
 def _run(args: argparse.Namespace) -> tuple[int, str | None]:
     from robot_mbrl.errors import USER_ERRORS
 
     try:
         return args.func(args), None
-    except (ConfigError, UserError, *USER_ERRORS) as err:
+    except ConfigError as err:
+        return 2, str(_labelled(err, args))
+    except (UserError, *USER_ERRORS) as err:
         return 2, str(err)
     except KeyboardInterrupt:
         return 130, "interrupted (robot safe-stopped)"

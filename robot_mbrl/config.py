@@ -155,9 +155,14 @@ def resolve_path(name_or_path: str | None) -> tuple[str, str]:
     """(source label, YAML text) for a file path or the name of a packaged config."""
     name = name_or_path or DEFAULT_CONFIG
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    packaged = path.name == name and path.suffix == ".yaml" and path.stem in packaged_configs()
+    if packaged and not path.exists():  # "cartpole_swingup.yaml": the packaged one, as messages name it
+        name = path.stem
+    elif path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            got = "a directory" if path.is_dir() else "no such file"
+            got = (
+                "a directory" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+            )
             raise ConfigError(str(path), "<file>", "an existing YAML file", got)
         try:
             return str(path), path.read_text(encoding="utf-8")

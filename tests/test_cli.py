@@ -220,7 +220,7 @@ def test_a_file_system_error_is_one_line_exit_1():
 def test_unknown_channel_names_fail_before_any_robot_time(sets, key, tmp_path):
     r = cli("train", "--out", str(tmp_path / "run"), *(a for v in sets for a in ("--set", v)), *TINY)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"{key}: expected names from" in r.stderr and "'bogus'" in r.stderr
+    assert f"cartpole_swingup.yaml (--set): {key}: expected names from" in r.stderr and "'bogus'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1  # no progress bar: no robot time spent
     assert not (tmp_path / "run").exists()  # nor an empty run folder left behind
 
