@@ -178,6 +178,54 @@ def restart_recovery(n: int) -> dict[str, float]:
     return {"recovered": len(delays), "detected": restarts, "p50": float(np.median(d)), "max": float(d.max())}
 
 
+def hung_device(seconds: float, control_hz: float = 50.0) -> dict[str, float]:
+    """The device's firmware hangs with the link up (:meth:`ThreadedDevice.hang`): it no longer reads,
+    so once the OS's queue towards it is full every write blocks. What the host's control loop pays:
+    each tick's read + write time, and how often the link is declared lost and reopened."""
+    emu, port = serve(Plant(), "pty", sensor_limits=((-1e3, 1e3),) * 5, actuator_limits=((-1, 1),),
+                      control_hz=control_hz)  # fmt: skip
+    cfg = SerialConfig(port=port)
+    robot = SerialRobot(_spec(control_hz), make_transport(cfg), cfg)
+    try:
+        robot.connect()
+        robot.reset()
+        robot.activate()
+        emu.hang()
+        # Its side of the link is never drained: keep the OS's queue towards it full (a second open
+        # of the port, held for the whole scenario so that the host's reopens do not flush it).
+        fill = os.open(port, os.O_WRONLY | os.O_NONBLOCK)
+
+        def top_up() -> None:
+            try:
+                while True:
+                    os.write(fill, b"\x01" * 4096)
+            except BlockingIOError:
+                pass
+
+        ticks, period = [], 1.0 / control_hz
+        t_end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < t_end:
+                top_up()
+                t0 = time.perf_counter()
+                try:
+                    robot.read()
+                    robot.write(np.array([0.0]))
+                except ConnectionError:  # serial.link_timeout_s: the job would end here
+                    break
+                ticks.append(time.perf_counter() - t0)
+                time.sleep(max(0.0, period - ticks[-1]))
+        finally:
+            os.close(fill)
+        st = robot.link_stats()
+        t = np.array(ticks)
+        return {"ticks": len(t), "p99": _pct(t, 99), "max": float(t.max()) * 1e3, "over": int((t > period).sum()),
+                "losses": st["link_losses"], "reopens": st["reconnects"]}  # fmt: skip
+    finally:
+        robot.transport.close()
+        emu.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     reduced = os.environ.get("ROBOT_MBRL_REDUCED") == "1"
@@ -189,6 +237,7 @@ def main() -> None:
     p.add_argument(
         "--restarts", type=int, default=5 if reduced else 20, help="device restarts to recover from"
     )
+    p.add_argument("--hung-seconds", type=float, default=2.0 if reduced else 4.0, help="hung-device scenario")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the driver's link warnings are expected here
     print(f"## Serial round trip over a pty (device streams at {args.device_hz:.0f} Hz, n={args.n})\n")
@@ -221,6 +270,16 @@ def main() -> None:
     print("|---|---|---|---|")
     print(
         f"| {r['detected']}/{args.restarts} | {r['recovered']}/{args.restarts} | {r['p50']:.1f} | {r['max']:.1f} |"
+    )
+
+    h = hung_device(args.hung_seconds)
+    print(
+        f"\n## A device that hangs with the link up ({args.hung_seconds:.0f} s at 50 Hz after its queue filled)\n"
+    )
+    print("| ticks | tick p99 ms | tick max ms | ticks over the 20 ms period | link losses | reopens |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| {h['ticks']} | {h['p99']:.2f} | {h['max']:.2f} | {h['over']} | {h['losses']} | {h['reopens']} |"
     )
 
 

@@ -29,11 +29,16 @@ class ThreadedDevice:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def hang(self) -> None:
+        """The firmware hangs: the device stops reading and sending, and the link stays up (a USB CDC
+        endpoint nobody drains). :meth:`stop` still closes the link."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
             self._thread = None
+
+    def stop(self) -> None:
+        self.hang()
         self.link.close()
 
     def __enter__(self):
