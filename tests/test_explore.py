@@ -110,6 +110,42 @@ def test_a_misspelled_velocity_channel_is_an_error_not_a_missing_shield():
         ShieldedExplorer(SPEC, make_fallback(CFG.fallback, SPEC), bad, seed=0, correlation=0.0)
 
 
+def test_a_velocity_mapping_that_leaves_a_constraint_out_is_an_error():
+    import dataclasses
+
+    import pytest
+
+    from robot_mbrl.typedconfig import ConfigError
+
+    for mapping in ({}, {"theta_rad": "thetadot_rad_s"}):  # the rail's x_m would go unshielded
+        bad = dataclasses.replace(CFG.explore, velocity_channels=mapping)
+        with pytest.raises(
+            ConfigError, match=r"velocity channel for every constrained channel, got \['x_m'\]"
+        ):
+            ShieldedExplorer(SPEC, make_fallback(CFG.fallback, SPEC), bad, seed=0, correlation=0.0)
+
+
+def test_a_reading_the_gate_would_reject_gets_no_random_action_and_no_push_from_it():
+    """Out of range, stale or sensor-faulted: the shield takes over as the gate does, and the brake
+    acts on the last trusted reading (fresh), else commands the stop — not on the rejected values."""
+    from robot_mbrl.hal.robot import Fault
+
+    brake = make_fallback(CFG.fallback, SPEC)
+    spinning = obs(0.34, 0.0).values
+    spinning[SPEC.index("thetadot_rad_s")] = 500.0  # out of range (a glitch)
+    for bad in (Observation(spinning, 0.0), Observation(obs(0.34, 4.9).values, 0.0, Fault.SENSOR)):
+        ex = explorer()
+        d = ex.act(bad, tick(0), LOOP)  # nothing trusted before it
+        assert d.source == "fallback" and d.events[0]["trigger"] == "invalid_observation"
+        np.testing.assert_array_equal(d.action, SPEC.stop_action())
+        ex.act(obs(-0.2, 0.0), tick(1), LOOP)  # trusted
+        d = ex.act(Observation(bad.values, 0.0, bad.faults), tick(2), LOOP)  # the same time: fresh
+        np.testing.assert_array_equal(d.action, brake.act(obs(-0.2, 0.0).values))
+    paced = RateLoop(50.0, paced=True)
+    d = explorer().act(Observation(obs(0.0, 0.0).values, paced.now() - 10.0), tick(0), paced)  # 10 s old
+    assert d.source == "fallback" and d.events[0]["trigger"] == "invalid_observation"
+
+
 def test_a_failing_fallback_gives_the_stop_action():
     class Broken:
         def act(self, x):

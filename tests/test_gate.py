@@ -99,8 +99,10 @@ def test_each_trigger_hands_control_to_the_fallback(name):
     d = decide(gate, **case)
     assert name in [t.name for t in d.triggers]
     assert d.source == "fallback" and d.switched
-    values = np.asarray(case.get("o", obs()).values)
-    expected = make_fallback(FallbackConfig(kind="brake"), SPEC).act(np.nan_to_num(values, nan=0.0))
+    if name.startswith("obs_"):  # a reading the gate rejects is not one the fallback may act on
+        expected = SPEC.stop_action()  # (nor is there a trusted one before it: the first tick)
+    else:
+        expected = make_fallback(FallbackConfig(kind="brake"), SPEC).act(OBS_VALUES)
     np.testing.assert_array_equal(d.action, expected)
     (event,) = d.events
     assert event["kind"] == "switch" and event["trigger"] == name and event["to"] == "fallback"
@@ -275,3 +277,58 @@ def test_any_non_finite_or_empty_plan_field_falls_back(field, value):
     d = decide(make_gate(), p=p)
     assert d.source == "fallback" and d.events[0]["trigger"] == "plan_nonfinite"
     np.testing.assert_array_equal(d.action, BRAKE_ACTION)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        obs(
+            values=[0.9, 0.2, 4.9, 0.0, 0.0], faults=Fault.SENSOR
+        ),  # a sensor fault: values not to be trusted
+        obs(values=[0.1, 0.2, 0.8, 99.0, 0.0]),  # out of range: a glitch
+        obs(values=[0.1, np.nan, 0.8, 0.0, 0.0]),
+    ],
+)
+def test_the_fallback_acts_on_the_last_trusted_reading_then_stops(bad):
+    """After a rejected reading the brake acts on the last trusted one while it is fresh (a one-tick
+    glitch keeps braking sensibly), then commands the stop: a state-feedback law fed a glitched or
+    frozen reading pushes with full force toward the wall it believes is the other one."""
+    gate = make_gate(max_obs_age_s=0.05)
+    brake = make_fallback(FallbackConfig(kind="brake"), SPEC)
+    decide(gate, time_s=10.0, o=obs(stamp_s=10.0))  # trusted
+    for t, want in (
+        (10.02, brake.act(OBS_VALUES)),
+        (10.04, brake.act(OBS_VALUES)),
+        (10.06, SPEC.stop_action()),
+    ):
+        b = Observation(bad.values, t, bad.faults)
+        d = decide(gate, time_s=t, o=b)
+        assert d.source == "fallback"
+        np.testing.assert_array_equal(d.action, want)
+
+
+def test_an_end_stop_or_the_device_brake_leave_the_reading_usable():
+    gate = make_gate()
+    brake = make_fallback(FallbackConfig(kind="brake"), SPEC)
+    at_the_stop = [0.44, 0.2, 0.8, 0.0, 0.0]
+    d = decide(gate, o=obs(values=at_the_stop, faults=Fault.LIMIT | Fault.WATCHDOG))
+    assert d.source == "fallback" and "obs_fault" in [t.name for t in d.triggers]
+    np.testing.assert_array_equal(d.action, brake.act(np.asarray(at_the_stop)))  # pushed back from the stop
+
+
+def test_a_reading_stamped_in_the_future_is_invalid():
+    gate = make_gate(max_obs_age_s=0.05)
+    for stamp in (10.5, np.inf):
+        d = decide(gate, time_s=10.0, o=obs(stamp_s=stamp))
+        assert "obs_stale" in [t.name for t in d.triggers] and d.source == "fallback"
+
+
+def test_a_failing_fallback_still_counts_the_switch():
+    class Broken:
+        def act(self, x):
+            return np.array([np.nan])
+
+    gate = make_gate(fallback=Broken())
+    d = decide(gate, p=plan(disagreement=THR * 1.5))
+    assert d.source == "fallback" and d.switched and gate.switches == 1 and gate.mode == "fallback"
+    np.testing.assert_array_equal(d.action, SPEC.stop_action())

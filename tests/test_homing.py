@@ -67,8 +67,12 @@ def _homing(spec, **kw) -> Homing:
 def test_homing_brings_the_cart_back_and_the_pole_to_rest(twin):
     start = _knock(twin)
     assert abs(start[0]) > 0.3 and abs(start[3]) > 3.0  # near the end stop, swinging hard
-    result = _homing(twin.spec).home(_Recording(twin), paced=False)
+    events = []
+    result = _homing(twin.spec).home(_Recording(twin), paced=False, on_event=events.append)
     assert result.settled and result.ticks < 30 * 50 and result.shielded_ticks > 0  # it braked first
+    # the shield's switches reach events.jsonl as an episode's do
+    assert events and all(e["phase"] == "homing" and e["kind"] == "switch" for e in events)
+    assert events[0]["to"] == "fallback" and events[0]["applied"] != events[0]["proposed"]
     end = twin.read().values
     assert abs(end[0]) <= 0.05 and abs(end[2]) <= 0.05 and abs(end[3]) <= 0.5, end
     assert result.record() == {"homing_ticks": result.ticks, "homing_s": round(result.seconds, 3),

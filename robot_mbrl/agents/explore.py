@@ -23,7 +23,8 @@ from robot_mbrl.hal.robot import Observation, RobotSpec
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
 from robot_mbrl.runtime.policies import RandomPolicy
-from robot_mbrl.typedconfig import param, require_names
+from robot_mbrl.safety.gate import FallbackReading, GateConfig, fallback_action, observation_triggers
+from robot_mbrl.typedconfig import ConfigError, param, require_names
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,17 @@ def shield_pairs(spec: RobotSpec, cfg: ExploreConfig) -> list[tuple[int, int, fl
     if spec.constraints:
         require_names("explore.velocity_channels", [*cfg.velocity_channels, *cfg.velocity_channels.values()],
                       spec.obs_names)  # fmt: skip
+        missing = sorted({c.channel for c in spec.constraints} - set(cfg.velocity_channels))
+        if missing:  # its constraint would go unshielded
+            raise ConfigError(
+                "config",
+                "explore.velocity_channels",
+                "a velocity channel for every constrained channel",
+                missing,
+            )
     return [
         (spec.index(c.channel), spec.index(cfg.velocity_channels[c.channel]), c.low, c.high)
         for c in spec.constraints
-        if c.channel in cfg.velocity_channels
     ]
 
 
@@ -85,9 +93,19 @@ class ShieldedExplorer:
     """Controller: random exploration, switched to ``fallback`` whenever the shield predicts a violation."""
 
     def __init__(
-        self, spec: RobotSpec, fallback, cfg: ExploreConfig, seed: int, correlation: float, policy=None
+        self,
+        spec: RobotSpec,
+        fallback,
+        cfg: ExploreConfig,
+        seed: int,
+        correlation: float,
+        policy=None,
+        max_obs_age_s: float = GateConfig().max_obs_age_s,
     ):
         self.spec, self.fallback, self.cfg = spec, fallback, cfg
+        self.max_obs_age_s = max_obs_age_s  # the gate's rule for an invalid reading (gate.max_obs_age_s)
+        self._reading = FallbackReading(max_obs_age_s)
+        self._stop = np.asarray(spec.stop_action(), dtype=float)
         # the shielded policy: seeded colored noise, or another ``act``/``reset`` policy (homing's law)
         self.policy = policy if policy is not None else RandomPolicy(spec, seed=seed, correlation=correlation)
         self._pairs = shield_pairs(spec, cfg)
@@ -106,23 +124,24 @@ class ShieldedExplorer:
     def reset(self, obs: Observation) -> None:
         self.policy.reset()
         self._shielded = False
+        self._reading.reset()
 
     def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
         x = obs.values
-        if not obs.ok:
+        now = loop.now() if loop.paced else obs.stamp_s  # as the gate: a lockstep twin has no age
+        invalid = observation_triggers(self.spec, obs, now, self.max_obs_age_s)
+        reading = self._reading(obs, now, invalid)  # what the fallback may act on
+        if invalid:
             unsafe, score, reason = True, float("nan"), "invalid_observation"
         else:
             unsafe, score = self.unsafe(x)
             reason = "explore_shield"
         if unsafe:
-            safe_x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             try:
-                action = np.asarray(self.fallback.act(safe_x), dtype=float).reshape(self.spec.act_dim)
-                if not np.all(np.isfinite(action)):
-                    raise FloatingPointError(f"fallback returned {action!r}")
+                action = fallback_action(self.fallback, reading, self._stop)
             except Exception as err:  # noqa: BLE001 - as in the gate: the stop action, never a crash
                 log.error("tick %d: fallback failed (%r): stop action", tick.index, err)
-                action = self.spec.stop_action()
+                action = self._stop.copy()
             source = "fallback"
         else:
             action, source = self.policy.act(x), "policy"

@@ -173,6 +173,9 @@ class MPCAgent:
                 )
             thr = float(calibrate_threshold(scores, certifiable))
             self.thresholds["disagreement"] = thr * self.cfg.calibration.margin
+        else:  # not the previous model's threshold: uncalibrated, the gate falls back until the next retrain
+            log.warning("%d held-out segments: too few to calibrate the disagreement threshold", len(obs0))
+            self.thresholds["disagreement"] = None
         train_mask = np.ones(len(data["obs"]), dtype=bool)
         train_mask[holdout] = False
         self.thresholds.pop("commission_transitions", None)  # a new model needs a new commissioning

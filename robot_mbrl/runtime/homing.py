@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from robot_mbrl.agents.explore import ExploreConfig, ShieldedExplorer
 from robot_mbrl.hal.robot import Robot, RobotSpec
 from robot_mbrl.runtime.loop import RateLoop, frozen_heap
 from robot_mbrl.safety.fallback import FallbackConfig, FallbackPolicy, LinearFeedbackPolicy, make_fallback
+from robot_mbrl.safety.gate import GateConfig
 from robot_mbrl.typedconfig import ConfigError, param, require_names
 
 if TYPE_CHECKING:
@@ -125,7 +127,14 @@ class Homing:
     """The homing feedback for ``spec`` inside the stopping-distance shield with ``fallback`` (channel
     names and gain shapes checked here, before any robot time is spent)."""
 
-    def __init__(self, spec: RobotSpec, cfg: HomingConfig, fallback: FallbackPolicy, explore: ExploreConfig):
+    def __init__(
+        self,
+        spec: RobotSpec,
+        cfg: HomingConfig,
+        fallback: FallbackPolicy,
+        explore: ExploreConfig,
+        max_obs_age_s: float = GateConfig().max_obs_age_s,
+    ):
         require_names("homing.channels", cfg.channels, spec.obs_names)
         self.spec, self.cfg = spec, cfg
         try:
@@ -139,7 +148,9 @@ class Homing:
         half = (spec.act_high - spec.act_low) / 2
         centre = (spec.act_high + spec.act_low) / 2
         self.law = _Law(law, centre - cfg.max_command * half, centre + cfg.max_command * half)
-        self.shield = ShieldedExplorer(spec, fallback, explore, seed=0, correlation=0.0, policy=self.law)
+        self.shield = ShieldedExplorer(
+            spec, fallback, explore, seed=0, correlation=0.0, policy=self.law, max_obs_age_s=max_obs_age_s
+        )
         self._idx = np.array([spec.index(c) for c in cfg.channels], dtype=int)
         self._target = np.asarray(cfg.targets or (0.0,) * len(cfg.channels), dtype=float)
         self._tol = np.asarray(cfg.tolerance, dtype=float)
@@ -149,8 +160,11 @@ class Homing:
         return bool(np.all(np.abs(err) <= self._tol))
 
     @frozen_heap()  # no full GC pass inside a tick (runtime/loop.py)
-    def home(self, robot: Robot, *, paced: bool) -> HomingResult:
-        """Drive ``robot`` (connected and active) to the start state; see the module docstring."""
+    def home(
+        self, robot: Robot, *, paced: bool, on_event: Callable[[dict], None] | None = None
+    ) -> HomingResult:
+        """Drive ``robot`` (connected and active) to the start state; see the module docstring.
+        ``on_event`` gets the shield's switches (``"phase": "homing"``), as an episode's go to events.jsonl."""
         cfg, spec = self.cfg, self.spec
         t0 = time.monotonic()
         loop = RateLoop(
@@ -167,6 +181,9 @@ class Homing:
             decision = self.shield.act(obs, tick, loop)
             shielded += decision.source == "fallback"
             robot.write(decision.action)
+            if on_event is not None:
+                for ev in decision.events:
+                    on_event({**ev, "phase": "homing"})
         robot.write(spec.stop_action())
         result = HomingResult(ticks, time.monotonic() - t0, calm >= cfg.settle_ticks, shielded)
         if not result.settled:
@@ -188,4 +205,4 @@ def make_homing(cfg: Config, spec: RobotSpec) -> Homing | None:
     """The homing for ``cfg.backend``, or None where the backend resets itself (``homing.mode``)."""
     if not cfg.homing.enabled(cfg.backend):
         return None
-    return Homing(spec, cfg.homing, make_fallback(cfg.fallback, spec), cfg.explore)
+    return Homing(spec, cfg.homing, make_fallback(cfg.fallback, spec), cfg.explore, cfg.gate.max_obs_age_s)

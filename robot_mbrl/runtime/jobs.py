@@ -49,8 +49,9 @@ def simple_controller(cfg: Config, robot: Robot) -> Controller:
 
         fallback = make_fallback(cfg.fallback, robot.spec)
         return ShieldedExplorer(
-            robot.spec, fallback, cfg.explore, seed=cfg.seed, correlation=cfg.train.explore_correlation
-        )
+            robot.spec, fallback, cfg.explore, seed=cfg.seed, correlation=cfg.train.explore_correlation,
+            max_obs_age_s=cfg.gate.max_obs_age_s,
+        )  # fmt: skip
     if name == "zero":
         return PolicyController(ZeroPolicy(robot.spec))
     return PolicyController(make_fallback(cfg.fallback, robot.spec), source="fallback")
@@ -108,7 +109,7 @@ def run_episodes(
     for i in range(episodes):
         ep = first_episode + i
         if i > 0 or homed is None:
-            homed = home(cfg, robot, homing)
+            homed = home(cfg, robot, homing, run.event)
         with control_priority(cfg):
             res = run_episode(
                 robot,
@@ -140,13 +141,13 @@ def control_priority(cfg: Config):  # -> a context manager
     return realtime(cfg.loop.rt_priority if is_paced(cfg) else 0)
 
 
-def home(cfg: Config, robot: Robot, homing: Homing | None) -> dict:
-    """Home the rig (its reset) at the control thread's priority; its record, {} where the robot
-    resets itself (``homing`` None)."""
+def home(cfg: Config, robot: Robot, homing: Homing | None, on_event=None) -> dict:
+    """Home the rig (its reset) at the control thread's priority, its shield's switches to
+    ``on_event``; its record, {} where the robot resets itself (``homing`` None)."""
     if homing is None:
         return {}
     with control_priority(cfg):
-        return homing.home(robot, paced=is_paced(cfg)).record()
+        return homing.home(robot, paced=is_paced(cfg), on_event=on_event).record()
 
 
 def _open_job(cfg: Config, run: RunDir):  # -> robot, task, judge

@@ -228,7 +228,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         it; the record and the homing's."""
         nonlocal controller
         more = tally.real_steps < cfg.train.steps
-        record, homed = _retrain(agent, buffer, cfg, robot, homing if more else None)
+        record, homed = _retrain(agent, buffer, cfg, robot, homing if more else None, run.event)
         schedule.mark_trained(len(buffer))
         agent.save(run.checkpoint)
         record.update(kind="retrain", real_steps=tally.real_steps)
@@ -263,7 +263,8 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 else:  # (no learning controller exists yet: one is built only once exploring ends)
                     controller = None
                     explorer = ShieldedExplorer(spec, fallback, cfg.explore, seed=cfg.seed + episode,
-                                                correlation=cfg.train.explore_correlation)  # fmt: skip
+                                                correlation=cfg.train.explore_correlation,
+                                                max_obs_age_s=cfg.gate.max_obs_age_s)  # fmt: skip
                 res = run_episodes(
                     cfg, robot, judge, controller or explorer, run, tally, episodes=1, first_episode=episode,
                     seed_offset=0, progress=bar, kind="learn", on_transition=store, homing=homing, homed=homed,
@@ -302,7 +303,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
 
 
 def _retrain(
-    agent: MPCAgent, buffer: ReplayBuffer, cfg: Config, robot, homing: Homing | None
+    agent: MPCAgent, buffer: ReplayBuffer, cfg: Config, robot, homing: Homing | None, on_event=None
 ) -> tuple[dict, dict | None]:  # fmt: skip
     """Retrain; on a rig, home it for the next episode meanwhile: the retrain's torch runs on one
     thread and the homing loop needs little of the other core, and the rig would otherwise stand
@@ -320,7 +321,7 @@ def _retrain(
 
     worker = threading.Thread(target=work, name="retrain", daemon=True)
     worker.start()  # before the homing takes its real-time priority: the retrain does not inherit it
-    homed = home(cfg, robot, homing)
+    homed = home(cfg, robot, homing, on_event)
     worker.join()
     if "error" in box:
         raise box["error"]

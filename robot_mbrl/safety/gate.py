@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from robot_mbrl.hal.robot import Observation, RobotSpec
+from robot_mbrl.hal.robot import Fault, Observation, RobotSpec
 from robot_mbrl.planning.base import PlanInfo
 from robot_mbrl.safety.fallback import FallbackPolicy
 from robot_mbrl.safety.monitors import ShiftMonitor
@@ -91,6 +91,66 @@ def _jsonable(a: np.ndarray | None) -> list | None:
     return [_finite(float(v)) for v in np.asarray(a, dtype=float).reshape(-1)]
 
 
+#: fault flags that leave a reading's values true: the end stop is pressed, the device brakes on its own
+TRUSTED_FAULTS = Fault.LIMIT | Fault.ESTOP | Fault.WATCHDOG
+
+
+def observation_triggers(spec: RobotSpec, obs: Observation, time_s: float, max_age_s: float) -> list[Trigger]:
+    """Why ``obs`` is not a valid reading at ``time_s`` (empty: it is): wrong shape, non-finite or
+    out-of-range values, older than ``max_age_s`` (or stamped in the future, or not at all), fault
+    flags. The gate's rule, and the exploration shield's and homing's."""
+    v = np.asarray(obs.values, dtype=float).reshape(-1)
+    out = []
+    if v.shape != (spec.obs_dim,):
+        return [Trigger("obs_shape", float(v.size), float(spec.obs_dim))]
+    bad = int(np.sum(~np.isfinite(v)))
+    if bad:
+        out.append(Trigger("obs_nonfinite", float(bad), 0.0))
+    elif not spec.in_range(v):
+        excess = np.maximum(spec.obs_low - v, v - spec.obs_high)
+        out.append(Trigger("obs_out_of_range", float(excess.max()), 0.0))
+    age = time_s - obs.stamp_s
+    if not (-max_age_s <= age <= max_age_s):  # also a NaN or infinite stamp, or one from the future
+        out.append(Trigger("obs_stale", age, max_age_s))
+    if int(obs.faults) != 0:
+        out.append(Trigger("obs_fault", float(int(obs.faults)), 0.0))
+    return out
+
+
+class FallbackReading:
+    """What a state-feedback fallback may act on (a brake, a PD law): the reading when its values
+    can be trusted (no trigger of :func:`observation_triggers` but fault flags in
+    :data:`TRUSTED_FAULTS`); after a reading that cannot (a glitch, a frozen or stale value, a
+    sensor fault), the last trusted one while it is at most ``max_age_s`` old; else None — the stop
+    action. A law fed a wrong position or velocity pushes with full force in the wrong direction."""
+
+    def __init__(self, max_age_s: float):
+        self.max_age_s = max_age_s
+        self._last: tuple[np.ndarray, float] | None = None
+
+    def reset(self) -> None:
+        self._last = None
+
+    def __call__(self, obs: Observation, time_s: float, triggers: list[Trigger]) -> np.ndarray | None:
+        if all(t.name == "obs_fault" and not int(t.score) & ~int(TRUSTED_FAULTS) for t in triggers):
+            self._last = (np.asarray(obs.values, dtype=float).reshape(-1).copy(), obs.stamp_s)
+            return self._last[0]
+        if self._last is not None and time_s - self._last[1] <= self.max_age_s:
+            return self._last[0]
+        return None
+
+
+def fallback_action(fallback: FallbackPolicy, reading: np.ndarray | None, stop: np.ndarray) -> np.ndarray:
+    """``fallback`` on ``reading``, ``stop`` without one; raises on anything but finite actions of
+    ``stop``'s shape (the callers command the stop action then)."""
+    if reading is None:
+        return stop.copy()
+    a = np.asarray(fallback.act(reading), dtype=float).reshape(-1)
+    if a.shape != stop.shape or not np.all(np.isfinite(a)):
+        raise FloatingPointError(f"fallback returned {a!r}")
+    return a
+
+
 class SafetyGate:
     """Simplex decision between the MPC proposal and a fallback policy; see the module docstring.
 
@@ -110,10 +170,12 @@ class SafetyGate:
         self.mode = "mpc"  # every trigger is checked from the first tick on
         self._clear_ticks = 0
         self.ticks = self.fallback_ticks = self.switches = 0
+        self._reading = FallbackReading(cfg.max_obs_age_s)
 
     def reset(self) -> None:
         """New episode: back to the initial state (MPC mode, no dwell progress); keeps counters."""
         self.mode, self._clear_ticks = "mpc", 0
+        self._reading.reset()
 
     @property
     def reentry_threshold(self) -> float:
@@ -146,7 +208,7 @@ class SafetyGate:
         ``time_s`` is the tick time on the clock of ``obs.stamp_s`` (monotonic seconds); a plan that
         raised is passed as ``plan=None, plan_error=err``.
         """
-        counts = (self.ticks, self.fallback_ticks, self.switches)
+        counts, mode = (self.ticks, self.fallback_ticks, self.switches), self.mode
         try:
             decision = self._decide(tick, time_s, obs, plan, plan_error, deadline_missed)
             action = np.asarray(decision.action, dtype=float)
@@ -156,6 +218,7 @@ class SafetyGate:
         except Exception as err:  # noqa: BLE001 - the gate must never fail open
             log.exception("tick %d: gate error, commanding the stop action", tick)
             self.ticks, self.fallback_ticks, self.switches = counts  # count this tick once
+            self.mode = mode  # (and its switch)
             return self._fail_safe(tick, time_s, err, plan)
 
     def _fail_safe(self, tick: int, time_s: float, err: Exception, plan: PlanInfo | None) -> GateDecision:
@@ -193,7 +256,8 @@ class SafetyGate:
         plan_error: BaseException | None,
         deadline_missed: bool,
     ) -> GateDecision:
-        triggers = self._obs_triggers(time_s, obs)
+        triggers = observation_triggers(self.spec, obs, time_s, self.cfg.max_obs_age_s)
+        reading = self._reading(obs, time_s, triggers)  # what the fallback may act on
         triggers += self._plan_triggers(plan, plan_error, deadline_missed)
         if self.monitor is not None:
             triggers += [Trigger(f"monitor:{n}", s, t) for n, s, t in self.monitor.active_alarms()]
@@ -218,7 +282,7 @@ class SafetyGate:
             and bool(np.all(np.isfinite(proposed)))
         )
         use_mpc = mpc_ok and (self.cfg.no_gate or self.mode == "mpc")
-        action = proposed.copy() if use_mpc else self._fallback_action(obs)
+        action = proposed.copy() if use_mpc else self._fallback_action(reading)
         source = "mpc" if use_mpc else "fallback"
 
         self.ticks += 1
@@ -242,24 +306,6 @@ class SafetyGate:
         return GateDecision(action, source, triggers, switched, events)
 
     # -- triggers --------------------------------------------------------------------------
-    def _obs_triggers(self, time_s: float, obs: Observation) -> list[Trigger]:
-        v = np.asarray(obs.values, dtype=float).reshape(-1)
-        out = []
-        if v.shape != (self.spec.obs_dim,):
-            return [Trigger("obs_shape", float(v.size), float(self.spec.obs_dim))]
-        bad = int(np.sum(~np.isfinite(v)))
-        if bad:
-            out.append(Trigger("obs_nonfinite", float(bad), 0.0))
-        elif not self.spec.in_range(v):
-            excess = np.maximum(self.spec.obs_low - v, v - self.spec.obs_high)
-            out.append(Trigger("obs_out_of_range", float(excess.max()), 0.0))
-        age = time_s - obs.stamp_s
-        if not (age <= self.cfg.max_obs_age_s):  # also catches a NaN stamp
-            out.append(Trigger("obs_stale", age, self.cfg.max_obs_age_s))
-        if int(obs.faults) != 0:
-            out.append(Trigger("obs_fault", float(int(obs.faults)), 0.0))
-        return out
-
     def _plan_triggers(
         self, plan: PlanInfo | None, plan_error: BaseException | None, deadline_missed: bool
     ) -> list[Trigger]:
@@ -295,15 +341,10 @@ class SafetyGate:
             out.append(Trigger("constraint", margin, -self.cfg.constraint_margin))
         return out
 
-    def _fallback_action(self, obs: Observation) -> np.ndarray:
-        """The fallback on the observation, non-finite readings replaced by 0 (a neutral reading);
+    def _fallback_action(self, reading: np.ndarray | None) -> np.ndarray:
+        """The fallback on a trusted reading (:class:`FallbackReading`), the stop action without one;
         a fallback that returns anything but A finite values raises (-> stop action)."""
-        v = np.asarray(obs.values, dtype=float).reshape(-1)
-        v = np.where(np.isfinite(v), v, 0.0)
-        a = np.asarray(self.fallback.act(v), dtype=float).reshape(-1)
-        if a.shape != (self.spec.act_dim,) or not np.all(np.isfinite(a)):
-            raise FloatingPointError(f"fallback returned {a!r}")
-        return a
+        return fallback_action(self.fallback, reading, self._stop)
 
     def _event(
         self,
