@@ -78,6 +78,15 @@ def _run(robot, n, u=0.5):
     return obs
 
 
+def _run_until_active(robot, timeout_s, ticks=1):
+    """Control ticks until a fresh reading with the robot active again (or the timeout); the last reading."""
+    deadline = time.monotonic() + timeout_s
+    obs = _run(robot, ticks)
+    while not (obs.ok and robot.active) and time.monotonic() < deadline:
+        obs = _run(robot, ticks)
+    return obs
+
+
 def _wait_until(cond, timeout_s=1.0):
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -167,9 +176,7 @@ def test_unplug_marks_comm_stale_then_reconnects_without_raising(link):
             obs = _run(robot, 20)
             assert obs.faults & Fault.COMM and obs.faults & Fault.STALE and np.isnan(obs.values).all()
             emulator.link.replug()
-            deadline = time.monotonic() + 3.0
-            while not (obs.ok and robot.active) and time.monotonic() < deadline:
-                obs = _run(robot, 5)
+            obs = _run_until_active(robot, 3.0, ticks=5)
             assert obs.ok and robot.active
             assert robot.stats.reconnects >= 1 and robot.stats.link_losses >= 1
     finally:
@@ -298,6 +305,16 @@ def _loop_robot(clock: _Clock) -> tuple[SerialRobot, object]:
     return SerialRobot(SPEC, transport, cfg, clock=clock), transport
 
 
+HELLO = mcu.HelloAck(1, 7, ((-10, 10), (-10, 10)), ((-1, 1),))
+
+
+def _configure(robot: SerialRobot, dev, hello: mcu.HelloAck = HELLO) -> None:
+    """Handshake a loop:// robot by hand: HELLO_ACK, the watchdog's ACK and a first STATE."""
+    robot._start_handshake()
+    dev.write(mcu.encode(hello) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(1, 0))
+    robot.read()
+
+
 def _state(seq: int, t_us: int) -> bytes:
     return mcu.encode(mcu.State(seq, t_us, 0, 0, (0.5, 0.0)))
 
@@ -320,7 +337,7 @@ def test_restart_detection_rules_and_resync():
         clock.t += 0.01
         dev.write(_state(521, 14_000))
         assert robot.read().faults & Fault.COMM  # still not configured again: never OK meanwhile
-        ack = mcu.HelloAck(1, 7, ((-10, 10), (-10, 10)), ((-1, 1),))
+        ack = HELLO
         dev.write(mcu.encode(ack) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(522, 24_000))
         clock.t += 0.01
         obs = robot.read()
@@ -408,11 +425,8 @@ def test_a_late_estop_engage_ack_is_not_taken_for_the_release():
     clock = _Clock()
     robot, dev = _loop_robot(clock)
     latched = int(mcu.DeviceFault.ESTOP)
-    hello = mcu.HelloAck(1, 7, ((-10, 10), (-10, 10)), ((-1, 1),))
     try:
-        robot._start_handshake()
-        dev.write(mcu.encode(hello) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(1, 0))
-        robot.read()
+        _configure(robot, dev)
         robot._want_active = True  # activate()'s request, without its blocking wait
         robot._send_acked(mcu.Estop(False), mcu.MsgType.ESTOP)
         # the release is lost; the ACK of an engage sent before it arrives, then a latched STATE
@@ -475,10 +489,7 @@ def test_a_glitch_shorter_than_the_watchdog_resumes_without_an_estop_release():
             _run(robot, 10)
             n_rx = len(emulator.received)
             robot.transport._lost(OSError("EIO (test)"))  # the host's side of the link failed
-            deadline = time.monotonic() + 2.0
-            obs = _run(robot, 1)
-            while not (obs.ok and robot.active) and time.monotonic() < deadline:
-                obs = _run(robot, 1)
+            obs = _run_until_active(robot, 2.0)
             assert obs.ok and robot.active
             assert mcu.Estop(False) not in emulator.received[n_rx:]  # the device was never latched
             assert any(isinstance(m, mcu.WatchdogConfig) for m in emulator.received[n_rx:])
@@ -492,8 +503,7 @@ def test_another_device_behind_the_port_is_refused_at_the_re_handshake(caplog):
     robot, dev = _loop_robot(clock)
     first = mcu.HelloAck(1, 0xAAAA, ((-10, 10), (-10, 10)), ((-1, 1),))
     try:
-        robot._start_handshake()
-        dev.write(mcu.encode(first) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(1, 0))
+        _configure(robot, dev, first)
         assert robot.read().ok and robot.device == first
         robot._start_handshake()  # as after a link loss
         for other in (
@@ -536,10 +546,7 @@ def test_a_restart_during_a_host_pause_rehandshakes():
             time.sleep(0.4)  # the host away (a retrain); the device restarts meanwhile
             emulator.restart()
             time.sleep(1.0)  # its new seq (~100) and clock (1 s) are past the old ones (~70, 0.7 s)
-            obs = _run(robot, 1)
-            deadline = time.monotonic() + 2.0
-            while not (obs.ok and robot.active) and time.monotonic() < deadline:
-                obs = _run(robot, 1)
+            obs = _run_until_active(robot, 2.0)
             assert robot.device_restarts == 1 and obs.ok and robot.active
             assert emulator.watchdog_ms == 60  # its watchdog setting restored
     finally:
@@ -565,10 +572,8 @@ def test_a_device_out_of_reach_for_the_link_timeout_raises_link_lost():
     cfg = SerialConfig(port="loop://", link_timeout_s=2.0)
     robot = SerialRobot(SPEC, make_transport(cfg).open(), cfg, clock=clock)
     dev = robot.transport
-    hello = mcu.HelloAck(1, 7, ((-10, 10), (-10, 10)), ((-1, 1),))
     try:
-        robot._start_handshake()
-        dev.write(mcu.encode(hello) + mcu.encode(mcu.Ack(mcu.MsgType.WATCHDOG_CONFIG)) + _state(1, 0))
+        _configure(robot, dev)
         assert robot.read().ok
         robot._start_handshake()  # as after a link loss: the device does not answer any more
         for _ in range(199):  # 1.99 s of COMM: observations say so, nothing raises yet
