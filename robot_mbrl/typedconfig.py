@@ -188,7 +188,9 @@ def build(cls: type[T], data: Any, *, source: str = "<config>", prefix: str = ""
     if callable(check):
         try:
             check()
-        except ConfigError:
+        except ConfigError as err:  # a check that names its key: it gets the file it came from
+            if err.source == "config":
+                raise ConfigError(source, err.key, err.expected, err.got) from None
             raise
         except ValueError as err:  # section-level cross-field checks: show the values they name
             named = [

@@ -78,17 +78,15 @@ class HomingConfig:
     def validate(self) -> None:
         n = len(self.channels)
         if not n:
-            raise ValueError("homing: expected at least one channel")
+            raise ConfigError("config", "homing.channels", "at least one channel", [])
         if len(self.tolerance) != n:
-            raise ValueError(
-                f"homing.tolerance: expected {n} values (one per channel), got {len(self.tolerance)}"
+            raise ConfigError(
+                "config", "homing.tolerance", f"{n} values (one per channel)", list(self.tolerance)
             )
         if self.targets and len(self.targets) != n:
-            raise ValueError(
-                f"homing.targets: expected {n} values (one per channel), got {len(self.targets)}"
-            )
+            raise ConfigError("config", "homing.targets", f"{n} values (one per channel)", list(self.targets))
         if any(t <= 0 for t in self.tolerance):
-            raise ValueError(f"homing.tolerance: expected values > 0, got {list(self.tolerance)}")
+            raise ConfigError("config", "homing.tolerance", "values > 0", list(self.tolerance))
 
     def enabled(self, backend: str) -> bool:
         return self.mode == "always" or (self.mode == "auto" and backend == "serial")
