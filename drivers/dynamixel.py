@@ -179,8 +179,8 @@ class PacketParser:
                 pos += 1  # a false header; look for the next one
                 continue
             if len(buf) - pos < 7 + length:
-                j = buf.find(HEADER, pos + 1)
-                if j > 0 and self._complete_at(j):
+                j = self._complete_inside(pos)
+                if j is not None:
                     self.packet_errors += 1  # this header's length lied: a whole packet starts inside it
                     pos = j
                     continue
@@ -196,6 +196,16 @@ class PacketParser:
                 pos += 1
         del buf[:pos]
         return out
+
+    def _complete_inside(self, pos: int) -> int | None:
+        """The first header after ``pos`` (within what is buffered) where a complete, CRC-valid packet
+        starts, or None."""
+        j = self._buf.find(HEADER, pos + 1)
+        while j > 0:
+            if self._complete_at(j):
+                return j
+            j = self._buf.find(HEADER, j + 1)
+        return None
 
     def _complete_at(self, j: int) -> bool:
         """Whether a complete packet with a valid CRC starts at ``self._buf[j]``."""

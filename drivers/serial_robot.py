@@ -39,6 +39,7 @@ from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
 from robot_mbrl.drivers.session import (
     CLOCK_DRIFT_MAX,
+    CLOCK_LAG_RESTART_S,
     RESEND_S,
     DeviceSession,
     HandshakeError,
@@ -393,7 +394,10 @@ class SerialRobot(DeviceSession, Robot):
         st = self.transport.stats
         if self._seen is not None:
             elapsed = None if self._seen_rx_s is None else now - self._seen_rx_s
-            reason = restart_reason(self._seen, msg, elapsed)
+            # a STATE may wait unread up to HOST_AWAY_PERIODS (then the backlog is dropped): not a lag
+            reason = restart_reason(
+                self._seen, msg, elapsed, CLOCK_LAG_RESTART_S + HOST_AWAY_PERIODS * self.spec.dt_s
+            )
             if reason is not None:
                 self._on_device_restart(reason)
             else:
@@ -434,7 +438,9 @@ class SerialRobot(DeviceSession, Robot):
         """The device restarted behind a link that stayed up: start its tracking over, handshake again."""
         self.device_restarts += 1
         redo = (
-            "HELLO, WATCHDOG_CONFIG and ESTOP release" if self._want_active else "HELLO and WATCHDOG_CONFIG"
+            "HELLO, WATCHDOG_CONFIG and (if it booted latched) ESTOP release"
+            if self._want_active
+            else "HELLO and WATCHDOG_CONFIG"
         )
         log.warning(
             "device on %s restarted while the link stayed up (%s): sequence/clock tracking "

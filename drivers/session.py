@@ -26,7 +26,9 @@ CLOCK_DRIFT_MAX = 0.05  # device clocks (crystal, resonator, RC oscillator) are 
 CLOCK_LAG_RESTART_S = 0.5  # the device clock fell this far behind ours (plus the drift): it restarted
 
 
-def restart_reason(held: mcu.State, new: mcu.State, elapsed_s: float | None = None) -> str | None:
+def restart_reason(
+    held: mcu.State, new: mcu.State, elapsed_s: float | None = None, lag_s: float = CLOCK_LAG_RESTART_S
+) -> str | None:
     """Why ``new`` must come from a restarted device (None: the same run of the device).
 
     ``held`` is the newest STATE accepted before, ``elapsed_s`` the host time between their receipts
@@ -38,8 +40,8 @@ def restart_reason(held: mcu.State, new: mcu.State, elapsed_s: float | None = No
       hid behind it, the next states, whose ``seq`` moves forward again with the clock still behind,
       reveal it within that window);
     * or, with ``seq`` moving forward: the last applied command's ``cmd_seq`` fell back to 0 (the
-      host never sends 0), or the device clock advanced less than the host's by more than
-      :data:`CLOCK_LAG_RESTART_S` plus :data:`CLOCK_DRIFT_MAX` of the time between them — a restart
+      host never sends 0), or the device clock advanced less than the host's by more than ``lag_s``
+      (at least the longest a STATE may wait unread) plus :data:`CLOCK_DRIFT_MAX` of the time between them — a restart
       while the host was away (a retrain, a link loss) long enough for the new run's ``seq`` and clock
       to pass the old ones.
     """
@@ -54,8 +56,8 @@ def restart_reason(held: mcu.State, new: mcu.State, elapsed_s: float | None = No
     if held.cmd_seq != 0 and new.cmd_seq == 0:
         return f"STATE seq {held.seq} -> {new.seq}, applied command {held.cmd_seq} -> none, {clock}"
     if elapsed_s is not None:
-        lag_s = elapsed_s - (new.t_us - held.t_us) * 1e-6
-        if lag_s > CLOCK_LAG_RESTART_S + CLOCK_DRIFT_MAX * elapsed_s:
+        behind_s = elapsed_s - (new.t_us - held.t_us) * 1e-6
+        if behind_s > lag_s + CLOCK_DRIFT_MAX * elapsed_s:
             return f"STATE seq {held.seq} -> {new.seq}, {clock} in {elapsed_s:.3f} s of host time"
     return None
 
@@ -94,8 +96,8 @@ class DeviceSession:
                 f"device has {ack.n_sensors} sensors / {ack.n_actuators} actuators; "
                 f"config maps {self._obs_idx} / {self._act_idx}"
             )
-        known = self.device
-        if known is not None and not self._blocking and ack != known:  # a re-handshake: the same device only
+        known = self.device  # None in connect() (a new session); set from then on, activate() included
+        if known is not None and ack != known:  # a re-handshake: the same device only
             # (USB re-enumeration can put another adapter behind the same port name)
             raise HandshakeError(
                 f"another device answers on {self.transport.url}: id {ack.device_id:#x} with limits "

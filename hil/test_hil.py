@@ -207,8 +207,15 @@ def test_cli_ends_with_one_line_when_the_device_goes_away(tmp_path):
     from robot_mbrl.sim.params import TwinConfig
 
     emu, port = serve_twin(CartpoleTwin(TwinConfig(), seed=0), "pty")
-    timer = threading.Timer(4.0, emu.stop)  # after the CLI's start-up and a few dozen ticks
-    timer.start()
+    gone = threading.Event()
+
+    def vanish() -> None:  # once the CLI commands the rig (however long its start-up took)
+        while not emu.command_log() and not gone.wait(0.05):
+            pass
+        if not gone.wait(0.5):
+            emu.stop()
+
+    threading.Thread(target=vanish, daemon=True).start()
     try:
         cmd = [
             sys.executable, "-m", "robot_mbrl.cli", "run", "--backend", "serial", "--port", port,
@@ -222,7 +229,7 @@ def test_cli_ends_with_one_line_when_the_device_goes_away(tmp_path):
         assert last.startswith("robot-mbrl run: ") and "for 1 s (serial.link_timeout_s)" in last, last
         assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "summary.json").exists()
     finally:
-        timer.cancel()
+        gone.set()
         emu.stop()
 
 

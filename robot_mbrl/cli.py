@@ -121,6 +121,7 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):
     overrides = list(args.overrides) + (extra or [])
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
+    args.applied_overrides = overrides  # for errors found once the robot is known (_labelled)
     return load_config(args.config, overrides)
 
 
@@ -333,16 +334,10 @@ def _labelled(err: ConfigError, args: argparse.Namespace) -> ConfigError:
     from, as a load error does: the file (or packaged name), and "(--set)" where --set gave it."""
     if err.source != "config":
         return err
-    from robot_mbrl.config import DEFAULT_CONFIG
+    from robot_mbrl.config import DEFAULT_CONFIG, blame
 
-    source = getattr(args, "config", None) or f"{DEFAULT_CONFIG}.yaml"
-    key = err.key.split("[")[0]
-    if any(
-        key == k or key.startswith(k + ".")
-        for k in (ov.split("=")[0] for ov in getattr(args, "overrides", []))
-    ):
-        source += " (--set)"
-    return ConfigError(source, err.key, err.expected, err.got)
+    keys = [ov.split("=")[0] for ov in getattr(args, "applied_overrides", [])]
+    return blame(err, getattr(args, "config", None) or f"{DEFAULT_CONFIG}.yaml", keys)
 
 
 def _run(args: argparse.Namespace) -> tuple[int, str | None]:

@@ -227,10 +227,16 @@ def load_config(name_or_path: str | None = None, overrides: tuple[str, ...] | li
         _cross_check(cfg, source)
         return cfg
     except ConfigError as err:
-        key = err.key.split("[")[0]  # an element of a list: the key that was set
-        if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys):
-            raise ConfigError(f"{source} (--set)", err.key, err.expected, err.got) from None
-        raise
+        raise blame(err, source, set_keys) from None
+
+
+def blame(err: ConfigError, source: str, set_keys: list[str]) -> ConfigError:
+    """``err`` attributed to where its key came from: ``source`` (the config file or packaged name),
+    with " (--set)" where an override set that key, a section above it or a key inside it."""
+    key = err.key.split("[")[0]  # an element of a list: the key that was set
+    if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys):
+        source = f"{source} (--set)"
+    return ConfigError(source, err.key, err.expected, err.got)
 
 
 def _cross_check(cfg: Config, source: str) -> None:
@@ -259,6 +265,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML's signature
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" merges, it is no key
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(

@@ -85,6 +85,13 @@ def test_infinite_values_are_refused():
         load_config(None, ["gate.disagreement_threshold=.inf"])
 
 
+def test_yaml_merge_keys_still_load(tmp_path):
+    merged = tmp_path / "merged.yaml"  # "<<:" merges a mapping in: not a key given twice
+    merged.write_text("fallback:\n  <<: {kind: brake, kv: 3.0}\n  kx: 2.0\n")
+    cfg = load_config(str(merged))
+    assert cfg.fallback.kv == 3.0 and cfg.fallback.kx == 2.0
+
+
 def test_a_key_given_twice_and_an_empty_file_are_refused(tmp_path):
     twice = tmp_path / "twice.yaml"
     twice.write_text("seed: 1\nplanner:\n  horizon: 5\n  horizon: 7\n")

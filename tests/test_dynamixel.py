@@ -63,6 +63,20 @@ def test_crc_error_and_alert_bit():
         dxl.decode_packet(bytes(raw))
 
 
+@pytest.mark.parametrize("between", [b"", b"corrupt"])
+def test_a_header_whose_length_lies_does_not_hold_back_the_next_reply(between):
+    """A corrupted LEN field claims ~500 bytes: the next status packet (after a corrupt one, too)
+    is delivered at once, not once that many bytes have come."""
+    lying = bytearray(dxl.status_packet(1, 0, b"\x05\x06"))
+    lying[5:7] = struct.pack("<H", 500)
+    corrupt = bytearray(dxl.status_packet(3, 0, b"\x07"))
+    corrupt[-1] ^= 0xFF
+    good = dxl.status_packet(2, 0, b"\x05\x06\x07\x08")
+    parser = dxl.PacketParser()
+    out = parser.feed(bytes(lying) + (bytes(corrupt) if between else b"") + good)
+    assert [p.dxl_id for p in out] == [2] and parser.packet_errors >= 1
+
+
 @pytest.fixture
 def bus_emulator():
     servos = [EmulatedServo(1), EmulatedServo(2, tau_s=0.02)]

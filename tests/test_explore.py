@@ -139,8 +139,11 @@ def test_a_reading_the_gate_would_reject_gets_no_random_action_and_no_push_from_
         assert d.source == "fallback" and d.events[0]["trigger"] == "invalid_observation"
         np.testing.assert_array_equal(d.action, SPEC.stop_action())
         ex.act(obs(-0.2, 0.0), tick(1), LOOP)  # trusted
-        d = ex.act(Observation(bad.values, 0.0, bad.faults), tick(2), LOOP)  # the same time: fresh
-        np.testing.assert_array_equal(d.action, brake.act(obs(-0.2, 0.0).values))
+        for i in (2, 3):  # 2 ticks (gate.max_obs_age_s at 50 Hz) on it, whatever the host's clock says:
+            d = ex.act(Observation(bad.values, 5.0 * i, bad.faults), tick(i), LOOP)  # a lockstep run
+            np.testing.assert_array_equal(d.action, brake.act(obs(-0.2, 0.0).values))  # must not depend on it
+        d = ex.act(Observation(bad.values, 0.0, bad.faults), tick(4), LOOP)
+        np.testing.assert_array_equal(d.action, SPEC.stop_action())
     paced = RateLoop(50.0, paced=True)
     d = explorer().act(Observation(obs(0.0, 0.0).values, paced.now() - 10.0), tick(0), paced)  # 10 s old
     assert d.source == "fallback" and d.events[0]["trigger"] == "invalid_observation"

@@ -104,7 +104,7 @@ class ShieldedExplorer:
     ):
         self.spec, self.fallback, self.cfg = spec, fallback, cfg
         self.max_obs_age_s = max_obs_age_s  # the gate's rule for an invalid reading (gate.max_obs_age_s)
-        self._reading = FallbackReading(max_obs_age_s)
+        self._reading = FallbackReading(max_obs_age_s, spec.control_hz)
         self._stop = np.asarray(spec.stop_action(), dtype=float)
         # the shielded policy: seeded colored noise, or another ``act``/``reset`` policy (homing's law)
         self.policy = policy if policy is not None else RandomPolicy(spec, seed=seed, correlation=correlation)
@@ -130,7 +130,7 @@ class ShieldedExplorer:
         x = obs.values
         now = loop.now() if loop.paced else obs.stamp_s  # as the gate: a lockstep twin has no age
         invalid = observation_triggers(self.spec, obs, now, self.max_obs_age_s)
-        reading = self._reading(obs, now, invalid)  # what the fallback may act on
+        reading = self._reading(obs, invalid)  # what the fallback may act on
         if invalid:
             unsafe, score, reason = True, float("nan"), "invalid_observation"
         else:

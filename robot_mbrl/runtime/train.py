@@ -65,6 +65,8 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
     learn_keys = ("episode", "return", "real_steps", "steps", "violations", "fallback_ticks", "deadline_misses",
                   "end_stop_hits")  # fmt: skip
     for i, rec in enumerate(metrics):
+        if not isinstance(rec, dict):
+            raise RunDirError(f"{path}: record {i + 1}: expected a JSON object, got {rec!r}")
         if rec.get("kind") == "learn":
             missing = [k for k in learn_keys if not isinstance(rec.get(k), int | float)]
             if missing:
@@ -85,22 +87,22 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
     # one written just before a kill, its metrics line lost, may come again after the resume)
     recorded = {(rec.get("kind"), rec.get("episode")) for rec in metrics}
     try:
-        times = {(t.get("kind"), t.get("episode")): t for t in run.timings()}
+        times = {(t.get("kind"), t.get("episode")): t for t in run.timings() if isinstance(t, dict)}
     except ValueError as err:  # times are not robot data: the run goes on, its percentiles restart
         log.warning("%s; plan_ms and tick_ms in summary.json count from the resume", err)
         times = {}
     for key, t in times.items():
         if key in recorded and key[0] in ("learn", "eval"):
-            tally.plan_s += [ms / 1e3 for ms in t.get("plan_ms", ())]
+            tally.plan_s += _ms_list(t, "plan_ms")
             if key[0] == "learn":  # the run's tick times are the learning episodes' (as in _evaluate)
-                tally.tick_s += [ms / 1e3 for ms in t.get("tick_ms", ())]
+                tally.tick_s += _ms_list(t, "tick_ms")
     try:
         events = run.events()
     except (ValueError, UnicodeDecodeError) as err:  # events are the record of alarms, not robot data
         log.warning("%s; the alarms in summary.json count from the resume", err)
         events = []
     for ev in events:  # the learning episodes' alarms and the retrains' val_loss alarms
-        if ev.get("kind") == "alarm":
+        if isinstance(ev, dict) and ev.get("kind") == "alarm":
             tally.alarms.append({"tick": ev.get("run_tick", ev.get("tick")), "reason": ev.get("trigger")})
     before = _read_summary(run)
     if before.get("episodes", 0) > len(
@@ -114,6 +116,14 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
         before.get("wall_s", 0.0) or 0.0
     )  # as of the last finished job (a killed one's is lost)
     return tally, episodes, retrains
+
+
+def _ms_list(record: dict, key: str) -> list[float]:
+    """A timing record's times in seconds (a damaged record: none)."""
+    values = record.get(key)
+    if not isinstance(values, list):
+        return []
+    return [ms / 1e3 for ms in values if isinstance(ms, int | float)]
 
 
 def _record_changes(run: RunDir, resolved: dict) -> None:
@@ -130,9 +140,11 @@ def _record_changes(run: RunDir, resolved: dict) -> None:
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
+    """Keys of ``a`` (the run's config.yaml) whose value ``b`` changes. A key ``a`` lacks is a setting
+    newer than the run, at its default: not a change the user made."""
     out: dict[str, tuple] = {}
-    for k in dict.fromkeys([*a, *b]):
-        x, y = a.get(k), b.get(k)
+    for k in a:
+        x, y = a[k], b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
             out.update(_diff(x, y, f"{prefix}{k}."))
         elif x != y:
@@ -321,8 +333,10 @@ def _retrain(
 
     worker = threading.Thread(target=work, name="retrain", daemon=True)
     worker.start()  # before the homing takes its real-time priority: the retrain does not inherit it
-    homed = home(cfg, robot, homing, on_event)
-    worker.join()
+    try:
+        homed = home(cfg, robot, homing, on_event)
+    finally:  # (a homing that fails: the retrain still ends before the job closes its buffer)
+        worker.join()
     if "error" in box:
         raise box["error"]
     return box["record"], homed

@@ -121,23 +121,25 @@ class FallbackReading:
     """What a state-feedback fallback may act on (a brake, a PD law): the reading when its values
     can be trusted (no trigger of :func:`observation_triggers` but fault flags in
     :data:`TRUSTED_FAULTS`); after a reading that cannot (a glitch, a frozen or stale value, a
-    sensor fault), the last trusted one while it is at most ``max_age_s`` old; else None — the stop
-    action. A law fed a wrong position or velocity pushes with full force in the wrong direction."""
+    sensor fault), the last trusted one for at most ``max_age_s`` worth of control ticks; then None
+    — the stop action. A law fed a wrong position or velocity pushes with full force in the wrong
+    direction. Counted in ticks (one call per tick), not on a clock: a lockstep twin's readings are
+    stamped with the host's clock, and the run must not depend on the host's speed."""
 
-    def __init__(self, max_age_s: float):
-        self.max_age_s = max_age_s
-        self._last: tuple[np.ndarray, float] | None = None
+    def __init__(self, max_age_s: float, control_hz: float):
+        self.max_ticks = max(1, int(max_age_s * control_hz + 1e-9))  # 0.05 s at 50 Hz: 2 ticks
+        self._last: np.ndarray | None = None
+        self._since = 0  # ticks since the last trusted reading
 
     def reset(self) -> None:
-        self._last = None
+        self._last, self._since = None, 0
 
-    def __call__(self, obs: Observation, time_s: float, triggers: list[Trigger]) -> np.ndarray | None:
+    def __call__(self, obs: Observation, triggers: list[Trigger]) -> np.ndarray | None:
         if all(t.name == "obs_fault" and not int(t.score) & ~int(TRUSTED_FAULTS) for t in triggers):
-            self._last = (np.asarray(obs.values, dtype=float).reshape(-1).copy(), obs.stamp_s)
-            return self._last[0]
-        if self._last is not None and time_s - self._last[1] <= self.max_age_s:
-            return self._last[0]
-        return None
+            self._last, self._since = np.asarray(obs.values, dtype=float).reshape(-1).copy(), 0
+            return self._last
+        self._since += 1
+        return self._last if self._last is not None and self._since <= self.max_ticks else None
 
 
 def fallback_action(fallback: FallbackPolicy, reading: np.ndarray | None, stop: np.ndarray) -> np.ndarray:
@@ -170,7 +172,7 @@ class SafetyGate:
         self.mode = "mpc"  # every trigger is checked from the first tick on
         self._clear_ticks = 0
         self.ticks = self.fallback_ticks = self.switches = 0
-        self._reading = FallbackReading(cfg.max_obs_age_s)
+        self._reading = FallbackReading(cfg.max_obs_age_s, spec.control_hz)
 
     def reset(self) -> None:
         """New episode: back to the initial state (MPC mode, no dwell progress); keeps counters."""
@@ -257,7 +259,7 @@ class SafetyGate:
         deadline_missed: bool,
     ) -> GateDecision:
         triggers = observation_triggers(self.spec, obs, time_s, self.cfg.max_obs_age_s)
-        reading = self._reading(obs, time_s, triggers)  # what the fallback may act on
+        reading = self._reading(obs, triggers)  # what the fallback may act on
         triggers += self._plan_triggers(plan, plan_error, deadline_missed)
         if self.monitor is not None:
             triggers += [Trigger(f"monitor:{n}", s, t) for n, s, t in self.monitor.active_alarms()]
