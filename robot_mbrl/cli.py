@@ -259,6 +259,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         print(f"emulating the cart-pole rig ({cfg.twin.task}) on {port}")
         print(f"connect with: robot-mbrl run --backend serial --port {port} [--checkpoint RUN_DIR]")
         print(f"   or learn on it: robot-mbrl train --backend serial --port {port}")
+        if any(e.clock == "episode" for e in cfg.twin.schedule):  # a device knows no episodes
+            print("note: twin.schedule events with clock: episode count from the emulator's start here")
         sys.stdout.flush()
         t0 = time.monotonic()
         while args.duration is None or time.monotonic() - t0 < args.duration:

@@ -618,3 +618,12 @@ def test_controller_estimates_the_disturbance_from_one_step_residuals(trained):
     assert bool((ctrl.planner.disturbance.numpy() <= 0.375 * offset + 0.5 * 3 * scale + 1e-5).all())
     ctrl.reset(Observation(obs, 0.0))
     assert ctrl.planner.disturbance is None
+
+
+def test_emulate_says_that_episode_clocks_count_from_its_start():
+    shift = "twin.schedule=[{at_s: 3.0, kind: sensor_bias, target: theta_rad, value: 0.1}]"
+    r = cli("emulate", "--duration", "0.3", "--set", shift, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "clock: episode count from the emulator's start" in r.stdout
+    r = cli("emulate", "--duration", "0.3", "--set", shift.replace("}]", ", clock: total}]"), timeout=60)
+    assert r.returncode == 0 and "clock: episode" not in r.stdout
