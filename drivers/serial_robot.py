@@ -43,6 +43,7 @@ from robot_mbrl.drivers.session import (
     RESEND_S,
     DeviceSession,
     HandshakeError,
+    LinkLost,
     Pending,
     restart_reason,
 )
@@ -84,11 +85,6 @@ def device_faults_to_hal(bits: int) -> Fault:
 
 class NotActive(RuntimeError):
     """A command was written while the robot is not activated (configure-only mode)."""
-
-
-class LinkLost(ConnectionError):
-    """The device has been out of reach (link down, not configured, e-stop held) for longer than
-    ``SerialConfig.link_timeout_s``."""
 
 
 class SerialRobot(DeviceSession, Robot):
@@ -280,27 +276,6 @@ class SerialRobot(DeviceSession, Robot):
         }
         return Observation(values, self._state_rx_s, faults, info)
 
-    def _check_reach(self, now: float, faults: Fault) -> None:
-        """Raise :class:`LinkLost` once the device has been out of reach for ``link_timeout_s``."""
-        if not faults & (Fault.COMM | Fault.ESTOP) or (faults & Fault.ESTOP and not self._estop_held):
-            self._unusable_since = None
-            return
-        if self._unusable_since is None:
-            self._unusable_since = now
-        limit = self.cfg.link_timeout_s
-        if limit is not None and now - self._unusable_since > limit:
-            if not self.transport.is_open:
-                why = "the link is down"
-            elif self._estop_held:
-                why = "its e-stop was engaged on the device (not by this host) and is held"
-            else:
-                why = f"it does not answer ({self._awaited()})"
-            self._unusable_since = None  # a caller that goes on gets another full period
-            raise LinkLost(
-                f"{self.transport.url}: {why} for {limit:g} s (serial.link_timeout_s); "
-                "the robot's own watchdog brakes it"
-            )
-
     def _safe_stop(self) -> None:
         """Stop command then ESTOP, best effort: a dead link is logged, never raised."""
         was_active, self.active, self._want_active = self.active, False, False
@@ -433,24 +408,3 @@ class SerialRobot(DeviceSession, Robot):
             leak = CLOCK_DRIFT_MAX * max(0.0, now - self._offset_at_s)
             self._clock_offset_s = min(self._clock_offset_s + leak, offset)
         self._offset_at_s = now
-
-    def _on_device_restart(self, reason: str) -> None:
-        """The device restarted behind a link that stayed up: start its tracking over, handshake again."""
-        self.device_restarts += 1
-        redo = (
-            "HELLO, WATCHDOG_CONFIG and (if it booted latched) ESTOP release"
-            if self._want_active
-            else "HELLO and WATCHDOG_CONFIG"
-        )
-        log.warning(
-            "device on %s restarted while the link stayed up (%s): sequence/clock tracking "
-            "resynchronised; observations carry COMM until the device answers %s again",
-            self.transport.url, reason, redo,
-        )  # fmt: skip
-        self._prev_rx_s = None
-        self._prev_obs_seq, self._prev_obs_ok = None, False  # no transition spans the restart
-        self._clock_offset_s = None  # its clock restarted
-        # it lost the release this host gave it: its boot latch may be cleared again (not one held)
-        self._release_ok = self._want_active and not self._estop_held
-        if self._handshake_due is None:
-            self._start_handshake()  # it lost its watchdog config and its e-stop release

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.transport import LinkDown
+from robot_mbrl.hal.robot import Fault
 
 log = logging.getLogger("robot_mbrl.drivers.serial_robot")  # one logger for the whole driver
 
@@ -60,6 +61,11 @@ def restart_reason(
         if behind_s > lag_s + CLOCK_DRIFT_MAX * elapsed_s:
             return f"STATE seq {held.seq} -> {new.seq}, {clock} in {elapsed_s:.3f} s of host time"
     return None
+
+
+class LinkLost(ConnectionError):
+    """The device has been out of reach (link down, not configured, e-stop held) for longer than
+    ``SerialConfig.link_timeout_s``."""
 
 
 class HandshakeError(ConnectionError):
@@ -287,6 +293,48 @@ class DeviceSession:
         self.decoder.reset(resync=True)
         self._start_handshake()
         self._wait_for(lambda: self.transport.is_open and self._handshake_due is None and not self._pending)
+
+    def _check_reach(self, now: float, faults: Fault) -> None:
+        """Raise :class:`LinkLost` once the device has been out of reach for ``link_timeout_s``."""
+        if not faults & (Fault.COMM | Fault.ESTOP) or (faults & Fault.ESTOP and not self._estop_held):
+            self._unusable_since = None
+            return
+        if self._unusable_since is None:
+            self._unusable_since = now
+        limit = self.cfg.link_timeout_s
+        if limit is not None and now - self._unusable_since > limit:
+            if not self.transport.is_open:
+                why = "the link is down"
+            elif self._estop_held:
+                why = "its e-stop was engaged on the device (not by this host) and is held"
+            else:
+                why = f"it does not answer ({self._awaited()})"
+            self._unusable_since = None  # a caller that goes on gets another full period
+            raise LinkLost(
+                f"{self.transport.url}: {why} for {limit:g} s (serial.link_timeout_s); "
+                "the robot's own watchdog brakes it"
+            )
+
+    def _on_device_restart(self, reason: str) -> None:
+        """The device restarted behind a link that stayed up: start its tracking over, handshake again."""
+        self.device_restarts += 1
+        redo = (
+            "HELLO, WATCHDOG_CONFIG and (if it booted latched) ESTOP release"
+            if self._want_active
+            else "HELLO and WATCHDOG_CONFIG"
+        )
+        log.warning(
+            "device on %s restarted while the link stayed up (%s): sequence/clock tracking "
+            "resynchronised; observations carry COMM until the device answers %s again",
+            self.transport.url, reason, redo,
+        )  # fmt: skip
+        self._prev_rx_s = None
+        self._prev_obs_seq, self._prev_obs_ok = None, False  # no transition spans the restart
+        self._clock_offset_s = None  # its clock restarted
+        # it lost the release this host gave it: its boot latch may be cleared again (not one held)
+        self._release_ok = self._want_active and not self._estop_held
+        if self._handshake_due is None:
+            self._start_handshake()  # it lost its watchdog config and its e-stop release
 
 
 def _type_name(t: int) -> str:

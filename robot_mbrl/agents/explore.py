@@ -23,7 +23,13 @@ from robot_mbrl.hal.robot import Observation, RobotSpec
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
 from robot_mbrl.runtime.policies import RandomPolicy
-from robot_mbrl.safety.gate import FallbackReading, GateConfig, fallback_action, observation_triggers
+from robot_mbrl.safety.gate import (
+    FallbackReading,
+    GateConfig,
+    fallback_action,
+    judged_at,
+    observation_triggers,
+)
 from robot_mbrl.typedconfig import ConfigError, param, require_names
 
 log = logging.getLogger(__name__)
@@ -128,8 +134,7 @@ class ShieldedExplorer:
 
     def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
         x = obs.values
-        now = loop.now() if loop.paced else obs.stamp_s  # as the gate: a lockstep twin has no age
-        invalid = observation_triggers(self.spec, obs, now, self.max_obs_age_s)
+        invalid = observation_triggers(self.spec, obs, judged_at(loop, obs), self.max_obs_age_s)
         reading = self._reading(obs, invalid)  # what the fallback may act on
         if invalid:
             unsafe, score, reason = True, float("nan"), "invalid_observation"

@@ -15,7 +15,7 @@ from robot_mbrl.hal.robot import Observation
 from robot_mbrl.planning.mpc import MPCPlanner
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
-from robot_mbrl.safety.gate import SafetyGate
+from robot_mbrl.safety.gate import SafetyGate, judged_at
 from robot_mbrl.safety.monitors import ShiftMonitor
 
 if TYPE_CHECKING:
@@ -53,11 +53,10 @@ class GatedMPC:
             except Exception as err:  # noqa: BLE001 - a planner failure is a gate trigger, never a crash
                 log.warning("tick %d: planner raised %r; the gate falls back", self.tick, err)
                 error = err
-        if loop.paced:  # real time: a late plan or an old reading is a hazard -> gate triggers
-            missed, now = loop.late(self.budget_fraction), loop.now()
-        else:  # lockstep twin: it waits for us, so timing must not change the run (reproducibility);
-            missed, now = False, obs.stamp_s  # misses are still counted by the episode runner
-        d = self.gate.decide(self.tick, now, obs, plan, error, missed)
+        # real time: a late plan is a hazard -> gate trigger; a lockstep twin waits for us, so timing
+        # must not change the run (misses are still counted by the episode runner)
+        missed = loop.paced and loop.late(self.budget_fraction)
+        d = self.gate.decide(self.tick, judged_at(loop, obs), obs, plan, error, missed)
         try:  # bookkeeping after the decision: a failure here must not cost the tick its command
             self.warm = self.planner.shift(plan.actions) if plan is not None else None
             cus, ood = self.monitor.state("cusum"), self.monitor.state("ood")

@@ -8,8 +8,8 @@ On disk (``directory``)::
 
 A chunk is written to a temp file, fsynced and renamed (``runtime.files``) before the journal line
 that lists it, so after a crash the journal only names complete chunks; a torn last line (a kill
-mid-append) is left out. Orphan chunks (written, not yet listed) and temp files are ignored on
-:meth:`ReplayBuffer.open`. The flushes that :meth:`ReplayBuffer.add` makes on its interval run on a
+mid-append) is left out. A complete chunk past the journal's last entry (a kill between the chunk and
+its line) is recovered by :meth:`ReplayBuffer.open`; temp files are ignored. The flushes that :meth:`ReplayBuffer.add` makes on its interval run on a
 background writer (``runtime.files.OrderedWriter``): the control tick that adds a transition pays
 for an in-memory ``.npz`` (~0.2 ms), not for the fsyncs; :meth:`flush` and :meth:`close` return
 once everything is on disk. Appending a line keeps a flush O(1) however long the robot has run
@@ -33,23 +33,19 @@ from pathlib import Path
 
 import numpy as np
 
+from robot_mbrl.data.journal import (
+    MANIFEST,
+    MANIFEST_V1,
+    SCHEMA,
+    BufferFileError,
+    chunk_index,
+    read_journal,
+    read_manifest_v1,
+)
 from robot_mbrl.runtime.files import OrderedWriter, append_jsonl, atomic_write_bytes, atomic_write_text
 from robot_mbrl.typedconfig import param
 
 log = logging.getLogger(__name__)
-
-SCHEMA = "robot_mbrl.buffer/2"
-MANIFEST = "manifest.jsonl"
-SCHEMA_V1, MANIFEST_V1 = "robot_mbrl.buffer/1", "manifest.json"  # one JSON document, rewritten per flush
-_ENTRY = {"file": str, "count": int, "sha256": str}
-
-
-class BufferFileError(ValueError):
-    """A buffer file is missing, truncated, corrupt or foreign. ``str(err)`` is one line."""
-
-    def __init__(self, path: Path | str, expected: str, got: str):
-        super().__init__(f"{path}: expected {expected}, got {got}")
-        self.path, self.expected, self.got = path, expected, got
 
 
 @dataclass(frozen=True)
@@ -271,11 +267,11 @@ class ReplayBuffer:
         """
         directory = Path(directory)
         if (directory / MANIFEST).exists() or not (directory / MANIFEST_V1).exists():
-            manifest, chunks = _read_journal(directory / MANIFEST)
+            manifest, chunks = read_journal(directory / MANIFEST)
             v1 = None
         else:  # written by an earlier version: converted to the journal when rows are added
             v1 = directory / MANIFEST_V1
-            manifest = _read_manifest_v1(v1)
+            manifest = read_manifest_v1(v1)
             chunks = manifest["chunks"]
         buf = cls.__new__(cls)
         ReplayBuffer.__init__(buf, manifest["obs_dim"], manifest["act_dim"], None, cfg)
@@ -315,9 +311,9 @@ class ReplayBuffer:
         """Chunks past the journal's last entry: a kill came after a chunk's (atomic, fsynced) write
         and before its journal line. Complete ones are loaded (the journal gets them at the next
         write); an unreadable one is left where it is, with a warning. True if any was loaded."""
-        last = max((_chunk_index(e["file"]) for e in listed), default=-1)
+        last = max((chunk_index(e["file"]) for e in listed), default=-1)
         found = sorted(
-            (i, p) for p in directory.iterdir() if (i := _chunk_index(p.name)) is not None and i > last
+            (i, p) for p in directory.iterdir() if (i := chunk_index(p.name)) is not None and i > last
         )  # fmt: skip
         recovered = 0
         for _, path in found:
@@ -366,65 +362,3 @@ class ReplayBuffer:
                 got = "missing" if k not in cols else f"{cols[k].shape} {cols[k].dtype}"
                 raise BufferFileError(path, f"column {k} of shape {want} {np.dtype(dtype)}", got)
         return cols
-
-
-def _chunk_index(name: str) -> int | None:
-    m = re.fullmatch(r"chunk_(\d+)\.npz", name)
-    return int(m.group(1)) if m else None
-
-
-def _check_header(path: Path, head: object, schema: str) -> dict:
-    if not isinstance(head, dict) or head.get("schema") != schema:
-        got = head.get("schema") if isinstance(head, dict) else type(head).__name__
-        raise BufferFileError(path, f"schema {schema!r}", repr(got))
-    for key in ("obs_dim", "act_dim"):
-        if key not in head:
-            raise BufferFileError(path, f"key {key}", "none")
-        if not isinstance(head[key], int) or isinstance(head[key], bool) or head[key] < 1:
-            raise BufferFileError(path, f"{key}: a positive integer", repr(head[key]))
-    return head
-
-
-def _entry_ok(e: object) -> bool:
-    return isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in _ENTRY.items())
-
-
-def _read_journal(path: Path) -> tuple[dict, list[dict]]:
-    """(header, chunk entries) from the complete lines of a journal; a torn last line (a kill
-    mid-append) is left out (the next append cuts it off)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise BufferFileError(path, "a buffer manifest", "no such file") from None
-    *lines, tail = raw.split(b"\n")  # every complete line ends in a newline
-    if tail:
-        log.warning("%s: left out a torn last line (%d bytes) of an interrupted append", path, len(tail))
-    rows: list[tuple[int, object]] = []  # (line number, parsed), blank lines skipped
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((i, json.loads(line)))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BufferFileError(
-                path, f"line {i}: a JSON object", repr(line[:40].decode(errors="replace"))
-            ) from None
-    if not rows:
-        raise BufferFileError(path, "a buffer manifest journal (schema line first)", "an empty file")
-    head = _check_header(path, rows[0][1], SCHEMA)
-    for i, e in rows[1:]:
-        if not _entry_ok(e):
-            raise BufferFileError(path, f"line {i}: a chunk {{file, count, sha256}}", repr(e)[:80])
-    return head, [e for _, e in rows[1:]]  # type: ignore[misc]
-
-
-def _read_manifest_v1(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BufferFileError(path, "a JSON buffer manifest", f"unparsable data ({err})") from None
-    _check_header(path, manifest, SCHEMA_V1)
-    chunks = manifest.get("chunks")
-    if not isinstance(chunks, list) or not all(_entry_ok(e) for e in chunks):
-        raise BufferFileError(path, "chunks: a list of {file, count, sha256}", repr(chunks)[:80])
-    return manifest

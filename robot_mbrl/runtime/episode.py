@@ -200,7 +200,8 @@ def run_episode(
     tally.deadline_misses += misses
     tally.end_stop_hits += hits
     tally.plan_s += plan_s
-    tally.tick_s += loop.step_s
+    step_s = loop.step_s  # (a copy)
+    tally.tick_s += step_s
     tick_ms = loop.stats().step_ms
     return EpisodeResult(
         episode=episode,
@@ -215,5 +216,5 @@ def run_episode(
         tick_ms_p99=tick_ms["p99"],
         tick_ms_max=tick_ms["max"],
         plan_s=plan_s,
-        tick_s=loop.step_s,
+        tick_s=step_s,
     )

@@ -95,6 +95,12 @@ def _jsonable(a: np.ndarray | None) -> list | None:
 TRUSTED_FAULTS = Fault.LIMIT | Fault.ESTOP | Fault.WATCHDOG
 
 
+def judged_at(loop, obs: Observation) -> float:  # loop: runtime.loop.RateLoop
+    """The time a reading's age is judged at: now on a paced loop; in lockstep (a twin that waits for
+    us) the reading's own stamp, so that the host's speed never changes the run."""
+    return loop.now() if loop.paced else obs.stamp_s
+
+
 def observation_triggers(spec: RobotSpec, obs: Observation, time_s: float, max_age_s: float) -> list[Trigger]:
     """Why ``obs`` is not a valid reading at ``time_s`` (empty: it is): wrong shape, non-finite or
     out-of-range values, older than ``max_age_s`` (or stamped in the future, or not at all), fault
