@@ -77,7 +77,17 @@ class TaskConfig:
 class LoopConfig:
     paced: bool = param(False, "pace ticks on the wall clock; false = lockstep (twin as fast as possible)")
     plan_budget_fraction: float = param(
-        0.8, "fraction of the control period the planner may use before the tick counts as missed", gt=0, le=1
+        0.8,
+        "fraction of the control period the planner may use; on a paced loop the tick stops waiting for the "
+        "plan there and the gate writes the fallback (deadline_missed)",
+        gt=0,
+        le=1,
+    )
+    plan_hang_s: float = param(
+        2.0,
+        "after an episode, how long to wait for a planner call still running (one the tick gave up on) "
+        "before the job stops with an error: a planner that never returns cannot be retrained under",
+        gt=0,
     )
     rt_priority: int = param(
         0,

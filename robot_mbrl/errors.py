@@ -5,6 +5,7 @@ from __future__ import annotations
 from robot_mbrl.data.buffer import BufferFileError
 from robot_mbrl.drivers.framing import ProtocolError
 from robot_mbrl.models.checkpoint import CheckpointError
+from robot_mbrl.runtime.deadline import PlannerHung
 
 # ConnectionError covers the serial link (drivers.transport.LinkDown, HandshakeError) without
 # importing pyserial here.
@@ -13,6 +14,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError,
     ProtocolError,
     ConnectionError,
+    PlannerHung,  # not the user's to fix, but one line: the robot is safe-stopped, the run resumable
 )
 
 

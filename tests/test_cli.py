@@ -415,6 +415,97 @@ def test_a_failing_monitor_or_warm_start_falls_back_instead_of_crashing(trained)
     assert np.isfinite(res.ret)
 
 
+def _hanging_planner(ctl, hang_at: int, hang_s: float) -> list[int]:
+    """Make ``ctl``'s planner block for ``hang_s`` on its ``hang_at``-th call; returns the list the
+    calls' indices go to."""
+    import time
+
+    calls: list[int] = []
+    plan = ctl.planner.plan
+
+    def slow(*args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) - 1 == hang_at:
+            time.sleep(hang_s)
+        return plan(*args, **kwargs)
+
+    ctl.planner.plan = slow
+    return calls
+
+
+def test_a_hung_planner_costs_its_tick_the_plan_not_the_deadline(trained):
+    """On a paced loop the tick stops waiting for the plan at its budget: the gate writes the
+    fallback then (deadline_missed), the ticks while the planner is still busy fall back too, and the
+    MPC takes over again once it returns. In lockstep the same hang is simply waited for."""
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.episode import run_episode
+    from robot_mbrl.runtime.rundir import Tally
+
+    out, _ = trained
+    cfg = load_config(str(out / "config.yaml"), ["gate.dwell_ticks=1"])
+    robot, task = make_robot(cfg), make_task(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, task)
+    ctl = agent.controller(monitors_gate=False)
+    ctl.gate.set_thresholds(disagreement=1e9)
+    calls = _hanging_planner(ctl, hang_at=10, hang_s=0.3)
+    events, tally = [], Tally()
+    with robot:
+        res = run_episode(robot, make_judge(task, robot), ctl, episode=0, max_steps=40, seed=1, paced=True,
+                          tally=tally, on_event=events.append)  # fmt: skip
+    assert res.steps == 40
+    hung_tick = res.tick_s[10]
+    assert hung_tick < 0.2, hung_tick  # did not wait out the 0.3 s hang (budget: 16 ms)
+    missed = [e for e in events if e.get("kind") == "switch" and "deadline_missed" in str(e.get("trigger"))]
+    assert missed and missed[0]["tick"] == 10
+    assert 1 <= res.deadline_misses <= 20  # the hung tick and the busy ones after it (0.3 s = 15 ticks)
+    assert len(calls) < 40  # no new plan was started while the hung one ran
+    back = [e for e in events if e.get("kind") == "switch" and e.get("trigger") == "reentry"]
+    assert back, events  # the MPC took over again
+    assert ctl._worker is None  # the worker was ended with the episode
+
+    # lockstep: the hang is waited for and its plan used (the overrun is counted, not acted on)
+    ctl = agent.controller(monitors_gate=False)
+    ctl.gate.set_thresholds(disagreement=1e9)
+    _hanging_planner(ctl, hang_at=10, hang_s=0.3)
+    events = []
+    with robot:
+        res = run_episode(robot, make_judge(task, robot), ctl, episode=0, max_steps=20, seed=1, paced=False,
+                          tally=Tally(), on_event=events.append)  # fmt: skip
+    assert res.tick_s[10] >= 0.3 and res.deadline_misses == 1
+    assert not [e for e in events if "deadline_missed" in str(e.get("trigger"))]
+
+
+def test_a_planner_that_never_returns_ends_the_episode_with_planner_hung(trained):
+    import threading
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.errors import USER_ERRORS
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.deadline import PlannerHung
+    from robot_mbrl.runtime.episode import run_episode
+    from robot_mbrl.runtime.rundir import Tally
+
+    out, _ = trained
+    cfg = load_config(str(out / "config.yaml"), ["loop.plan_hang_s=0.2"])
+    robot, task = make_robot(cfg), make_task(cfg)
+    ctl = MPCAgent.load(out, cfg, robot.spec, task).controller()
+    release = threading.Event()
+    plan = ctl.planner.plan
+    ctl.planner.plan = lambda *a, **k: release.wait(30.0) and plan(*a, **k)
+    tally = Tally()
+    try:
+        with robot, pytest.raises(PlannerHung, match="plan_hang_s 0.2"):
+            run_episode(robot, make_judge(task, robot), ctl, episode=0, max_steps=10, seed=1, paced=True,
+                        tally=tally)  # fmt: skip
+    finally:
+        release.set()
+    assert tally.real_steps == 10 and tally.fallback_ticks == 10 and tally.deadline_misses == 10
+    assert issubclass(PlannerHung, USER_ERRORS)  # one line from the CLI, no traceback
+
+
 def test_monitors_that_cannot_be_calibrated_are_in_alarm(trained):
     from robot_mbrl.agents.mpc import MPCAgent
     from robot_mbrl.config import load_config

@@ -13,6 +13,7 @@ import torch
 from robot_mbrl.agents.predictive import predictive, predictive_parts
 from robot_mbrl.hal.robot import Observation
 from robot_mbrl.planning.mpc import MPCPlanner
+from robot_mbrl.runtime.deadline import DeadlineWorker, Outcome
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
 from robot_mbrl.safety.gate import SafetyGate, judged_at
@@ -25,12 +26,21 @@ log = logging.getLogger(__name__)
 
 
 class GatedMPC:
-    """The per-tick controller: plan, let the gate decide, feed real transitions to the monitor."""
+    """The per-tick controller: plan, let the gate decide, feed real transitions to the monitor.
+
+    On a paced loop the planner runs on a :class:`DeadlineWorker`: the tick waits for the plan only
+    until ``budget_fraction`` of the period is used, so a planner that hangs costs the tick its plan
+    (the gate's ``deadline_missed``: the fallback is written on time), not its deadline. In lockstep
+    the plan is computed in the tick's own thread (a twin that waits for us has no deadline).
+    ``preempt = False`` plans in the tick's thread on a paced loop too (the behaviour before the
+    worker; ``benchmarks/bench_deadline.py`` compares the two)."""
 
     def __init__(self, agent: MPCAgent, planner: MPCPlanner, gate: SafetyGate, monitor: ShiftMonitor,
-                 budget_fraction: float):  # fmt: skip
+                 budget_fraction: float, hang_s: float = 2.0):  # fmt: skip
         self.agent, self.planner, self.gate, self.monitor = agent, planner, gate, monitor
-        self.budget_fraction = budget_fraction
+        self.budget_fraction, self.hang_s = budget_fraction, hang_s
+        self._worker: DeadlineWorker | None = None
+        self.preempt = True
         self.warm: torch.Tensor | None = None
         self._open_loop: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self.tick = 0  # ticks across episodes (events and monitors use one clock)
@@ -46,16 +56,27 @@ class GatedMPC:
         self.planner.disturbance = None  # a new episode starts without a disturbance estimate
 
     def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
-        plan, error = None, None
+        plan, error, given_up = None, None, False
         if obs.ok:
-            try:
-                plan = self.planner.plan(obs.values, self.warm, self.gate.disagreement_threshold)
-            except Exception as err:  # noqa: BLE001 - a planner failure is a gate trigger, never a crash
-                log.warning("tick %d: planner raised %r; the gate falls back", self.tick, err)
-                error = err
+            args = (obs.values, self.warm, self.gate.disagreement_threshold)
+            if loop.paced and self.preempt:
+                if self._worker is None:
+                    self._worker = DeadlineWorker("planner")
+                outcome, value = self._worker.call(
+                    self.planner.plan, *args, timeout_s=loop.budget_left_s(self.budget_fraction)
+                )
+                plan, error = (value, None) if outcome is Outcome.DONE else (None, value)
+                given_up = outcome in (Outcome.LATE, Outcome.BUSY)
+            else:
+                try:
+                    plan = self.planner.plan(*args)
+                except Exception as err:  # noqa: BLE001 - a planner failure is a gate trigger, never a crash
+                    error = err
+            if error is not None:
+                log.warning("tick %d: planner raised %r; the gate falls back", self.tick, error)
         # real time: a late plan is a hazard -> gate trigger; a lockstep twin waits for us, so timing
         # must not change the run (misses are still counted by the episode runner)
-        missed = loop.paced and loop.late(self.budget_fraction)
+        missed = loop.paced and (given_up or loop.late(self.budget_fraction))
         d = self.gate.decide(self.tick, judged_at(loop, obs), obs, plan, error, missed)
         try:  # bookkeeping after the decision: a failure here must not cost the tick its command
             self.warm = self.planner.shift(plan.actions) if plan is not None else None
@@ -73,7 +94,16 @@ class GatedMPC:
             source=d.source,
             plan_s=plan.solve_time_s if plan is not None else None,
             events=[dict(e) for e in d.events],
+            late=missed,
         )
+
+    def finish(self) -> None:
+        """After an episode: wait for a planner call still running (up to ``hang_s``; raises
+        :class:`~robot_mbrl.runtime.deadline.PlannerHung` past it), so nothing plans while the
+        model is retrained."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close(self.hang_s)
 
     def observe(self, tr: Transition) -> list[dict]:
         """Feed one real transition to the shift monitors. A monitor that raises is an alarm (and,

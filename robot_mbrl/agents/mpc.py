@@ -238,7 +238,10 @@ class MPCAgent:
         safety = SafetyGate(self.spec, gate_cfg, make_fallback(self.cfg.fallback, self.spec), gating)
         if self.thresholds["disagreement"] is not None:
             safety.set_thresholds(disagreement=self.thresholds["disagreement"])
-        return GatedMPC(self, self.planner(learning), safety, monitor, self.cfg.loop.plan_budget_fraction)
+        loop = self.cfg.loop
+        return GatedMPC(
+            self, self.planner(learning), safety, monitor, loop.plan_budget_fraction, loop.plan_hang_s
+        )
 
     def _calibrate_monitor(self, monitor: ShiftMonitor) -> None:
         """OOD threshold and CUSUM residual calibration for the current model and monitor config

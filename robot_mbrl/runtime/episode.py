@@ -7,6 +7,7 @@ are handed to ``on_transition`` — the replay buffer never sees a corrupt readi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from robot_mbrl.hal.robot import Fault, Observation, Robot
+from robot_mbrl.runtime.deadline import short_switch_interval
 from robot_mbrl.runtime.loop import RateLoop, Tick, frozen_heap
 from robot_mbrl.runtime.rundir import Tally
 from robot_mbrl.tasks.base import Task
@@ -30,6 +32,7 @@ class Decision:
     source: str = "policy"  # "policy", "mpc" or "fallback"
     plan_s: float | None = None  # planner time this tick, if it planned
     events: list[dict] = field(default_factory=list)  # gate switches / alarms this tick
+    late: bool = False  # the planner missed its budget (the fallback was written on time instead)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class Controller(Protocol):
     def observe(self, transition: Transition) -> list[dict]:
         """Called with every valid real transition (monitors update here); returns alarm events."""
         ...
+
+    # optional: ``finish(self) -> None``, called after the episode's last tick (a controller that
+    # plans on a worker thread waits for it there; it may raise if the worker hangs)
 
 
 class Judge(Protocol):
@@ -169,28 +175,41 @@ def run_episode(
             on_tick(steps)
         return term
 
-    # Read at the start of every tick (s_t+1 of the previous command), decide, write.
-    for tick in loop:
-        if prev is not None:
-            obs = robot.read()
-            terminated = close(obs)
-            if terminated:
-                break
-        decision = controller.act(obs, tick, loop)
-        if loop.late():
-            misses += 1
-        applied = robot.write(decision.action)
-        prev = (obs, applied)
-        if decision.source == "fallback":
-            fallback += 1
-        if decision.plan_s is not None:
-            plan_s.append(decision.plan_s)
-        for ev in decision.events:  # what the robot applied (its rate limit and clamp), not the request
-            if "applied" in ev:
-                ev["commanded"], ev["applied"] = ev["applied"], np.asarray(applied, dtype=float).tolist()
-        emit(decision.events)
-    if prev is not None:
-        terminated = close(robot.read())
+    finish = getattr(controller, "finish", None)
+    # a paced loop's control thread must get the GIL back from a planner thread within a fraction
+    # of a tick (runtime/deadline.py)
+    with short_switch_interval() if paced else contextlib.nullcontext():
+        try:
+            # Read at the start of every tick (s_t+1 of the previous command), decide, write.
+            for tick in loop:
+                if prev is not None:
+                    obs = robot.read()
+                    terminated = close(obs)
+                    if terminated:
+                        break
+                decision = controller.act(obs, tick, loop)
+                if decision.late or loop.late():  # the plan's budget, or the tick's deadline
+                    misses += 1
+                applied = robot.write(decision.action)
+                prev = (obs, applied)
+                if decision.source == "fallback":
+                    fallback += 1
+                if decision.plan_s is not None:
+                    plan_s.append(decision.plan_s)
+                applied_list = np.asarray(applied, dtype=float).tolist()
+                for ev in decision.events:  # what the robot applied (rate limit, clamp), not the request
+                    if "applied" in ev:
+                        ev["commanded"], ev["applied"] = ev["applied"], applied_list
+                emit(decision.events)
+            if prev is not None:
+                terminated = close(robot.read())
+        except BaseException:
+            if finish is not None:  # end the planner thread without hiding why the episode ended
+                try:
+                    finish()
+                except Exception:  # noqa: BLE001
+                    log.exception("ending the controller after a failed episode")
+            raise
 
     tally.real_steps += steps
     tally.ticks += steps
@@ -203,6 +222,8 @@ def run_episode(
     step_s = loop.step_s  # (a copy)
     tally.tick_s += step_s
     tick_ms = loop.stats().step_ms
+    if finish is not None:
+        finish()
     return EpisodeResult(
         episode=episode,
         steps=steps,

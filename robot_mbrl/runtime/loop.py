@@ -181,10 +181,15 @@ class RateLoop:
     def late(self, budget_fraction: float = 1.0) -> bool:
         """True if the current tick can no longer finish within ``budget_fraction`` of its period
         (measured to its deadline, so a tick that started late has less budget)."""
+        return self.budget_left_s(budget_fraction) < 0
+
+    def budget_left_s(self, budget_fraction: float = 1.0) -> float:
+        """Time left until ``budget_fraction`` of the current tick's period is used up (negative:
+        overrun; a whole period outside a tick)."""
         if self._current is None:
-            return False
+            return self.period_s
         budget_end = self._current.deadline_s - (1.0 - budget_fraction) * self.period_s
-        return self._clock() > budget_end
+        return budget_end - self._clock()
 
     def __iter__(self) -> Iterator[Tick]:
         t0 = self._clock()
