@@ -1,15 +1,19 @@
-"""A planner that hangs on a paced loop: does the tick keep its deadline?
+"""A planner that hangs on a rig: does the tick keep its deadline?
 
-The trained controller drives the twin on the wall clock (50 Hz, as on a rig) while its planner is
-made to block for ``--hang-ms`` on every ``--hang-every``-th call (a stuck kernel, a page fault
-storm, swapping). Baseline in the same run: the planner called in the tick's own thread (the
+The trained controller drives the emulated rig (``robot-mbrl emulate`` in its own process: the twin
+behind the wire protocol, its physics running on its own clock and its watchdog braking when
+commands stop, as a device does) through the serial driver, with homing between episodes, while its
+planner is made to block for ``--hang-ms`` on every ``--hang-every``-th call (a stuck kernel, a page
+fault storm, swapping). Baseline in the same run: the planner called in the tick's own thread (the
 behaviour before ``runtime/deadline.py``; ``GatedMPC.preempt = False``), where the gate learns of
-the miss only when the plan returns. Also both without a hang: what the worker thread costs a tick.
+the miss only when the plan returns and the device meanwhile applies the last command until its
+watchdog brakes. Also both without a hang: what the worker thread costs a tick. Modes interleave.
 
     python benchmarks/bench_deadline.py --checkpoint RUN [--episodes 2] [--hang-ms 200] [--hang-every 50]
 
 Reports per mode: the ticks' work time p50 / p99 / max (read to write), ticks over the 20 ms period,
-the gate's deadline misses, fallback ticks, violations and the return.
+the gate's deadline misses, fallback ticks, violations, end-stop hits and the return. The shift monitors observe but do not gate here: their alarms on an uncommissioned
+checkpoint vary per rig episode and would swamp what the deadline does.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ import argparse
 import datetime
 import os
 import platform
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,14 +35,13 @@ import torch
 from robot_mbrl.agents.mpc import MPCAgent
 from robot_mbrl.config import load_config
 from robot_mbrl.factory import make_judge, make_robot, make_task
-from robot_mbrl.runtime.episode import run_episode
-from robot_mbrl.runtime.rundir import Tally
+from robot_mbrl.runtime.jobs import _drive
+from robot_mbrl.runtime.rundir import run_dir
 
 
-def run_mode(
-    agent, robot, judge, *, preempt: bool, hang_s: float, hang_every: int, episodes: int, steps: int
-):
-    ctl = agent.controller()
+def run_mode(agent, cfg, *, preempt: bool, hang_s: float, hang_every: int, out: Path) -> dict:
+    robot, task = make_robot(cfg), make_task(cfg)
+    ctl = agent.controller(monitors_gate=False)  # (their alarms vary per rig episode; not the subject here)
     ctl.preempt = preempt
     plan, calls = ctl.planner.plan, [0]
 
@@ -44,29 +52,22 @@ def run_mode(
         return plan(*args, **kwargs)
 
     ctl.planner.plan = planned
-    tick_s, over, misses, fallback, viol, rets = [], 0, 0, 0, 0, []
-    with robot:
-        for ep in range(episodes):
-            res = run_episode(robot, judge, ctl, episode=ep, max_steps=steps, seed=80_000 + ep, paced=True,
-                              tally=Tally())  # fmt: skip
-            tick_s += res.tick_s
-            over += sum(t > 1.0 / robot.spec.control_hz for t in res.tick_s)
-            misses += res.deadline_misses
-            fallback += res.fallback_ticks
-            viol += res.violations
-            rets.append(res.ret)
-    t = np.asarray(tick_s) * 1e3
-    return {
-        "ticks": len(t),
-        "p50": float(np.median(t)),
-        "p99": float(np.percentile(t, 99)),
-        "max": float(t.max()),
-        "over_period": int(over),
-        "misses": misses,
-        "fallback": fallback,
-        "violations": viol,
-        "return": float(np.mean(rets)),
-    }
+    with run_dir(out, new=True) as run:
+        tally = _drive(cfg, robot, make_judge(task, robot), ctl, run, kind="run", seed_offset=80_000,
+                       progress=False)  # fmt: skip
+    return {"tally": tally}
+
+
+def emulator(cfg_path: str, seconds: float) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robot_mbrl.cli", "emulate", cfg_path, "--duration", str(seconds)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # type: ignore[union-attr]
+        m = re.search(r"(/\S+/mcu|socket://\S+)", line)
+        if m:
+            return proc, m.group(1)
+    raise RuntimeError("the emulator did not print its port")
 
 
 def main() -> None:
@@ -76,28 +77,45 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--hang-ms", type=float, default=200.0)
     ap.add_argument("--hang-every", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the four modes")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(os.path.join(args.checkpoint, "config.yaml"), ["twin.realtime=false"])
-    robot, task = make_robot(cfg), make_task(cfg)
-    judge = make_judge(task, robot)
-    agent = MPCAgent.load(args.checkpoint, cfg, robot.spec, task)
-    print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
-          f"{os.cpu_count()} cpus, torch {torch.__version__}; {args.episodes} x {args.steps} paced ticks per row, "
-          f"hang {args.hang_ms:g} ms every {args.hang_every} plans")  # fmt: skip
+    cfg_path = os.path.join(args.checkpoint, "config.yaml")
+    proc, port = emulator(cfg_path, 3600)
+    try:
+        cfg = load_config(cfg_path, ["backend=serial", f"serial.port={port}", f"run.episodes={args.episodes}",
+                                     f"task.episode_steps={args.steps}"])  # fmt: skip
+        agent = MPCAgent.load(args.checkpoint, cfg, make_robot(cfg).spec, make_task(cfg))
+        print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
+              f"{os.cpu_count()} cpus, torch {torch.__version__}; emulated rig on {port}; {args.episodes} x "
+              f"{args.steps} ticks per row and round, hang {args.hang_ms:g} ms every {args.hang_every} plans")  # fmt: skip
+        rows: dict[tuple[float, bool], list[dict]] = {}
+        tmp = Path(tempfile.mkdtemp(prefix="bench-deadline-"))
+        for rnd in range(args.rounds):
+            for hang in (0.0, args.hang_ms / 1e3):
+                for preempt in (False, True):
+                    r = run_mode(agent, cfg, preempt=preempt, hang_s=hang, hang_every=args.hang_every,
+                                 out=tmp / f"r{rnd}-{hang}-{preempt}")  # fmt: skip
+                    rows.setdefault((hang, preempt), []).append(r)
+    finally:
+        proc.terminate()
+        proc.wait(10)
     print("| planner | hang | tick p50 ms | p99 ms | max ms | ticks > 20 ms | deadline misses | fallback ticks "
-          "| violations | return |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for hang in (0.0, args.hang_ms / 1e3):
-        for preempt in (False, True):
-            r = run_mode(agent, robot, judge, preempt=preempt, hang_s=hang, hang_every=args.hang_every,
-                         episodes=args.episodes, steps=args.steps)  # fmt: skip
-            name = (
-                "worker thread, waited for until the budget" if preempt else "in the tick's thread (baseline)"
-            )
-            print(f"| {name} | {'none' if hang == 0 else f'{hang * 1e3:g} ms'} | {r['p50']:.2f} | {r['p99']:.2f} "
-                  f"| {r['max']:.1f} | {r['over_period']} / {r['ticks']} | {r['misses']} | {r['fallback']} "
-                  f"| {r['violations']} | {r['return']:.1f} |")  # fmt: skip
+          "| violations | end-stop hits | return |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (hang, preempt), rs in rows.items():
+        tick = np.concatenate([np.asarray(r["tally"].tick_s) for r in rs]) * 1e3
+        period_ms = 1e3 / cfg.twin.control_hz
+
+        def total(key: str, rs: list[dict] = rs) -> int:
+            return sum(getattr(r["tally"], key) for r in rs)
+
+        rets = [x for r in rs for x in r["tally"].returns]
+        name = "worker thread, waited for until the budget" if preempt else "in the tick's thread (baseline)"
+        print(f"| {name} | {'none' if hang == 0 else f'{hang * 1e3:g} ms'} | {np.median(tick):.2f} "
+              f"| {np.percentile(tick, 99):.2f} | {tick.max():.1f} | {int(np.sum(tick > period_ms))} / {tick.size} "
+              f"| {total('deadline_misses')} | {total('fallback_ticks')} | {total('violations')} "
+              f"| {total('end_stop_hits')} | {np.mean(rets):.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

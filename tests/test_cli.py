@@ -416,16 +416,16 @@ def test_a_failing_monitor_or_warm_start_falls_back_instead_of_crashing(trained)
 
 
 def _hanging_planner(ctl, hang_at: int, hang_s: float) -> list[int]:
-    """Make ``ctl``'s planner block for ``hang_s`` on its ``hang_at``-th call; returns the list the
-    calls' indices go to."""
+    """Make ``ctl``'s planner block for ``hang_s`` when planning for tick ``hang_at``; returns the
+    list of the ticks it was called for."""
     import time
 
     calls: list[int] = []
     plan = ctl.planner.plan
 
     def slow(*args, **kwargs):
-        calls.append(len(calls))
-        if len(calls) - 1 == hang_at:
+        calls.append(ctl.tick)
+        if ctl.tick == hang_at and calls.count(hang_at) == 1:
             time.sleep(hang_s)
         return plan(*args, **kwargs)
 
@@ -440,6 +440,7 @@ def test_a_hung_planner_costs_its_tick_the_plan_not_the_deadline(trained):
     from robot_mbrl.agents.mpc import MPCAgent
     from robot_mbrl.config import load_config
     from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.deadline import planner_worker
     from robot_mbrl.runtime.episode import run_episode
     from robot_mbrl.runtime.rundir import Tally
 
@@ -463,7 +464,7 @@ def test_a_hung_planner_costs_its_tick_the_plan_not_the_deadline(trained):
     assert len(calls) < 40  # no new plan was started while the hung one ran
     back = [e for e in events if e.get("kind") == "switch" and e.get("trigger") == "reentry"]
     assert back, events  # the MPC took over again
-    assert ctl._worker is None  # the worker was ended with the episode
+    assert not planner_worker().running  # the episode waited for the late plan before it ended
 
     # lockstep: the hang is waited for and its plan used (the overrun is counted, not acted on)
     ctl = agent.controller(monitors_gate=False)

@@ -21,7 +21,7 @@ def test_a_call_that_returns_in_time_gives_its_value_and_one_that_raises_its_err
         raise err
 
     assert w.call(boom, timeout_s=5.0) == (Outcome.ERROR, err)
-    w.close(1.0)
+    w.wait_idle(1.0)
 
 
 def test_the_caller_stops_waiting_at_the_deadline_and_the_late_result_is_never_used():
@@ -40,7 +40,7 @@ def test_the_caller_stops_waiting_at_the_deadline_and_the_late_result_is_never_u
         time.sleep(0.01)
     assert w.call(lambda: "fresh", timeout_s=5.0) == (Outcome.DONE, "fresh")  # not "stale"
     assert (w.late, w.busy) == (1, 1)
-    w.close(1.0)
+    w.wait_idle(1.0)
 
 
 def test_no_time_left_means_the_call_is_not_started():
@@ -49,20 +49,22 @@ def test_no_time_left_means_the_call_is_not_started():
     assert w.call(ran.append, 1, timeout_s=0.0) == (Outcome.LATE, None)
     time.sleep(0.05)
     assert ran == [] and not w.running
-    w.close(1.0)
+    w.wait_idle(1.0)
 
 
-def test_close_waits_for_a_late_call_and_reports_one_that_hangs():
+def test_wait_idle_waits_for_a_late_call_and_reports_one_that_hangs():
     w = DeadlineWorker()
     assert w.call(time.sleep, 0.2, timeout_s=0.01)[0] is Outcome.LATE
-    w.close(5.0)  # returns once the call is done
+    w.wait_idle(5.0)  # returns once the call is done
     assert not w.running
-    assert w.call(lambda: 1, timeout_s=5.0) == (Outcome.DONE, 1)  # usable again after close
+    assert w.call(lambda: 1, timeout_s=5.0) == (Outcome.DONE, 1)
     release = threading.Event()
     assert w.call(release.wait, timeout_s=0.01)[0] is Outcome.LATE
     with pytest.raises(PlannerHung, match=r"planner has not returned for .* \(loop.plan_hang_s 0.1\)"):
-        w.close(0.1)
+        w.wait_idle(0.1)
     release.set()
+    w.wait_idle(5.0)
+    assert w.call(lambda: 2, timeout_s=5.0) == (Outcome.DONE, 2)  # the same thread, usable again
 
 
 def test_a_planner_spinning_in_python_does_not_keep_the_caller_past_its_deadline():
@@ -85,5 +87,5 @@ def test_a_planner_spinning_in_python_does_not_keep_the_caller_past_its_deadline
         waited = time.monotonic() - t0
         stop.set()
     assert sys.getswitchinterval() == old
-    w.close(5.0)
+    w.wait_idle(5.0)
     assert waited < 1.0  # (about 20 ms; generous for a loaded CI host; the spin never ends by itself)

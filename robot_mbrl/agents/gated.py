@@ -13,7 +13,7 @@ import torch
 from robot_mbrl.agents.predictive import predictive, predictive_parts
 from robot_mbrl.hal.robot import Observation
 from robot_mbrl.planning.mpc import MPCPlanner
-from robot_mbrl.runtime.deadline import DeadlineWorker, Outcome
+from robot_mbrl.runtime.deadline import Outcome, planner_worker
 from robot_mbrl.runtime.episode import Decision, Transition
 from robot_mbrl.runtime.loop import RateLoop, Tick
 from robot_mbrl.safety.gate import SafetyGate, judged_at
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class GatedMPC:
     """The per-tick controller: plan, let the gate decide, feed real transitions to the monitor.
 
-    On a paced loop the planner runs on a :class:`DeadlineWorker`: the tick waits for the plan only
+    On a paced loop the planner runs on the process's planner thread
+    (:func:`~robot_mbrl.runtime.deadline.planner_worker`): the tick waits for the plan only
     until ``budget_fraction`` of the period is used, so a planner that hangs costs the tick its plan
     (the gate's ``deadline_missed``: the fallback is written on time), not its deadline. In lockstep
     the plan is computed in the tick's own thread (a twin that waits for us has no deadline).
@@ -39,7 +40,6 @@ class GatedMPC:
                  budget_fraction: float, hang_s: float = 2.0):  # fmt: skip
         self.agent, self.planner, self.gate, self.monitor = agent, planner, gate, monitor
         self.budget_fraction, self.hang_s = budget_fraction, hang_s
-        self._worker: DeadlineWorker | None = None
         self.preempt = True
         self.warm: torch.Tensor | None = None
         self._open_loop: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
@@ -54,15 +54,27 @@ class GatedMPC:
         self.warm = None
         self._open_loop = None
         self.planner.disturbance = None  # a new episode starts without a disturbance estimate
+        if self.preempt and obs.ok:
+            self._warm_up(obs)
+
+    def _warm_up(self, obs: Observation) -> None:
+        """Make the planner thread's first call (torch's first on a thread is slow: up to tens of ms)
+        before the ticks start. The plan is discarded and the planner's random stream restored, so
+        a run is the same with and without it."""
+        worker = planner_worker()
+        if worker.warmed:
+            return
+        gen = self.planner.gen.get_state()
+        worker.call(self.planner.plan, obs.values, None, None, timeout_s=1.0)
+        self.planner.gen.set_state(gen)
+        worker.warmed = True
 
     def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
         plan, error, given_up = None, None, False
         if obs.ok:
             args = (obs.values, self.warm, self.gate.disagreement_threshold)
             if loop.paced and self.preempt:
-                if self._worker is None:
-                    self._worker = DeadlineWorker("planner")
-                outcome, value = self._worker.call(
+                outcome, value = planner_worker().call(
                     self.planner.plan, *args, timeout_s=loop.budget_left_s(self.budget_fraction)
                 )
                 plan, error = (value, None) if outcome is Outcome.DONE else (None, value)
@@ -101,9 +113,7 @@ class GatedMPC:
         """After an episode: wait for a planner call still running (up to ``hang_s``; raises
         :class:`~robot_mbrl.runtime.deadline.PlannerHung` past it), so nothing plans while the
         model is retrained."""
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.close(self.hang_s)
+        planner_worker().wait_idle(self.hang_s)
 
     def observe(self, tr: Transition) -> list[dict]:
         """Feed one real transition to the shift monitors. A monitor that raises is an alarm (and,

@@ -7,9 +7,11 @@ deadline and then goes on without it (``LATE``), so the fallback is written on t
 call is still running, the next tick's call is refused at once (``BUSY``): one planner, one model,
 never two calls at a time. A late result is discarded when it arrives.
 
-The worker thread runs one SCHED_FIFO priority below the thread that started it (when that one is
-real-time, :func:`robot_mbrl.runtime.loop.realtime`), so the control thread pre-empts the planner at
-its deadline on a busy core. Torch releases the GIL inside its kernels; a planner spinning in pure
+One worker thread serves the whole process (:func:`planner_worker`): torch's first call on a new
+thread is slow (8-73 ms for the first plan on this project's reference machine, 3 ms after), so the
+thread lives as long as the process and is warmed once. It runs each call one SCHED_FIFO priority
+below the calling thread when that one is real-time (:func:`robot_mbrl.runtime.loop.realtime`), so
+the control thread pre-empts the planner at its deadline on a busy core. Torch releases the GIL inside its kernels; a planner spinning in pure
 Python hands it over within the interpreter's switch interval, which the paced episode shortens
 (:func:`short_switch_interval`).
 """
@@ -46,18 +48,19 @@ class DeadlineWorker:
     def __init__(self, name: str = "planner"):
         self.name, self._clock = name, time.monotonic
         self._cv = threading.Condition()
-        self._job: tuple[Callable[..., Any], tuple] | None = None
+        self._job: tuple[Callable[..., Any], tuple, int] | None = None
         self._running = False  # a call is in progress on the worker
         self._started_s = 0.0  # when it was handed over
         self._result: tuple[Outcome, Any] | None = None
-        self._stop = False
         self._thread: threading.Thread | None = None
+        self.warmed = False  # (set by the user once it has made the thread's first, slow call)
         self.late = 0  # calls given up on at their deadline
         self.busy = 0  # calls refused because the previous one was still running
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float) -> tuple[Outcome, Any]:
         """Run ``fn(*args)`` on the worker and wait for it at most ``timeout_s`` (<= 0: not at all
         unless it is already done). Never raises what ``fn`` raises: that comes back as ``(ERROR, exc)``."""
+        priority = _fifo_priority()
         with self._cv:
             deadline_s = self._clock() + timeout_s
             if self._running:
@@ -68,7 +71,7 @@ class DeadlineWorker:
                 return Outcome.LATE, None
             if self._thread is None:
                 self._start()
-            self._job, self._result, self._running = (fn, args), None, True
+            self._job, self._result, self._running = (fn, args, priority), None, True
             self._started_s = self._clock()
             self._cv.notify_all()
             while self._result is None:
@@ -86,45 +89,40 @@ class DeadlineWorker:
         with self._cv:
             return self._running
 
-    def close(self, hang_s: float) -> None:
-        """Wait up to ``hang_s`` for a call still in progress, then end the thread. Raises
-        :class:`PlannerHung` if the call is still running then (the thread is left behind: a daemon,
-        it cannot be killed; its result will never be used)."""
+    def wait_idle(self, hang_s: float) -> None:
+        """Wait up to ``hang_s`` for a call still in progress (one its caller gave up on); raises
+        :class:`PlannerHung` if it is still running then (its result will never be used)."""
         with self._cv:
             end = self._clock() + hang_s
             while self._running and self._clock() < end:
                 self._cv.wait(end - self._clock())
-            running, since = self._running, self._clock() - self._started_s
-            self._stop = True
-            self._cv.notify_all()
-        thread, self._thread = self._thread, None
-        if running:
-            raise PlannerHung(
-                f"the {self.name} has not returned for {since:.1f} s (loop.plan_hang_s {hang_s:g}): every tick "
-                "since its deadline fell back; the job stops with the robot safe-stopped"
-            )
-        if thread is not None:
-            thread.join(1.0)
-        with self._cv:
-            self._stop = False
+            if self._running:
+                raise PlannerHung(
+                    f"the {self.name} has not returned for {self._clock() - self._started_s:.1f} s "
+                    f"(loop.plan_hang_s {hang_s:g}): every tick since its deadline fell back; the job "
+                    "stops with the robot safe-stopped"
+                )
 
     # -- the worker thread -------------------------------------------------------------------
     def _start(self) -> None:
-        parent = _fifo_priority()
-        self._thread = threading.Thread(target=self._serve, args=(parent,), name=self.name, daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
         self._thread.start()
 
-    def _serve(self, parent_priority: int) -> None:
-        if parent_priority > 1:  # below the control thread that waits for it
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(parent_priority - 1))
+    def _serve(self) -> None:
+        priority = 0  # this thread's SCHED_FIFO priority (0: normal scheduling)
         while True:
             with self._cv:
-                while self._job is None and not self._stop:
+                while self._job is None:
                     self._cv.wait()
-                if self._job is None:
-                    return
-                (fn, args), self._job = self._job, None
+                (fn, args, caller), self._job = self._job, None
+            want = max(caller - 1, 1) if caller > 0 else 0  # below the caller, which waits for it
+            if want != priority:
+                with contextlib.suppress(AttributeError, OSError):
+                    if want:
+                        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(want))
+                    else:
+                        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                    priority = want
             try:
                 result: tuple[Outcome, Any] = (Outcome.DONE, fn(*args))
             except Exception as err:  # noqa: BLE001 - handed to the caller, which decides
@@ -133,6 +131,19 @@ class DeadlineWorker:
                 self._running = False
                 self._result = result  # a late one is overwritten by the next call before it is read
                 self._cv.notify_all()
+
+
+_shared: DeadlineWorker | None = None
+_shared_lock = threading.Lock()
+
+
+def planner_worker() -> DeadlineWorker:
+    """The process's planner thread (started on first use; see the module docstring)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = DeadlineWorker("planner")
+        return _shared
 
 
 def _fifo_priority() -> int:
