@@ -478,6 +478,34 @@ def test_a_hung_planner_costs_its_tick_the_plan_not_the_deadline(trained):
     assert not [e for e in events if "deadline_missed" in str(e.get("trigger"))]
 
 
+def test_warming_the_planner_thread_leaves_the_plans_unchanged(trained, monkeypatch):
+    """The first call on the planner thread is made at reset (torch's first on a thread is slow); it
+    must not change the planner's random stream: lockstep runs stay reproducible."""
+    import numpy as np
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot, make_task
+    from robot_mbrl.runtime import deadline
+
+    out, _ = trained
+    cfg = load_config(str(out / "config.yaml"), [])
+    robot, task = make_robot(cfg), make_task(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, task)
+    with robot:
+        obs = robot.reset(3)
+    monkeypatch.setattr(deadline, "_shared", deadline.DeadlineWorker("planner"))  # not warmed yet
+    warmed, plain = agent.controller(), agent.controller()
+    plain.preempt = False
+    warmed.reset(obs)
+    plain.reset(obs)
+    assert deadline.planner_worker().warmed
+    for _ in range(3):
+        a = warmed.planner.plan(obs.values, None, None).action
+        b = plain.planner.plan(obs.values, None, None).action
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_planner_that_never_returns_ends_the_episode_with_planner_hung(trained):
     import threading
 

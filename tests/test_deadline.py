@@ -89,3 +89,17 @@ def test_a_planner_spinning_in_python_does_not_keep_the_caller_past_its_deadline
     assert sys.getswitchinterval() == old
     w.wait_idle(5.0)
     assert waited < 1.0  # (about 20 ms; generous for a loaded CI host; the spin never ends by itself)
+
+
+def test_the_worker_runs_one_realtime_priority_below_its_caller():
+    import os
+
+    from robot_mbrl.runtime.loop import realtime
+
+    w = DeadlineWorker()
+    with realtime(10) as granted:
+        if not granted:
+            pytest.skip("SCHED_FIFO not permitted here")
+        assert w.call(lambda: os.sched_getparam(0).sched_priority, timeout_s=5.0) == (Outcome.DONE, 9)
+    # a caller at normal priority: the worker is back on normal scheduling too
+    assert w.call(lambda: os.sched_getscheduler(0) == os.SCHED_OTHER, timeout_s=5.0) == (Outcome.DONE, True)
