@@ -3,8 +3,8 @@
 The trained controller drives the emulated rig (``robot-mbrl emulate`` in its own process: the twin
 behind the wire protocol, its physics running on its own clock and its watchdog braking when
 commands stop, as a device does) through the serial driver, with homing between episodes, while its
-planner is made to block for ``--hang-ms`` on every ``--hang-every``-th call (a stuck kernel, a page
-fault storm, swapping). Baseline in the same run: the planner called in the tick's own thread (the
+planner is made to block for ``--hang-ms`` once every ``--hang-every`` ticks (a stuck kernel, a page
+fault storm, swapping; ``time.sleep``, which releases the GIL as those do). Baseline in the same run: the planner called in the tick's own thread (the
 behaviour before ``runtime/deadline.py``; ``GatedMPC.preempt = False``), where the gate learns of
 the miss only when the plan returns and the device meanwhile applies the last command until its
 watchdog brakes. Also both without a hang: what the worker thread costs a tick. Modes interleave.
@@ -43,11 +43,12 @@ def run_mode(agent, cfg, *, preempt: bool, hang_s: float, hang_every: int, out: 
     robot, task = make_robot(cfg), make_task(cfg)
     ctl = agent.controller(monitors_gate=False)  # (their alarms vary per rig episode; not the subject here)
     ctl.preempt = preempt
-    plan, calls = ctl.planner.plan, [0]
+    plan, hung = ctl.planner.plan, set()
 
     def planned(*args, **kwargs):
-        calls[0] += 1
-        if hang_s > 0 and calls[0] % hang_every == 0:
+        due = ctl.tick // hang_every  # one hang per hang_every ticks, on the first plan in that block
+        if hang_s > 0 and due > 0 and due not in hung:  # (a busy tick makes no call: counting calls
+            hung.add(due)  # would give the worker fewer hangs)
             time.sleep(hang_s)  # (releases the GIL, as a stuck kernel does)
         return plan(*args, **kwargs)
 
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--hang-ms", type=float, default=200.0)
     ap.add_argument("--hang-every", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the four modes")
+    ap.add_argument("--rounds", type=int, default=2, help="repetitions of the four modes, order alternating")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg_path = os.path.join(args.checkpoint, "config.yaml")
@@ -88,12 +89,12 @@ def main() -> None:
         agent = MPCAgent.load(args.checkpoint, cfg, make_robot(cfg).spec, make_task(cfg))
         print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
               f"{os.cpu_count()} cpus, torch {torch.__version__}; emulated rig on {port}; {args.episodes} x "
-              f"{args.steps} ticks per row and round, hang {args.hang_ms:g} ms every {args.hang_every} plans")  # fmt: skip
+              f"{args.steps} ticks per row and round, hang {args.hang_ms:g} ms once every {args.hang_every} ticks")  # fmt: skip
         rows: dict[tuple[float, bool], list[dict]] = {}
         tmp = Path(tempfile.mkdtemp(prefix="bench-deadline-"))
         for rnd in range(args.rounds):
             for hang in (0.0, args.hang_ms / 1e3):
-                for preempt in (False, True):
+                for preempt in (False, True) if rnd % 2 == 0 else (True, False):  # order alternates
                     r = run_mode(agent, cfg, preempt=preempt, hang_s=hang, hang_every=args.hang_every,
                                  out=tmp / f"r{rnd}-{hang}-{preempt}")  # fmt: skip
                     rows.setdefault((hang, preempt), []).append(r)
@@ -103,7 +104,7 @@ def main() -> None:
     print("| planner | hang | tick p50 ms | p99 ms | max ms | ticks > 20 ms | deadline misses | fallback ticks "
           "| violations | end-stop hits | return |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for (hang, preempt), rs in rows.items():
+    for (hang, preempt), rs in sorted(rows.items()):
         tick = np.concatenate([np.asarray(r["tally"].tick_s) for r in rs]) * 1e3
         period_ms = 1e3 / cfg.twin.control_hz
 

@@ -155,6 +155,11 @@ class Config:
     homing: HomingConfig = param(factory=HomingConfig)
 
 
+def is_paced(cfg: Config) -> bool:
+    """The job runs on the wall clock (``loop.paced``, or a real device, which does not wait for us)."""
+    return cfg.loop.paced or cfg.backend == "serial"
+
+
 def packaged_configs() -> list[str]:
     return sorted(
         p.name[:-5] for p in resources.files("robot_mbrl.configs").iterdir() if p.name.endswith(".yaml")

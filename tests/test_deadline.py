@@ -101,5 +101,10 @@ def test_the_worker_runs_one_realtime_priority_below_its_caller():
         if not granted:
             pytest.skip("SCHED_FIFO not permitted here")
         assert w.call(lambda: os.sched_getparam(0).sched_priority, timeout_s=5.0) == (Outcome.DONE, 9)
+    with realtime(1):  # one below 1 is normal scheduling: never the caller's own priority
+        assert w.call(lambda: os.sched_getscheduler(0) == os.SCHED_OTHER, timeout_s=5.0) == (
+            Outcome.DONE,
+            True,
+        )
     # a caller at normal priority: the worker is back on normal scheduling too
     assert w.call(lambda: os.sched_getscheduler(0) == os.SCHED_OTHER, timeout_s=5.0) == (Outcome.DONE, True)

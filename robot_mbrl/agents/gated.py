@@ -37,9 +37,10 @@ class GatedMPC:
     worker; ``benchmarks/bench_deadline.py`` compares the two)."""
 
     def __init__(self, agent: MPCAgent, planner: MPCPlanner, gate: SafetyGate, monitor: ShiftMonitor,
-                 budget_fraction: float, hang_s: float = 2.0):  # fmt: skip
+                 budget_fraction: float, hang_s: float = 2.0, paced: bool = False):  # fmt: skip
         self.agent, self.planner, self.gate, self.monitor = agent, planner, gate, monitor
         self.budget_fraction, self.hang_s = budget_fraction, hang_s
+        self.paced = paced  # the job runs on the wall clock: the planner thread is warmed at reset
         self.preempt = True
         self.warm: torch.Tensor | None = None
         self._open_loop: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
@@ -54,18 +55,20 @@ class GatedMPC:
         self.warm = None
         self._open_loop = None
         self.planner.disturbance = None  # a new episode starts without a disturbance estimate
-        if self.preempt and obs.ok:
+        if self.paced and self.preempt and obs.ok:
             self._warm_up(obs)
 
     def _warm_up(self, obs: Observation) -> None:
         """Make the planner thread's first call (torch's first on a thread is slow: up to tens of ms)
-        before the ticks start. The plan is discarded and the planner's random stream restored, so
-        a run is the same with and without it."""
+        before the ticks start. The plan is discarded and the planner's random stream restored once
+        it has returned (a warm-up that does not return within twice ``hang_s`` is :class:`PlannerHung`)."""
         worker = planner_worker()
         if worker.warmed:
             return
+        worker.wait_idle(self.hang_s)
         gen = self.planner.gen.get_state()
-        worker.call(self.planner.plan, obs.values, None, None, timeout_s=1.0)
+        if worker.call(self.planner.plan, obs.values, None, None, timeout_s=self.hang_s)[0] is Outcome.LATE:
+            worker.wait_idle(self.hang_s)  # one more chance, then PlannerHung
         self.planner.gen.set_state(gen)
         worker.warmed = True
 
@@ -110,9 +113,9 @@ class GatedMPC:
         )
 
     def finish(self) -> None:
-        """After an episode: wait for a planner call still running (up to ``hang_s``; raises
-        :class:`~robot_mbrl.runtime.deadline.PlannerHung` past it), so nothing plans while the
-        model is retrained."""
+        """After an episode (and its record): wait for a planner call still running, up to
+        ``hang_s``; raises :class:`~robot_mbrl.runtime.deadline.PlannerHung` past it. (A retrain
+        waits for it too: :meth:`MPCAgent.retrain`.)"""
         planner_worker().wait_idle(self.hang_s)
 
     def observe(self, tr: Transition) -> list[dict]:

@@ -24,7 +24,7 @@ import torch
 from robot_mbrl.agents.gated import GatedMPC
 from robot_mbrl.agents.monitor_calibration import SEGMENT_TICKS, calibrate_monitor, commission, segments
 from robot_mbrl.agents.planning_tasks import EnvRewardTask, ShieldedTask
-from robot_mbrl.config import Config
+from robot_mbrl.config import Config, is_paced
 from robot_mbrl.data.buffer import ReplayBuffer
 from robot_mbrl.data.symmetry import mirror_signs, with_mirror
 from robot_mbrl.hal.robot import RobotSpec
@@ -35,6 +35,7 @@ from robot_mbrl.planning.mpc import MPCPlanner, ValueFn
 from robot_mbrl.planning.terminal import TerminalValue, fit_terminal, lqr_policy
 from robot_mbrl.planning.value import ValueConfig, ValueFitReport, ValueFunction
 from robot_mbrl.planning.value_targets import logged_action_plans, planned_value_targets
+from robot_mbrl.runtime.deadline import planner_worker
 from robot_mbrl.safety.calibration import (
     calibrate_threshold,
     plan_disagreement_scores,
@@ -92,6 +93,7 @@ class MPCAgent:
     def retrain(self, buffer: ReplayBuffer, max_epochs: int | None = None) -> tuple[TrainReport, dict]:
         """Model, value and thresholds from the whole buffer. Returns the trainer's report and a
         record for metrics (losses, shift signal, thresholds)."""
+        planner_worker().wait_idle(self.cfg.loop.plan_hang_s)  # no late plan reads what changes here
         report = self.trainer.train(buffer, max_epochs=max_epochs)
         data = buffer.arrays()
         self._calibrate(data, report.holdout_idx)  # the planned value targets truncate with it
@@ -239,9 +241,8 @@ class MPCAgent:
         if self.thresholds["disagreement"] is not None:
             safety.set_thresholds(disagreement=self.thresholds["disagreement"])
         loop = self.cfg.loop
-        return GatedMPC(
-            self, self.planner(learning), safety, monitor, loop.plan_budget_fraction, loop.plan_hang_s
-        )
+        return GatedMPC(self, self.planner(learning), safety, monitor, loop.plan_budget_fraction,
+                        loop.plan_hang_s, paced=is_paced(self.cfg))  # fmt: skip
 
     def _calibrate_monitor(self, monitor: ShiftMonitor) -> None:
         """OOD threshold and CUSUM residual calibration for the current model and monitor config

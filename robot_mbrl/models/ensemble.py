@@ -266,7 +266,8 @@ class ProbabilisticEnsemble(torch.nn.Module):
         key = version_key(tensors)
         if self.__dict__.get("_fused_key") != key:
             self._fused_params = [*self.weights, *self.biases, *self._gain_params]
-            self._fused_key, self._fused_val = key, fuse(self)
+            self._fused_val = fuse(self)  # the value before its key: a reader on another thread
+            self._fused_key = key  # (the planner's) never pairs the new key with the old weights
         return self._fused_val
 
     def _step(

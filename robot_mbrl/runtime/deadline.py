@@ -13,7 +13,9 @@ thread lives as long as the process and is warmed once. It runs each call one SC
 below the calling thread when that one is real-time (:func:`robot_mbrl.runtime.loop.realtime`), so
 the control thread pre-empts the planner at its deadline on a busy core. Torch releases the GIL inside its kernels; a planner spinning in pure
 Python hands it over within the interpreter's switch interval, which the paced episode shortens
-(:func:`short_switch_interval`).
+(:func:`short_switch_interval`), but still competes with the control thread for it: the guarantee
+is for hangs that release the GIL (a kernel, I/O, a page fault), a Python-bound one only shortens
+the damage.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class PlannerHung(RuntimeError):
 
 
 class DeadlineWorker:
-    """One call at a time on a daemon thread, waited for until a deadline (see the module docstring)."""
+    """One call at a time on a daemon thread, waited for until a deadline (see the module docstring).
+    For one calling thread at a time (the control thread): a second caller could take the first's
+    result."""
 
     def __init__(self, name: str = "planner"):
         self.name, self._clock = name, time.monotonic
@@ -73,7 +77,7 @@ class DeadlineWorker:
                 self._start()
             self._job, self._result, self._running = (fn, args, priority), None, True
             self._started_s = self._clock()
-            self._cv.notify_all()
+            self._cv.notify_all()  # (the job and its notify under one lock: no wakeup is lost)
             while self._result is None:
                 left = deadline_s - self._clock()
                 if left <= 0:
@@ -115,7 +119,9 @@ class DeadlineWorker:
                 while self._job is None:
                     self._cv.wait()
                 (fn, args, caller), self._job = self._job, None
-            want = max(caller - 1, 1) if caller > 0 else 0  # below the caller, which waits for it
+            # below the caller, which waits for it; below priority 1 is normal scheduling (at the
+            # caller's own priority a busy planner could not be pre-empted on its core)
+            want = caller - 1 if caller > 1 else 0
             if want != priority:
                 with contextlib.suppress(AttributeError, OSError):
                     if want:
@@ -125,7 +131,7 @@ class DeadlineWorker:
                     priority = want
             try:
                 result: tuple[Outcome, Any] = (Outcome.DONE, fn(*args))
-            except Exception as err:  # noqa: BLE001 - handed to the caller, which decides
+            except BaseException as err:  # noqa: BLE001 - handed to the caller; the thread lives on
                 result = (Outcome.ERROR, err)
             with self._cv:
                 self._running = False

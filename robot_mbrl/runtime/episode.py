@@ -56,8 +56,8 @@ class Controller(Protocol):
         """Called with every valid real transition (monitors update here); returns alarm events."""
         ...
 
-    # optional: ``finish(self) -> None``, called after the episode's last tick (a controller that
-    # plans on a worker thread waits for it there; it may raise if the worker hangs)
+    # optional: ``finish(self) -> None``, called by the jobs after an episode and its record (a
+    # controller that plans on a worker thread waits for it there; it may raise if the worker hangs)
 
 
 class Judge(Protocol):
@@ -175,41 +175,32 @@ def run_episode(
             on_tick(steps)
         return term
 
-    finish = getattr(controller, "finish", None)
     # a paced loop's control thread must get the GIL back from a planner thread within a fraction
     # of a tick (runtime/deadline.py)
     with short_switch_interval() if paced else contextlib.nullcontext():
-        try:
-            # Read at the start of every tick (s_t+1 of the previous command), decide, write.
-            for tick in loop:
-                if prev is not None:
-                    obs = robot.read()
-                    terminated = close(obs)
-                    if terminated:
-                        break
-                decision = controller.act(obs, tick, loop)
-                if decision.late or loop.late():  # the plan's budget, or the tick's deadline
-                    misses += 1
-                applied = robot.write(decision.action)
-                prev = (obs, applied)
-                if decision.source == "fallback":
-                    fallback += 1
-                if decision.plan_s is not None:
-                    plan_s.append(decision.plan_s)
-                applied_list = np.asarray(applied, dtype=float).tolist()
-                for ev in decision.events:  # what the robot applied (rate limit, clamp), not the request
-                    if "applied" in ev:
-                        ev["commanded"], ev["applied"] = ev["applied"], applied_list
-                emit(decision.events)
+        # Read at the start of every tick (s_t+1 of the previous command), decide, write.
+        for tick in loop:
             if prev is not None:
-                terminated = close(robot.read())
-        except BaseException:
-            if finish is not None:  # end the planner thread without hiding why the episode ended
-                try:
-                    finish()
-                except Exception:  # noqa: BLE001
-                    log.exception("ending the controller after a failed episode")
-            raise
+                obs = robot.read()
+                terminated = close(obs)
+                if terminated:
+                    break
+            decision = controller.act(obs, tick, loop)
+            if decision.late or loop.late():  # the plan's budget, or the tick's deadline
+                misses += 1
+            applied = robot.write(decision.action)
+            prev = (obs, applied)
+            if decision.source == "fallback":
+                fallback += 1
+            if decision.plan_s is not None:
+                plan_s.append(decision.plan_s)
+            applied_list = np.asarray(applied, dtype=float).tolist()
+            for ev in decision.events:  # what the robot applied (rate limit, clamp), not the request
+                if "applied" in ev:
+                    ev["commanded"], ev["applied"] = ev["applied"], applied_list
+            emit(decision.events)
+        if prev is not None:
+            terminated = close(robot.read())
 
     tally.real_steps += steps
     tally.ticks += steps
@@ -222,8 +213,6 @@ def run_episode(
     step_s = loop.step_s  # (a copy)
     tally.tick_s += step_s
     tick_ms = loop.stats().step_ms
-    if finish is not None:
-        finish()
     return EpisodeResult(
         episode=episode,
         steps=steps,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from robot_mbrl.config import Config, config_to_dict
+from robot_mbrl.config import Config, config_to_dict, is_paced
 from robot_mbrl.hal.robot import Robot, stop_on_signals
 from robot_mbrl.runtime.episode import Controller, EpisodeResult, Judge, run_episode
 from robot_mbrl.runtime.homing import Homing, make_homing
@@ -126,13 +126,12 @@ def run_episodes(
             )
         run.timing(timing_record(ep, kind, res.plan_s, res.tick_s))  # before its metrics line
         run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps, **homed))
+        finish = getattr(controller, "finish", None)
+        if finish is not None:  # a planner thread still busy with a late plan: wait (or PlannerHung)
+            finish()
         progress.post(ret=res.ret)
         results.append(res)
     return results
-
-
-def is_paced(cfg: Config) -> bool:
-    return cfg.loop.paced or cfg.backend == "serial"  # a real device runs on the wall clock
 
 
 def control_priority(cfg: Config):  # -> a context manager
