@@ -42,7 +42,9 @@ from robot_mbrl.runtime.rundir import run_dir
 def run_mode(agent, cfg, *, preempt: bool, hang_s: float, hang_every: int, out: Path) -> dict:
     robot, task = make_robot(cfg), make_task(cfg)
     ctl = agent.controller(monitors_gate=False)  # (their alarms vary per rig episode; not the subject here)
-    ctl.preempt = preempt
+    ctl.preempt = preempt  # (loop.preempt_planner)
+    if preempt:
+        ctl._warm_up()  # as agent.controller() does with loop.preempt_planner on a rig
     plan, hung = ctl.planner.plan, set()
 
     def planned(*args, **kwargs):

@@ -447,7 +447,7 @@ def test_a_hung_planner_costs_its_tick_the_plan_not_the_deadline(trained):
     from robot_mbrl.runtime.rundir import Tally
 
     out, _ = trained
-    cfg = load_config(str(out / "config.yaml"), ["gate.dwell_ticks=1"])
+    cfg = load_config(str(out / "config.yaml"), ["gate.dwell_ticks=1", "loop.preempt_planner=true"])
     robot, task = make_robot(cfg), make_task(cfg)
     agent = MPCAgent.load(out, cfg, robot.spec, task)
     ctl = agent.controller(monitors_gate=False)
@@ -483,8 +483,8 @@ def test_a_hung_planner_costs_its_tick_the_plan_not_the_deadline(trained):
 
 
 def test_warming_the_planner_thread_leaves_the_plans_unchanged(trained, monkeypatch):
-    """The first call on the planner thread is made at reset (torch's first on a thread is slow); it
-    must not change the planner's random stream: lockstep runs stay reproducible."""
+    """On the wall clock the planner thread's first call (torch's first on a thread is slow) is made
+    when the controller is built; it must not change the planner's random stream."""
     import numpy as np
 
     from robot_mbrl.agents.mpc import MPCAgent
@@ -493,23 +493,27 @@ def test_warming_the_planner_thread_leaves_the_plans_unchanged(trained, monkeypa
     from robot_mbrl.runtime import deadline
 
     out, _ = trained
-    cfg = load_config(str(out / "config.yaml"), [])
+    cfg = load_config(str(out / "config.yaml"), ["loop.paced=true", "loop.preempt_planner=true"])
     robot, task = make_robot(cfg), make_task(cfg)
     agent = MPCAgent.load(out, cfg, robot.spec, task)
     with robot:
         obs = robot.reset(3)
     monkeypatch.setattr(deadline, "_shared", deadline.DeadlineWorker("planner"))  # not warmed yet
-    warmed, plain = agent.controller(), agent.controller()
-    assert not warmed.paced  # (a twin in lockstep: no planner thread, no warm-up)
-    warmed.paced = True  # as on a rig
-    plain.preempt = False
-    warmed.reset(obs)
-    plain.reset(obs)
-    assert deadline.planner_worker().warmed
+    calls = []
+    real = deadline.DeadlineWorker.call
+    monkeypatch.setattr(
+        deadline.DeadlineWorker, "call", lambda self, *a, **k: calls.append(a) or real(self, *a, **k)
+    )
+    warmed = agent.controller()
+    assert warmed.paced and deadline.planner_worker().warmed and len(calls) == 1
+    plain = agent.controller()  # (the thread is warm: no second warm-up)
+    assert len(calls) == 1
     for _ in range(3):
         a = warmed.planner.plan(obs.values, None, None).action
         b = plain.planner.plan(obs.values, None, None).action
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lockstep = MPCAgent.load(out, load_config(str(out / "config.yaml"), []), robot.spec, task)
+    assert not lockstep.controller().paced
 
 
 def test_a_planner_that_never_returns_ends_the_job_with_planner_hung(trained, tmp_path):
@@ -529,7 +533,8 @@ def test_a_planner_that_never_returns_ends_the_job_with_planner_hung(trained, tm
 
     out, _ = trained
     cfg = load_config(
-        str(out / "config.yaml"), ["loop.plan_hang_s=0.2", "loop.paced=true", "task.episode_steps=10"]
+        str(out / "config.yaml"),
+        ["loop.plan_hang_s=0.2", "loop.paced=true", "task.episode_steps=10", "loop.preempt_planner=true"],
     )
     robot, task = make_robot(cfg), make_task(cfg)
     ctl = MPCAgent.load(out, cfg, robot.spec, task).controller()

@@ -33,21 +33,24 @@ class GatedMPC:
     until ``budget_fraction`` of the period is used, so a planner that hangs costs the tick its plan
     (the gate's ``deadline_missed``: the fallback is written on time), not its deadline. In lockstep
     the plan is computed in the tick's own thread (a twin that waits for us has no deadline).
-    ``preempt = False`` plans in the tick's thread on a paced loop too (the behaviour before the
-    worker; ``benchmarks/bench_deadline.py`` compares the two)."""
+    Only with ``preempt`` (``loop.preempt_planner``, off by default); without it the plan is computed
+    in the tick's thread on a paced loop too (``benchmarks/bench_deadline.py`` compares the two)."""
 
     def __init__(self, agent: MPCAgent, planner: MPCPlanner, gate: SafetyGate, monitor: ShiftMonitor,
-                 budget_fraction: float, hang_s: float = 2.0, paced: bool = False):  # fmt: skip
+                 budget_fraction: float, hang_s: float = 2.0, paced: bool = False,
+                 preempt: bool = False):  # fmt: skip
         self.agent, self.planner, self.gate, self.monitor = agent, planner, gate, monitor
         self.budget_fraction, self.hang_s = budget_fraction, hang_s
-        self.paced = paced  # the job runs on the wall clock: the planner thread is warmed at reset
-        self.preempt = True
+        self.paced = paced  # the job runs on the wall clock: the planner runs on its own thread
+        self.preempt = preempt
         self.warm: torch.Tensor | None = None
         self._open_loop: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self.tick = 0  # ticks across episodes (events and monitors use one clock)
         self.trace: list[
             tuple
         ] = []  # (tick, disagreement, threshold, cusum, cusum_h, ood, ood_thr, fallback)
+        if paced and preempt:
+            self._warm_up()
 
     def reset(self, obs: Observation) -> None:
         self.gate.reset()
@@ -55,19 +58,23 @@ class GatedMPC:
         self.warm = None
         self._open_loop = None
         self.planner.disturbance = None  # a new episode starts without a disturbance estimate
-        if self.paced and self.preempt and obs.ok:
-            self._warm_up(obs)
 
-    def _warm_up(self, obs: Observation) -> None:
+    def _warm_up(self) -> None:
         """Make the planner thread's first call (torch's first on a thread is slow: up to tens of ms)
-        before the ticks start. The plan is discarded and the planner's random stream restored once
+        when the controller is built, not between a rig's reset and its first tick (a delay there
+        moves the host's ticks against the device's STATE stream: up to all of an episode's readings
+        then predate the command they should answer, and are not learned from). The plan (from the
+        middle of the observation range) is discarded and the planner's random stream restored once
         it has returned (a warm-up that does not return within twice ``hang_s`` is :class:`PlannerHung`)."""
         worker = planner_worker()
         if worker.warmed:
             return
         worker.wait_idle(self.hang_s)
+        spec = self.agent.spec
+        mid = (np.asarray(spec.obs_low, dtype=float) + np.asarray(spec.obs_high, dtype=float)) / 2
+        obs = np.where(np.isfinite(mid), mid, 0.0)
         gen = self.planner.gen.get_state()
-        if worker.call(self.planner.plan, obs.values, None, None, timeout_s=self.hang_s)[0] is Outcome.LATE:
+        if worker.call(self.planner.plan, obs, None, None, timeout_s=self.hang_s)[0] is Outcome.LATE:
             worker.wait_idle(self.hang_s)  # one more chance, then PlannerHung
         self.planner.gen.set_state(gen)
         worker.warmed = True

@@ -242,7 +242,7 @@ class MPCAgent:
             safety.set_thresholds(disagreement=self.thresholds["disagreement"])
         loop = self.cfg.loop
         return GatedMPC(self, self.planner(learning), safety, monitor, loop.plan_budget_fraction,
-                        loop.plan_hang_s, paced=is_paced(self.cfg))  # fmt: skip
+                        loop.plan_hang_s, paced=is_paced(self.cfg), preempt=loop.preempt_planner)  # fmt: skip
 
     def _calibrate_monitor(self, monitor: ShiftMonitor) -> None:
         """OOD threshold and CUSUM residual calibration for the current model and monitor config
