@@ -41,7 +41,7 @@ class GatedMPC:
                  preempt: bool = False):  # fmt: skip
         self.agent, self.planner, self.gate, self.monitor = agent, planner, gate, monitor
         self.budget_fraction, self.hang_s = budget_fraction, hang_s
-        self.paced = paced  # the job runs on the wall clock: the planner runs on its own thread
+        self.paced = paced  # the job runs on the wall clock (with preempt: warm the planner thread now)
         self.preempt = preempt
         self.warm: torch.Tensor | None = None
         self._open_loop: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None

@@ -10,12 +10,14 @@ never two calls at a time. A late result is discarded when it arrives.
 One worker thread serves the whole process (:func:`planner_worker`): torch's first call on a new
 thread is slow (8-73 ms for the first plan on this project's reference machine, 3 ms after), so the
 thread lives as long as the process and is warmed once. It runs each call one SCHED_FIFO priority
-below the calling thread when that one is real-time (:func:`robot_mbrl.runtime.loop.realtime`), so
-the control thread pre-empts the planner at its deadline on a busy core. Torch releases the GIL inside its kernels; a planner spinning in pure
-Python hands it over within the interpreter's switch interval, which the paced episode shortens
-(:func:`short_switch_interval`), but still competes with the control thread for it: the guarantee
-is for hangs that release the GIL (a kernel, I/O, a page fault), a Python-bound one only shortens
-the damage.
+below the calling thread when that one is real-time (:func:`robot_mbrl.runtime.loop.realtime`; a
+caller at priority 1 gets a planner at normal scheduling), so the control thread pre-empts the
+planner at its deadline on a busy core.
+
+Torch releases the GIL inside its kernels; a planner spinning in pure Python hands it over within
+the interpreter's switch interval, which the paced episode shortens (:func:`short_switch_interval`),
+but still competes with the control thread for it: the guarantee is for hangs that release the GIL
+(a kernel, I/O, a page fault); a Python-bound one only shortens the damage.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from robot_mbrl.runtime.loop import normal_priority
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ class DeadlineWorker:
                     if want:
                         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(want))
                     else:
-                        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                        normal_priority()
                     priority = want
             try:
                 result: tuple[Outcome, Any] = (Outcome.DONE, fn(*args))

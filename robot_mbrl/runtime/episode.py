@@ -175,9 +175,10 @@ def run_episode(
             on_tick(steps)
         return term
 
-    # a paced loop's control thread must get the GIL back from a planner thread within a fraction
-    # of a tick (runtime/deadline.py)
-    with short_switch_interval() if paced else contextlib.nullcontext():
+    # a paced loop's control thread must get the GIL back from a planner thread (a controller that
+    # plans on one: ``preempt``) within a fraction of a tick (runtime/deadline.py)
+    planner_thread = paced and getattr(controller, "preempt", False)
+    with short_switch_interval() if planner_thread else contextlib.nullcontext():
         # Read at the start of every tick (s_t+1 of the previous command), decide, write.
         for tick in loop:
             if prev is not None:
@@ -194,10 +195,9 @@ def run_episode(
                 fallback += 1
             if decision.plan_s is not None:
                 plan_s.append(decision.plan_s)
-            applied_list = np.asarray(applied, dtype=float).tolist()
             for ev in decision.events:  # what the robot applied (rate limit, clamp), not the request
                 if "applied" in ev:
-                    ev["commanded"], ev["applied"] = ev["applied"], applied_list
+                    ev["commanded"], ev["applied"] = ev["applied"], np.asarray(applied, dtype=float).tolist()
             emit(decision.events)
         if prev is not None:
             terminated = close(robot.read())
