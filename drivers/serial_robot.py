@@ -30,6 +30,7 @@ frames are logged at DEBUG one by one and summarised in at most one WARNING per
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -195,18 +196,49 @@ class SerialRobot(DeviceSession, Robot):
         self._pending.pop(mcu.MsgType.ESTOP, None)
 
     def _reset(self, seed: int | None) -> Observation:  # noqa: ARG002 - a real rig cannot be seeded
-        """Wait (bounded) for a fresh state. The physical reset is the job's homing before the episode
-        (``robot_mbrl/runtime/homing.py``) or the operator's."""
+        """Wait (bounded) for the device's next state. The physical reset is the job's homing before
+        the episode (``robot_mbrl/runtime/homing.py``) or the operator's. What is queued is drained
+        first, so the episode starts as a sample arrives, and that arrival, seen as it happens, sharpens
+        the mapping of the device's clock onto ours (a queued state received late looks younger)."""
         deadline = self._clock() + max(self.cfg.handshake_timeout_s, 3 * self.spec.dt_s)
+        self._poll()
         self._state = None
         obs = self._read()
         while (obs.faults & Fault.STALE) or self._state is None:
-            if self._clock() > deadline:
+            left = deadline - self._clock()
+            if left <= 0:
                 break
-            time.sleep(min(0.001, self.spec.dt_s / 10))
+            self.transport.wait_readable(min(left, self.spec.dt_s))
             obs = self._read()
         self._prev_obs_ok = False
         return obs
+
+    streams_samples = True  # the device samples and sends STATE on its own clock
+
+    def await_sample(self, timeout_s: float, max_age_s: float = math.inf) -> float | None:
+        """Wait at most ``timeout_s`` for a STATE newer than the last one read and sampled at most
+        ``max_age_s`` ago (see :meth:`Robot.await_sample`); the link is drained meanwhile, as a read does."""
+        start = self._clock()
+        end, waited = start + timeout_s, False
+        while True:
+            self._poll()
+            st = self._state
+            if st is not None and self._unread(st) and self._clock() - self._sampled_s(st) <= max_age_s:
+                return self._clock() - start if waited else 0.0
+            left = end - self._clock()
+            if left <= 0:
+                return None
+            self.transport.wait_readable(left)
+            waited = True
+
+    def _unread(self, st: mcu.State) -> bool:
+        """``st`` is newer than the STATE the last read returned."""
+        return self._prev_obs_seq is None or 0 < mcu.seq_delta(st.seq, self._prev_obs_seq) < 1 << 31
+
+    def _sampled_s(self, st: mcu.State) -> float:
+        """When the device sampled the newest STATE ``st``, on our clock: a state can sit in an OS
+        buffer, so its device time mapped to ours, never later than its receipt."""
+        return min(self._state_rx_s or self._clock(), st.t_us * 1e-6 + (self._clock_offset_s or 0.0))
 
     # -- I/O hooks ----------------------------------------------------------------------------
     def _send(self, action: np.ndarray) -> bool:
@@ -246,16 +278,13 @@ class SerialRobot(DeviceSession, Robot):
             values = np.full(self.spec.obs_dim, np.nan)
             self._prev_obs_ok = False
             return Observation(values, now, faults | Fault.STALE, {"age_s": float("inf"), "vouched": False})
-        # A state can sit in an OS buffer: judge freshness by when the device sampled it (device
-        # clock mapped to ours), never better than the receipt time.
-        sampled_s = min(self._state_rx_s, st.t_us * 1e-6 + (self._clock_offset_s or 0.0))
-        age = now - sampled_s
+        age = now - self._sampled_s(st)  # freshness: when the device sampled it
         if age > self.cfg.stale_periods * self.spec.dt_s:
             faults |= Fault.STALE
         faults |= device_faults_to_hal(st.faults)
         values = np.array([st.values[j] if j < len(st.values) else np.nan for j in self._obs_idx])
         ok = faults == Fault.NONE and bool(np.all(np.isfinite(values)))
-        new = self._prev_obs_seq is None or 0 < mcu.seq_delta(st.seq, self._prev_obs_seq) < 1 << 31
+        new = self._unread(st)
         vouched = bool(
             ok
             and self._prev_obs_ok

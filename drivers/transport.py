@@ -27,6 +27,8 @@ from robot_mbrl.drivers.config import SerialConfig
 
 log = logging.getLogger(__name__)
 
+POLL_SLEEP_S = 0.0002  # a port without a descriptor to select on is polled this often while waiting
+
 
 class LinkDown(ConnectionError):
     """The port is closed or failed; the caller may :meth:`Transport.try_reconnect`."""
@@ -233,6 +235,20 @@ class Transport:
             raise self._lost(err) from err
         self.stats.bytes_in += len(data)
         return bytes(data)
+
+    def wait_readable(self, timeout_s: float) -> None:
+        """Return once bytes may have arrived, or after ``timeout_s``: ``select`` on the port's
+        descriptor, else a short sleep (loop:// and the like). Never raises: the next read says
+        whether the link is down."""
+        if timeout_s <= 0:
+            return
+        if self._fd is not None:
+            try:
+                select.select([self._fd], [], [], timeout_s)
+                return
+            except (OSError, ValueError):  # closed under us: the next read raises LinkDown
+                pass
+        time.sleep(min(timeout_s, POLL_SLEEP_S))
 
     def discard_input(self, max_bytes: int = 1 << 20) -> int:
         """Read and drop whatever has arrived (up to ``max_bytes``); the number of bytes dropped."""

@@ -89,6 +89,15 @@ class LoopConfig:
         "time when the planner hangs); off by default: on the emulated rig it cost up to all of an episode's "
         "vouched transitions in ~40 % of runs (RESULTS.md, session 17)",
     )
+    sample_wait_fraction: float = param(
+        0.25,
+        "on a robot that samples on its own clock (a serial device), each tick waits up to this fraction of the "
+        "period for the device's next sample and keeps the ticks just after the samples (SampleSync in "
+        "runtime/loop.py); 0 = off: the ticks keep the phase the reset left, and one at the device's sampling "
+        "instant loses most of an episode's vouched transitions",
+        ge=0,
+        lt=1,
+    )
     plan_hang_s: float = param(
         2.0,
         "after an episode, how long to wait for a planner call still running (one the tick gave up on) "

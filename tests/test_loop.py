@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from robot_mbrl.runtime.loop import RateLoop
+from robot_mbrl.runtime.loop import RateLoop, SampleSync
 
 
 class FakeClock:
@@ -84,6 +84,91 @@ def test_lockstep_never_sleeps_and_real_pacing_keeps_rate():
         pass
     elapsed = time.monotonic() - t0
     assert 0.19 <= elapsed < 0.5  # 40 ticks at 200 Hz = 0.195 s after the first
+
+
+def test_shift_moves_the_current_deadline_and_the_later_ticks():
+    clock = FakeClock()
+    loop = RateLoop(100.0, paced=True, clock=clock, sleep=clock.sleep, max_ticks=3)
+    starts = []
+    for tick in loop:
+        starts.append(clock.t)
+        if tick.index == 1:
+            loop.shift(0.003)
+            assert loop.budget_left_s() == pytest.approx(0.013)  # the deadline moved with the schedule
+            clock.advance(0.012)  # past the old deadline, before the moved one: no overrun
+    assert starts[1] - starts[0] == pytest.approx(0.010)
+    assert starts[2] - starts[1] == pytest.approx(0.013)
+    assert loop.overruns == 0
+
+
+class SamplingDevice:
+    """A device that samples on its own clock: sample k at ``phase + k * period * (1 + drift)`` plus
+    seeded jitter (k from -5: it was sampling before the host came), readable from then on; a read
+    returns the newest (its index and age)."""
+
+    streams_samples = True
+
+    def __init__(self, clock, period, phase, drift, jitter, seed=0):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        n = 5000
+        self.t = phase + np.arange(-5, n - 5) * period * (1 + drift) + rng.uniform(-jitter, jitter, n)
+        self.clock = clock
+        self.read_idx = -1
+
+    def newest(self) -> int:
+        return int((self.t <= self.clock.t).sum()) - 1
+
+    def await_sample(self, timeout_s, max_age_s=float("inf")):
+        k = self.newest()
+        if k > self.read_idx and self.clock.t - self.t[k] <= max_age_s:
+            return 0.0
+        wait = self.t[k + 1] - self.clock.t
+        if wait <= timeout_s:
+            self.clock.advance(wait)
+            return wait
+        self.clock.advance(timeout_s)
+        return None
+
+    def read(self):
+        from types import SimpleNamespace
+
+        self.read_idx = k = self.newest()
+        return SimpleNamespace(k=k, info={"age_s": self.clock.t - self.t[k]})
+
+
+@pytest.mark.parametrize("phase_ms", [0.05, 5.0, 12.0, 19.0])
+@pytest.mark.parametrize("drift", [0.0, 2e-4, -2e-4])
+def test_sample_sync_reads_the_sample_after_each_command_from_any_phase_and_under_drift(drift, phase_ms):
+    """Whatever phase the host's ticks start at against the device's samples (0.05 ms before one:
+    the knife edge a reset can leave) and with the device's clock 200 ppm off (0.4 periods over the
+    run), every reading from the second on is the first sample taken after the previous command,
+    read within a millisecond of its sampling. Without the sync the host at the knife edge reads the
+    previous period's sample on most ticks."""
+    import numpy as np
+
+    period, n = 0.020, 2000
+    for synced in (True, False):
+        clock = FakeClock()
+        dev = SamplingDevice(clock, period, clock.t + phase_ms * 1e-3, drift, jitter=0.0003)
+        sync = SampleSync(period, 0.25 * period)
+        loop = RateLoop(1 / period, paced=True, clock=clock, sleep=clock.sleep, max_ticks=n)
+        written, good, age = None, [], []
+        for _ in loop:
+            k = (sync.read(dev, loop) if synced else dev.read()).k
+            age.append(clock.t - dev.t[k])
+            # the reading is the device's first sample after the command: vouched
+            good.append(written is not None and dev.t[k - 1] < written < dev.t[k])
+            clock.advance(0.006)  # plan
+            written = clock.t
+        if synced:
+            assert sum(good[2:]) == n - 2, sum(good[2:])
+            assert good[1] or phase_ms > 1  # at the knife edge the first already: its sample is waited for
+            assert np.percentile(age, 99) < 0.001
+            assert sync.timeouts == 0
+        elif drift >= 0 and phase_ms < 1:  # (a device clock running fast carries its samples off the edge)
+            assert sum(good) < n // 2, sum(good)
 
 
 def test_bad_rate_is_rejected():

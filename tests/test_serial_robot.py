@@ -588,3 +588,73 @@ def test_a_device_out_of_reach_for_the_link_timeout_raises_link_lost():
             robot.read()
     finally:
         dev.close()
+
+
+class _Judge:
+    def reward(self, obs, act, next_obs):
+        return 0.0
+
+    def terminated(self, next_obs):
+        return False
+
+
+class _PhasedController:
+    """Takes ``plan_s`` per tick. Its reset waits for the device's next STATE, then until
+    ``lead_s`` before the one after: the episode's ticks then start just before the device samples
+    (the phase a slow controller reset, or the chance of a rig's reset, can leave)."""
+
+    def __init__(self, robot, lead_s, plan_s=0.003):
+        self.robot, self.lead_s, self.plan_s = robot, lead_s, plan_s
+
+    def reset(self, obs):
+        self.robot.read()
+        assert self.robot.await_sample(0.1) is not None
+        time.sleep(1.0 / HZ - self.lead_s)
+
+    def act(self, obs, tick, loop):
+        from robot_mbrl.runtime.episode import Decision
+
+        time.sleep(self.plan_s)
+        return Decision(np.array([0.1]))
+
+    def observe(self, transition):
+        return []
+
+
+def test_await_sample_waits_for_the_next_state_and_times_out_on_a_silent_device(emu):
+    with _robot(emu.port) as robot:
+        robot.reset()
+        robot.read()
+        waited = robot.await_sample(0.1)
+        assert waited is not None and 0 < waited < 2.0 / HZ  # the device's next STATE
+        assert robot.await_sample(0.1) == 0.0  # not read yet: there already
+        robot.read()
+        time.sleep(1.3 / HZ)  # the next STATE arrived 0.3-1.3 periods ago, unread
+        assert robot.await_sample(0.1) == 0.0
+        assert robot.await_sample(0.1, max_age_s=0.2 / HZ) > 0  # too old: the one after it
+        robot.read()
+        emu.stop()  # the device goes silent
+        t0 = time.monotonic()
+        assert robot.await_sample(0.05) is None
+        assert time.monotonic() - t0 >= 0.05
+
+
+def test_sample_sync_keeps_an_episode_vouched_when_its_ticks_start_just_before_the_device_samples(emu):
+    """With the ticks 1.5 ms before the device's samples (and 3 ms of planning), a read without the
+    sync returns the previous period's sample, which predates the last command: nearly no transition
+    is vouched. The sync waits for the sample and moves the ticks after it: nearly all are."""
+    from robot_mbrl.runtime.episode import run_episode
+    from robot_mbrl.runtime.rundir import Tally
+
+    vouched = {}
+    with _robot(emu.port) as robot:
+        robot.activate()
+        for frac in (0.25, 0.0):
+            got = []
+            res = run_episode(robot, _Judge(), _PhasedController(robot, lead_s=0.0015), episode=0, max_steps=100,
+                              seed=None, paced=True, tally=Tally(), on_transition=got.append,
+                              sample_wait_fraction=frac)  # fmt: skip
+            assert res.steps == 100 and res.transitions == len(got)
+            vouched[frac] = len(got)
+    assert vouched[0.25] >= 95, vouched
+    assert vouched[0.0] <= 30, vouched

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import signal
 import threading
 import time
@@ -245,6 +246,17 @@ class Robot(ABC):
             applied = self._spec.stop_action()
         self._last_applied = applied
         return applied
+
+    #: The robot samples on its own clock and streams the readings (a serial device): a read returns the
+    #: latest sample, which may predate the last command. False: every read samples now (a twin, gym).
+    streams_samples: bool = False
+
+    def await_sample(self, timeout_s: float, max_age_s: float = math.inf) -> float | None:
+        """Wait at most ``timeout_s`` for a sample newer than the last one read and sampled at most
+        ``max_age_s`` ago; the seconds waited (0.0: one is already there) or None when none came. A
+        robot whose reads sample now has one at any time: 0.0. The control loop keeps its ticks just
+        after the device's samples with it (:class:`robot_mbrl.runtime.loop.SampleSync`)."""
+        return 0.0
 
     def safe_stop(self) -> None:
         """Bring the robot to a safe state now (bypasses rate limits: braking must not wait)."""

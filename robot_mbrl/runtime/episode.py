@@ -17,7 +17,7 @@ import numpy as np
 
 from robot_mbrl.hal.robot import Fault, Observation, Robot
 from robot_mbrl.runtime.deadline import short_switch_interval
-from robot_mbrl.runtime.loop import RateLoop, Tick, frozen_heap
+from robot_mbrl.runtime.loop import RateLoop, SampleSync, Tick, frozen_heap
 from robot_mbrl.runtime.rundir import Tally
 from robot_mbrl.tasks.base import Task
 
@@ -107,6 +107,8 @@ class EpisodeResult:
     tick_ms_max: float = 0.0
     plan_s: list[float] = field(default_factory=list)  # each plan's solve time (MPC ticks)
     tick_s: list[float] = field(default_factory=list)  # each tick's whole work
+    transitions: int = 0  # valid transitions the robot vouched for (learned from where learning)
+    sample_timeouts: int = 0  # reads whose sample did not come within the wait (SampleSync)
 
 
 @frozen_heap()  # no full GC pass inside a tick (runtime/loop.py)
@@ -123,13 +125,19 @@ def run_episode(
     on_transition: Callable[[Transition], None] | None = None,
     on_event: Callable[[dict], None] | None = None,
     on_tick: Callable[[int], None] | None = None,
+    sample_wait_fraction: float = 0.25,
 ) -> EpisodeResult:
-    """Run one episode; every tick is counted into ``tally`` and every event sent to ``on_event``."""
+    """Run one episode; every tick is counted into ``tally`` and every event sent to ``on_event``.
+    On the wall clock with a robot that samples on its own clock, each read first waits up to
+    ``sample_wait_fraction`` of the period for the next sample (:class:`SampleSync`; 0: never)."""
     spec = robot.spec
     obs = robot.reset(seed)
     controller.reset(obs)
     loop = RateLoop(spec.control_hz, paced=paced, max_ticks=max_steps)
-    ret, violations, fallback, misses, hits = 0.0, 0, 0, 0, 0
+    sync = None
+    if paced and robot.streams_samples and sample_wait_fraction > 0:
+        sync = SampleSync(loop.period_s, sample_wait_fraction * loop.period_s)
+    ret, violations, fallback, misses, hits, learned = 0.0, 0, 0, 0, 0, 0
     plan_s: list[float] = []
     terminated = False
     steps = 0
@@ -147,7 +155,7 @@ def run_episode(
 
     def close(next_obs: Observation) -> bool:
         """Complete the pending transition with the reading s_t+1; return True if terminal."""
-        nonlocal ret, violations, hits, steps, prev
+        nonlocal ret, violations, hits, steps, prev, learned
         obs_t, applied = prev  # type: ignore[misc]
         prev = None
         steps += 1
@@ -168,6 +176,7 @@ def run_episode(
         if valid and next_obs.info.get("vouched", True):
             trunc = steps >= max_steps and not term
             tr = Transition(obs_t.values, applied, r, next_obs.values, term, trunc, obs_t.stamp_s, episode)
+            learned += 1
             if on_transition is not None:
                 on_transition(tr)
             emit(controller.observe(tr))
@@ -182,7 +191,7 @@ def run_episode(
         # Read at the start of every tick (s_t+1 of the previous command), decide, write.
         for tick in loop:
             if prev is not None:
-                obs = robot.read()
+                obs = robot.read() if sync is None else sync.read(robot, loop)
                 terminated = close(obs)
                 if terminated:
                     break
@@ -227,4 +236,6 @@ def run_episode(
         tick_ms_max=tick_ms["max"],
         plan_s=plan_s,
         tick_s=step_s,
+        transitions=learned,
+        sample_timeouts=0 if sync is None else sync.timeouts,
     )

@@ -70,6 +70,8 @@ def episode_record(res: EpisodeResult, **extra) -> dict:
         "plan_ms_p50": round(res.plan_ms_p50, 3),
         "tick_ms_p99": round(res.tick_ms_p99, 3),
         "tick_ms_max": round(res.tick_ms_max, 3),
+        "transitions": res.transitions,
+        "sample_timeouts": res.sample_timeouts,
     }
     rec.update(extra)
     return rec
@@ -123,6 +125,7 @@ def run_episodes(
                 on_transition=on_transition,
                 on_event=run.event,
                 on_tick=progress.tick,
+                sample_wait_fraction=cfg.loop.sample_wait_fraction,
             )
         run.timing(timing_record(ep, kind, res.plan_s, res.tick_s))  # before its metrics line
         run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps, **homed))

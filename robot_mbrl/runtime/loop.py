@@ -38,8 +38,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from robot_mbrl.hal.robot import Observation, Robot
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,7 @@ class RateLoop:
         self.max_ticks = max_ticks
         self._clock, self._sleep = clock, sleep
         self._current: Tick | None = None
+        self._shift_s = 0.0  # the schedule's total move by shift()
         self.overruns = 0
         self.skipped = 0
         self._step_s: list[float] = []
@@ -191,12 +196,21 @@ class RateLoop:
         budget_end = self._current.deadline_s - (1.0 - budget_fraction) * self.period_s
         return budget_end - self._clock()
 
+    def shift(self, delta_s: float, current: bool = True) -> None:
+        """Move the schedule by ``delta_s`` (later where positive): every later tick's start and, with
+        ``current``, the current tick's deadline. For following a device that samples on its own
+        clock (:class:`SampleSync`)."""
+        self._shift_s += delta_s
+        if current and self._current is not None:
+            t = self._current
+            self._current = Tick(t.index, t.scheduled_s + delta_s, t.start_s, t.deadline_s + delta_s)
+
     def __iter__(self) -> Iterator[Tick]:
         t0 = self._clock()
         i = 0  # schedule index (advances past skipped periods)
         n = 0  # ticks executed
         while self.max_ticks is None or n < self.max_ticks:
-            scheduled = t0 + i * self.period_s
+            scheduled = t0 + self._shift_s + i * self.period_s
             if self.paced:
                 wait = scheduled - self._clock()
                 if wait > 0:
@@ -212,15 +226,16 @@ class RateLoop:
                 yield tick
             finally:
                 end = self._clock()
+                deadline = (self._current or tick).deadline_s  # (moved by a shift() during the tick)
                 self._step_s.append(end - start)
-                self._slack_s.append(tick.deadline_s - end)
-                if end > tick.deadline_s:
+                self._slack_s.append(deadline - end)
+                if end > deadline:
                     self.overruns += 1
                 self._current = None
             n += 1
             i += 1
             if self.paced:
-                lateness = self._clock() - (t0 + i * self.period_s)
+                lateness = self._clock() - (t0 + self._shift_s + i * self.period_s)
                 if lateness >= self.period_s:  # re-anchor on the next future slot rather than burst
                     behind = math.ceil(lateness / self.period_s)
                     self.skipped += behind
@@ -240,3 +255,52 @@ class RateLoop:
             slack_ms=percentiles_ms(self._slack_s, {"p50": 50, "p1": 1, "min": 0}),
             jitter_ms=percentiles_ms(self._jitter_s),
         )
+
+
+class SampleSync:
+    """Keeps a paced loop's ticks just after the samples of a robot that samples on its own clock.
+
+    A serial device samples and sends STATE every period on its clock; the host reads the latest at
+    the start of each tick and writes its command some milliseconds later. A transition is vouched
+    (learned from) only when the next reading is the device's next sample and carries that command
+    (``drivers/serial_robot.py``). When the host's ticks start at about the moment the device samples
+    (the two clocks' phase is wherever the episode's reset left it, and a reset waits for a fresh
+    sample), sampling jitter decides on every tick whether the host reads this period's sample or the
+    previous one, which predates the last command: the transition is lost, and so, the phase holding,
+    is nearly every one of the episode.
+
+    :meth:`read` waits (at most ``max_wait_s``) for a sample newer than the last one read and no older
+    than ``period - max_wait_s`` (an older one means the next is due within the wait), and moves the
+    schedule by the wait, so the next tick starts when the next sample arrives. When a fresh one was
+    already there it moves the later ticks earlier by half its age, at least ``creep_s``, so the ticks
+    find the samples again after either clock drifts. The host then reads each sample as it arrives
+    and has nearly the whole period until the next. A sample that does not come (a lost frame, a
+    silent device) costs the tick up to ``max_wait_s`` and moves nothing; the reading says what it is
+    (stale, or not vouched).
+    """
+
+    def __init__(self, period_s: float, max_wait_s: float, creep_s: float | None = None):
+        if not 0 < max_wait_s < period_s:
+            raise ValueError(f"max_wait_s: expected 0 < max_wait_s < period ({period_s}), got {max_wait_s}")
+        self.period_s, self.max_wait_s = period_s, max_wait_s
+        self.creep_s = 0.02 * period_s if creep_s is None else creep_s
+        self.waits = 0  # reads that waited for their sample
+        self.timeouts = 0  # reads whose sample did not come within max_wait_s
+        self.moved_s = 0.0  # the schedule's total move
+
+    def read(self, robot: Robot, loop: RateLoop) -> Observation:
+        """``robot``'s next sample (:meth:`Robot.await_sample`), ``loop`` moved to it."""
+        wait_s = max(0.0, min(self.max_wait_s, loop.budget_left_s()))
+        waited = robot.await_sample(wait_s, max_age_s=self.period_s - self.max_wait_s)
+        obs = robot.read()
+        if waited is None:
+            self.timeouts += 1
+        elif waited > 0:
+            self.waits += 1
+            self.moved_s += waited
+            loop.shift(waited)  # this tick's work began that much later, and so will the next
+        else:
+            delta = -max(self.creep_s, 0.5 * float(obs.info.get("age_s", 0.0)))
+            self.moved_s += delta
+            loop.shift(delta, current=False)  # (this tick keeps its whole budget)
+        return obs
