@@ -98,7 +98,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lead-ms", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=2, help="repetitions of the four modes, order alternating")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg_path = os.path.join(args.checkpoint, "config.yaml")

@@ -84,10 +84,10 @@ class LoopConfig:
         le=1,
     )
     preempt_planner: bool = param(
-        False,
+        True,
         "on the wall clock, plan on a worker thread and stop waiting at the budget (the fallback is written on "
-        "time when the planner hangs); off by default: on the emulated rig it cost up to all of an episode's "
-        "vouched transitions in ~40 % of runs (RESULTS.md, session 17)",
+        "time when the planner hangs); false: the plan is computed in the tick's thread and a late one is judged "
+        "after it returns, the device watchdog the backstop",
     )
     sample_wait_fraction: float = param(
         0.25,

@@ -303,8 +303,10 @@ def test_train_learns_from_a_rig_over_the_wire_and_homes_it_before_each_episode(
     assert summary["real_steps"] == 120 and summary["violations"] == 0 and summary["end_stop_hits"] == 0, (
         summary
     )
-    # learned from the wire (a transition is kept only when the device vouches for it: most are)
-    assert summary["buffer_transitions"] >= 60 and (out / "checkpoint").is_dir(), summary
+    # learned from the wire (a transition is kept only when the device vouches for it); the ticks
+    # follow the device's samples, so no episode loses its transitions to the phase the reset left
+    assert all(m["transitions"] >= m["steps"] - 5 and m["sample_timeouts"] == 0 for m in learn), learn
+    assert summary["buffer_transitions"] >= 110 and (out / "checkpoint").is_dir(), summary
     assert "homing" in (out / "config.yaml").read_text() and port in (out / "config.yaml").read_text()
 
 
@@ -514,6 +516,52 @@ def test_warming_the_planner_thread_leaves_the_plans_unchanged(trained, monkeypa
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     lockstep = MPCAgent.load(out, load_config(str(out / "config.yaml"), []), robot.spec, task)
     assert not lockstep.controller().paced
+
+
+def test_a_retrain_waits_for_a_plan_still_running_on_the_planner_thread(trained, monkeypatch):
+    """A plan the tick gave up on may still be reading the model: the retrain starts only after it
+    returned (and ends with PlannerHung where it never does within loop.plan_hang_s)."""
+    import threading
+    import time
+
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.data.buffer import ReplayBuffer
+    from robot_mbrl.factory import make_robot, make_task
+    from robot_mbrl.runtime import deadline
+
+    out, _ = trained
+    cfg = load_config(str(out / "config.yaml"), ["loop.plan_hang_s=0.3"])
+    robot, task = make_robot(cfg), make_task(cfg)
+    agent = MPCAgent.load(out, cfg, robot.spec, task)
+    buffer = ReplayBuffer.open(out / "buffer")  # (nothing is added)
+    monkeypatch.setattr(deadline, "_shared", deadline.DeadlineWorker("planner"))
+    worker = deadline.planner_worker()
+    release, returned_at, trained_at = threading.Event(), [], []
+
+    def late_plan():
+        release.wait(5)
+        returned_at.append(time.monotonic())
+
+    class Stop(Exception):
+        pass
+
+    def train(*args, **kwargs):
+        trained_at.append(time.monotonic())
+        raise Stop
+
+    monkeypatch.setattr(agent.trainer, "train", train)
+    assert worker.call(late_plan, timeout_s=0.01)[0] is deadline.Outcome.LATE
+    threading.Timer(0.1, release.set).start()
+    with pytest.raises(Stop):
+        agent.retrain(buffer)
+    assert trained_at[0] >= returned_at[0]
+    release.clear()
+    assert worker.call(late_plan, timeout_s=0.01)[0] is deadline.Outcome.LATE
+    with pytest.raises(deadline.PlannerHung):  # never returns within plan_hang_s
+        agent.retrain(buffer)
+    release.set()
+    worker.wait_idle(5)
 
 
 def test_a_planner_that_never_returns_ends_the_job_with_planner_hung(trained, tmp_path):

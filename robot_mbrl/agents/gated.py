@@ -33,8 +33,8 @@ class GatedMPC:
     until ``budget_fraction`` of the period is used, so a planner that hangs costs the tick its plan
     (the gate's ``deadline_missed``: the fallback is written on time), not its deadline. In lockstep
     the plan is computed in the tick's own thread (a twin that waits for us has no deadline).
-    Only with ``preempt`` (``loop.preempt_planner``, off by default); without it the plan is computed
-    in the tick's thread on a paced loop too (``benchmarks/bench_deadline.py`` compares the two)."""
+    With ``preempt`` (``loop.preempt_planner``, on by default); without it the plan is computed in the
+    tick's thread on a paced loop too (``benchmarks/bench_deadline.py`` compares the two)."""
 
     def __init__(self, agent: MPCAgent, planner: MPCPlanner, gate: SafetyGate, monitor: ShiftMonitor,
                  budget_fraction: float, hang_s: float = 2.0, paced: bool = False,
