@@ -142,9 +142,9 @@ def test_train_homes_the_rig_while_the_model_retrains(tmp_path, monkeypatch):
         finally:
             retraining.clear()
 
-    def home(self, robot, *, paced, on_event=None):
+    def home(self, robot, **kw):
         seen.append(retraining.is_set())
-        return real_home(self, robot, paced=paced, on_event=on_event)
+        return real_home(self, robot, **kw)
 
     monkeypatch.setattr(MPCAgent, "retrain", retrain)
     monkeypatch.setattr(Homing, "home", home)

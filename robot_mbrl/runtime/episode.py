@@ -134,9 +134,7 @@ def run_episode(
     obs = robot.reset(seed)
     controller.reset(obs)
     loop = RateLoop(spec.control_hz, paced=paced, max_ticks=max_steps)
-    sync = None
-    if paced and robot.streams_samples and sample_wait_fraction > 0:
-        sync = SampleSync(loop.period_s, sample_wait_fraction * loop.period_s)
+    sync = SampleSync.where_useful(robot, loop, sample_wait_fraction)
     ret, violations, fallback, misses, hits, learned = 0.0, 0, 0, 0, 0, 0
     plan_s: list[float] = []
     terminated = False

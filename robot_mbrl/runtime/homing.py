@@ -32,7 +32,7 @@ import numpy as np
 
 from robot_mbrl.agents.explore import ExploreConfig, ShieldedExplorer
 from robot_mbrl.hal.robot import Robot, RobotSpec
-from robot_mbrl.runtime.loop import RateLoop, frozen_heap
+from robot_mbrl.runtime.loop import RateLoop, SampleSync, frozen_heap
 from robot_mbrl.safety.fallback import FallbackConfig, FallbackPolicy, LinearFeedbackPolicy, make_fallback
 from robot_mbrl.safety.gate import GateConfig
 from robot_mbrl.typedconfig import ConfigError, param, require_names
@@ -159,19 +159,26 @@ class Homing:
 
     @frozen_heap()  # no full GC pass inside a tick (runtime/loop.py)
     def home(
-        self, robot: Robot, *, paced: bool, on_event: Callable[[dict], None] | None = None
+        self,
+        robot: Robot,
+        *,
+        paced: bool,
+        on_event: Callable[[dict], None] | None = None,
+        sample_wait_fraction: float = 0.25,
     ) -> HomingResult:
         """Drive ``robot`` (connected and active) to the start state; see the module docstring.
-        ``on_event`` gets the shield's switches (``"phase": "homing"``), as an episode's go to events.jsonl."""
+        ``on_event`` gets the shield's switches (``"phase": "homing"``), as an episode's go to events.jsonl.
+        The reads follow a streaming robot's samples as an episode's do (``loop.sample_wait_fraction``)."""
         cfg, spec = self.cfg, self.spec
         t0 = time.monotonic()
         loop = RateLoop(
             spec.control_hz, paced=paced, max_ticks=max(1, round(cfg.timeout_s * spec.control_hz))
         )
+        sync = SampleSync.where_useful(robot, loop, sample_wait_fraction)
         self.shield.reset(None)  # type: ignore[arg-type]
         calm, ticks, shielded = 0, 0, 0
         for tick in loop:
-            obs = robot.read()
+            obs = robot.read() if sync is None else sync.read(robot, loop)
             ticks += 1
             calm = calm + 1 if obs.ok and self.settled(obs.values) else 0
             if calm >= cfg.settle_ticks:

@@ -149,7 +149,9 @@ def home(cfg: Config, robot: Robot, homing: Homing | None, on_event=None) -> dic
     if homing is None:
         return {}
     with control_priority(cfg):
-        return homing.home(robot, paced=is_paced(cfg), on_event=on_event).record()
+        return homing.home(
+            robot, paced=is_paced(cfg), on_event=on_event, sample_wait_fraction=cfg.loop.sample_wait_fraction
+        ).record()
 
 
 def _open_job(cfg: Config, run: RunDir):  # -> robot, task, judge

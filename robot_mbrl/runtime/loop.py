@@ -288,6 +288,14 @@ class SampleSync:
         self.timeouts = 0  # reads whose sample did not come within max_wait_s
         self.moved_s = 0.0  # the schedule's total move
 
+    @classmethod
+    def where_useful(cls, robot: Robot, loop: RateLoop, wait_fraction: float) -> SampleSync | None:
+        """A sync for ``loop`` on the wall clock with a ``robot`` that samples on its own clock (None
+        elsewhere, or with ``wait_fraction`` 0: reads then take the latest sample)."""
+        if not (loop.paced and robot.streams_samples and wait_fraction > 0):
+            return None
+        return cls(loop.period_s, wait_fraction * loop.period_s)
+
     def read(self, robot: Robot, loop: RateLoop) -> Observation:
         """``robot``'s next sample (:meth:`Robot.await_sample`), ``loop`` moved to it."""
         wait_s = max(0.0, min(self.max_wait_s, loop.budget_left_s()))
