@@ -87,7 +87,7 @@ def run_mode(agent, cfg, *, phase: str, sync: bool, lead_s: float, out: Path) ->
         tally = _drive(cfg, robot, make_judge(task, robot), ctl, run, kind="run", seed_offset=90_000,
                        progress=False)  # fmt: skip
     eps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    eps = [e for e in eps if "transitions" in e]
+    eps = [e for e in eps if "vouched" in e]
     return {"tally": tally, "episodes": eps, "ages": ages}
 
 
@@ -129,8 +129,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for (phase, sync), rs in sorted(rows.items()):
         eps = [e for r in rs for e in r["episodes"]]
-        steps, vouched = sum(e["steps"] for e in eps), sum(e["transitions"] for e in eps)
-        low = sum(e["transitions"] < 0.9 * e["steps"] for e in eps)
+        steps, vouched = sum(e["steps"] for e in eps), sum(e["vouched"] for e in eps)
+        low = sum(e["vouched"] < 0.9 * e["steps"] for e in eps)
         ages = np.concatenate([np.asarray(r["ages"]) for r in rs]) * 1e3
         ages = ages[np.isfinite(ages)]
         tick = np.concatenate([np.asarray(r["tally"].tick_s) for r in rs]) * 1e3

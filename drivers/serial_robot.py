@@ -238,7 +238,8 @@ class SerialRobot(DeviceSession, Robot):
     def _sampled_s(self, st: mcu.State) -> float:
         """When the device sampled the newest STATE ``st``, on our clock: a state can sit in an OS
         buffer, so its device time mapped to ours, never later than its receipt."""
-        return min(self._state_rx_s or self._clock(), st.t_us * 1e-6 + (self._clock_offset_s or 0.0))
+        rx = self._clock() if self._state_rx_s is None else self._state_rx_s
+        return min(rx, st.t_us * 1e-6 + (self._clock_offset_s or 0.0))
 
     # -- I/O hooks ----------------------------------------------------------------------------
     def _send(self, action: np.ndarray) -> bool:

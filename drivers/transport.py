@@ -133,7 +133,7 @@ class Transport:
         return self
 
     def close(self) -> None:
-        port, self._port = self._port, None
+        port, self._port, self._fd = self._port, None, None  # (a closed descriptor's number is reused)
         if port is not None:
             try:
                 port.close()
@@ -241,6 +241,9 @@ class Transport:
         descriptor, else a short sleep (loop:// and the like). Never raises: the next read says
         whether the link is down."""
         if timeout_s <= 0:
+            return
+        if self._port is None:  # closed (link down): nothing can arrive before the next reconnect try
+            time.sleep(timeout_s)
             return
         if self._fd is not None:
             try:

