@@ -285,11 +285,13 @@ class SerialRobot(DeviceSession, Robot):
         faults |= device_faults_to_hal(st.faults)
         values = np.array([st.values[j] if j < len(st.values) else np.nan for j in self._obs_idx])
         ok = faults == Fault.NONE and bool(np.all(np.isfinite(values)))
-        new = self._unread(st)
+        # the device's very next sample: one a period later (a host late by a period, or a lost
+        # frame, would make the transition span two periods of the same command)
+        next_sample = self._prev_obs_seq is not None and mcu.seq_delta(st.seq, self._prev_obs_seq) == 1
         vouched = bool(
             ok
             and self._prev_obs_ok
-            and new
+            and next_sample
             and self._cmds_since_read == 1
             and st.cmd_seq == self._cmd_seq
             and self.active

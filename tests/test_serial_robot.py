@@ -658,3 +658,25 @@ def test_sample_sync_keeps_an_episode_vouched_when_its_ticks_start_just_before_t
             vouched[frac] = len(got)
     # (the emulator is a thread of this process: a loaded machine moves its phase, so with margins)
     assert vouched[0.25] >= 85 and vouched[0.25] - vouched[0.0] >= 40, vouched
+
+
+def test_a_reading_two_samples_after_the_command_is_not_vouched(emu):
+    """A host late by a period reads the device's second sample since its command: that transition
+    would span two periods of one command, so it is not vouched; the next one on time is."""
+
+    def tick(pause_s=0.0):
+        robot.write(np.array([0.1]))
+        time.sleep(pause_s)
+        assert robot.await_sample(0.1) is not None
+        return robot.read()
+
+    with _robot(emu.port) as robot:
+        robot.activate()
+        robot.reset()
+        assert not tick().info["vouched"]  # (the first after a reset never is)
+        prev = tick()
+        assert prev.info["vouched"]
+        late = tick(pause_s=2.5 / HZ)
+        assert mcu.seq_delta(late.info["seq"], prev.info["seq"]) >= 2 and late.info["cmd_seq"] == robot._cmd_seq
+        assert not late.info["vouched"]
+        assert tick().info["vouched"]
