@@ -677,6 +677,8 @@ def test_a_reading_two_samples_after_the_command_is_not_vouched(emu):
         prev = tick()
         assert prev.info["vouched"]
         late = tick(pause_s=2.5 / HZ)
-        assert mcu.seq_delta(late.info["seq"], prev.info["seq"]) >= 2 and late.info["cmd_seq"] == robot._cmd_seq
+        assert (
+            mcu.seq_delta(late.info["seq"], prev.info["seq"]) >= 2 and late.info["cmd_seq"] == robot._cmd_seq
+        )
         assert not late.info["vouched"]
         assert tick().info["vouched"]
