@@ -73,25 +73,42 @@ def emulator(cfg_path: str, seconds: float) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the emulator did not print its port")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def rig_args(ap: argparse.ArgumentParser, episodes: int, steps: int) -> None:
+    """The options every emulated-rig benchmark takes."""
     ap.add_argument("--checkpoint", required=True, help="a train run directory")
-    ap.add_argument("--episodes", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--hang-ms", type=float, default=200.0)
-    ap.add_argument("--hang-every", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=2, help="repetitions of the four modes, order alternating")
-    args = ap.parse_args()
+    ap.add_argument("--episodes", type=int, default=episodes)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--rounds", type=int, default=2, help="repetitions of the modes, order alternating")
+
+
+def open_rig(args: argparse.Namespace, *overrides: str):
+    """The emulated rig in its own process, the checkpoint's config pointed at it and its agent (torch
+    on one thread, as onboard); (emulator process, port, config, agent, the report's header line)."""
     torch.set_num_threads(1)
     cfg_path = os.path.join(args.checkpoint, "config.yaml")
     proc, port = emulator(cfg_path, 3600)
     try:
         cfg = load_config(cfg_path, ["backend=serial", f"serial.port={port}", f"run.episodes={args.episodes}",
-                                     f"task.episode_steps={args.steps}"])  # fmt: skip
+                                     f"task.episode_steps={args.steps}", *overrides])  # fmt: skip
         agent = MPCAgent.load(args.checkpoint, cfg, make_robot(cfg).spec, make_task(cfg))
-        print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
-              f"{os.cpu_count()} cpus, torch {torch.__version__}; emulated rig on {port}; {args.episodes} x "
-              f"{args.steps} ticks per row and round, hang {args.hang_ms:g} ms once every {args.hang_every} ticks")  # fmt: skip
+    except BaseException:
+        proc.terminate()
+        raise
+    head = (f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
+            f"{os.cpu_count()} cpus, torch {torch.__version__}; emulated rig on {port}; {args.episodes} x "
+            f"{args.steps} ticks per mode and round, {args.rounds} rounds")  # fmt: skip
+    return proc, port, cfg, agent, head
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    rig_args(ap, episodes=2, steps=250)
+    ap.add_argument("--hang-ms", type=float, default=200.0)
+    ap.add_argument("--hang-every", type=int, default=50)
+    args = ap.parse_args()
+    proc, port, cfg, agent, head = open_rig(args)
+    try:
+        print(f"{head}; hang {args.hang_ms:g} ms once every {args.hang_every} ticks")
         rows: dict[tuple[float, bool], list[dict]] = {}
         tmp = Path(tempfile.mkdtemp(prefix="bench-deadline-"))
         for rnd in range(args.rounds):

@@ -25,23 +25,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_deadline import emulator  # noqa: E402 - the rig in its own process, as there
+from bench_deadline import open_rig, rig_args  # noqa: E402 - the rig in its own process, as there
 
-from robot_mbrl.agents.mpc import MPCAgent  # noqa: E402
-from robot_mbrl.config import load_config  # noqa: E402
 from robot_mbrl.factory import make_judge, make_robot, make_task  # noqa: E402
 from robot_mbrl.runtime.jobs import _drive  # noqa: E402
 from robot_mbrl.runtime.rundir import run_dir  # noqa: E402
@@ -93,26 +88,16 @@ def run_mode(agent, cfg, *, phase: str, sync: bool, lead_s: float, out: Path) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="a train run directory")
-    ap.add_argument("--episodes", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=150)
+    rig_args(ap, episodes=4, steps=150)
     ap.add_argument("--lead-ms", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=2, help="repetitions of the four modes, order alternating")
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
     )
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg_path = os.path.join(args.checkpoint, "config.yaml")
-    proc, port = emulator(cfg_path, 3600)
+    proc, port, cfg, agent, head = open_rig(args, "homing.mode=never", *args.set)
     try:
-        cfg = load_config(cfg_path, ["backend=serial", f"serial.port={port}", f"run.episodes={args.episodes}",
-                                     f"task.episode_steps={args.steps}", "homing.mode=never", *args.set])  # fmt: skip
-        agent = MPCAgent.load(args.checkpoint, cfg, make_robot(cfg).spec, make_task(cfg))
-        print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
-              f"{os.cpu_count()} cpus, torch {torch.__version__}; emulated rig on {port}; {args.episodes} x "
-              f"{args.steps} ticks per mode and round, {args.rounds} rounds; edge: ticks {args.lead_ms:g} ms "
-              f"before the device samples; loop.preempt_planner {cfg.loop.preempt_planner}")  # fmt: skip
+        print(f"{head}; edge: ticks {args.lead_ms:g} ms before the device samples; "
+              f"loop.preempt_planner {cfg.loop.preempt_planner}")  # fmt: skip
         rows: dict[tuple[str, bool], list[dict]] = {}
         tmp = Path(tempfile.mkdtemp(prefix="bench-sync-"))
         for rnd in range(args.rounds):
