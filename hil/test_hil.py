@@ -328,6 +328,8 @@ def test_train_learns_over_a_noisy_link_through_a_device_restart(tmp_path):
     ]
     assert len(learn) == 2 and all(m["homing_ticks"] > 0 for m in learn)
     buf = ReplayBuffer.open(out / "buffer", cfg.buffer)
-    assert 0.3 * 150 < len(buf) < 150  # vouched transitions only: some lost to the noise and the restart
+    # vouched transitions only: each frame lost to the noise costs two (the next reading is the
+    # device's second sample since the last: two periods of one command), and the restart some
+    assert 0.15 * 150 < len(buf) < 150, len(buf)
     assert np.all(np.isfinite(buf.arrays()["obs"]))
     assert all(abs(c.applied[0]) <= 1.0 for c in emu.command_log())
