@@ -171,7 +171,7 @@ def test_sample_sync_reads_the_sample_after_each_command_from_any_phase_and_unde
             assert sum(good) < n // 2, sum(good)
 
 
-@pytest.mark.parametrize("device_period_ms", [10.0, 18.0, 22.5])
+@pytest.mark.parametrize("device_period_ms", [10.0, 17.0, 24.0])
 def test_sample_sync_keeps_control_hz_when_the_device_streams_at_another_rate(device_period_ms, caplog):
     """A device that streams STATE faster or slower than control_hz: the ticks follow it only as far
     as clocks drift (one WARNING), not to its rate."""
@@ -187,7 +187,7 @@ def test_sample_sync_keeps_control_hz_when_the_device_streams_at_another_rate(de
             sync.read(dev, loop)
             clock.advance(0.004)
     rate = (starts[-1] - starts[0]) / (n - 1)
-    assert abs(rate - period) / period < 0.015, rate  # (within MAX_CLOCK_DRIFT and a period over the run)
+    assert abs(rate - period) / period < 0.065, rate  # (within MAX_CLOCK_DRIFT and a period over the run)
     assert sync.held > 0 and len([r for r in caplog.records if "control_hz" in r.getMessage()]) == 1
 
 
