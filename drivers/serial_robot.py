@@ -210,7 +210,6 @@ class SerialRobot(DeviceSession, Robot):
                 break
             self.transport.wait_readable(min(left, self.spec.dt_s))
             obs = self._read()
-        self._prev_obs_ok = False
         return obs
 
     streams_samples = True  # the device samples and sends STATE on its own clock

@@ -155,16 +155,15 @@ def test_sample_sync_reads_the_sample_after_each_command_from_any_phase_and_unde
         sync = SampleSync(period, 0.25 * period)
         loop = RateLoop(1 / period, paced=True, clock=clock, sleep=clock.sleep, max_ticks=n)
         written, good, age = None, [], []
-        for _ in loop:
-            k = (sync.read(dev, loop) if synced else dev.read()).k
+        for tick in loop:
+            k = (sync.read(dev, loop, first=tick.index == 0) if synced else dev.read()).k
             age.append(clock.t - dev.t[k])
             # the reading is the device's first sample after the command: vouched
             good.append(written is not None and dev.t[k - 1] < written < dev.t[k])
             clock.advance(0.006)  # plan
             written = clock.t
         if synced:
-            assert sum(good[2:]) == n - 2, sum(good[2:])
-            assert good[1] or phase_ms > 1  # at the knife edge the first already: its sample is waited for
+            assert sum(good[1:]) == n - 1, sum(good[1:])  # the first too: the first read waits for its sample
             assert np.percentile(age, 99) < 0.001
             assert sync.timeouts == 0
         elif drift >= 0 and phase_ms < 1:  # (a device clock running fast carries its samples off the edge)

@@ -194,6 +194,8 @@ def run_episode(
                 terminated = close(obs)
                 if terminated:
                     break
+            elif sync is not None:  # the reset's reading may be periods old by now: the newest sample
+                obs = sync.read(robot, loop, first=True)
             decision = controller.act(obs, tick, loop)
             if decision.late or loop.late():  # the plan's budget, or the tick's deadline
                 misses += 1

@@ -319,12 +319,20 @@ class SampleSync:
             return None
         return cls(loop.period_s, wait_fraction * loop.period_s)
 
-    def read(self, robot: Robot, loop: RateLoop) -> Observation:
-        """``robot``'s next sample (:meth:`Robot.await_sample`), ``loop`` moved to it."""
+    def read(self, robot: Robot, loop: RateLoop, first: bool = False) -> Observation:
+        """``robot``'s next sample (:meth:`Robot.await_sample`), ``loop`` moved to it.
+
+        ``first``: the episode's first tick, at whatever phase the reset and the controller's reset
+        left it (its last reading, the reset's, may be periods old by now). It takes a sample at
+        most ``max_wait_s`` old or waits for the next, up to the tick's whole budget, so the episode
+        starts locked and its first transition is learned from like the others."""
         if self._since is None:
             self._since = loop.now()
-        wait_s = max(0.0, min(self.max_wait_s, loop.budget_left_s()))
-        waited = robot.await_sample(wait_s, max_age_s=self.period_s - self.max_wait_s)
+        budget = loop.budget_left_s()
+        wait_s = max(0.0, budget if first else min(self.max_wait_s, budget))
+        waited = robot.await_sample(
+            wait_s, max_age_s=self.max_wait_s if first else self.period_s - self.max_wait_s
+        )
         obs = robot.read()
         if waited is None:
             self.timeouts += 1
