@@ -407,3 +407,27 @@ def test_episodes_run_at_the_configured_rt_priority_only_on_the_wall_clock(tmp_p
     run.close()
     assert seen == [os.SCHED_FIFO if paced else os.SCHED_OTHER] * 5  # lockstep (a twin): no deadline to keep
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # back to normal between episodes
+
+
+def test_next_start_follows_a_shift_inside_the_tick_and_a_re_anchor():
+    """``next_start_s`` (where an episode's last reading waits for its slot) is the start the loop
+    will actually use: moved by a shift inside the tick, and past the periods an overrun skipped."""
+    clock = FakeClock()
+    loop = RateLoop(50.0, paced=True, clock=clock, sleep=clock.sleep, max_ticks=3)
+    starts, promised = [], []
+    for tick in loop:
+        starts.append(tick.start_s)
+        if tick.index == 0:
+            loop.shift(0.003)  # waited 3 ms for a sample
+        if tick.index == 1:
+            clock.advance(0.045)  # overruns by more than two periods: the loop re-anchors
+        promised.append(loop.next_start_s)
+        clock.advance(0.001)
+    assert starts[1] == pytest.approx(promised[0])
+    assert starts[2] == pytest.approx(loop.next_start_s - 0.020)  # (the last promise: after the loop)
+    assert loop.skipped == 2
+    # after the loop: the slot after the last tick, past anything skipped
+    last = RateLoop(50.0, paced=True, clock=clock, sleep=clock.sleep, max_ticks=1)
+    for _ in last:
+        clock.advance(0.050)
+    assert last.next_start_s > clock.t

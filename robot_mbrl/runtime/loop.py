@@ -204,6 +204,7 @@ class RateLoop:
         if not math.isfinite(delta_s):
             raise ValueError(f"shift: expected a finite number of seconds, got {delta_s}")
         self._shift_s += delta_s
+        self._next_s += delta_s
         if current and self._current is not None:
             t = self._current
             start = t.start_s + max(0.0, delta_s)
@@ -252,6 +253,7 @@ class RateLoop:
                     behind = math.ceil(lateness / self.period_s)
                     self.skipped += behind
                     i += behind
+                    self._next_s = t0 + self._shift_s + i * self.period_s
 
     @property
     def step_s(self) -> list[float]:
