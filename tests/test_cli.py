@@ -297,6 +297,7 @@ def test_train_learns_from_a_rig_over_the_wire_and_homes_it_before_each_episode(
         if m.get("kind") == "learn"
     ]
     assert len(learn) == 2 and all(m["homing_ticks"] > 0 for m in learn), learn
+    assert all(0 <= m["homing_sample_timeouts"] < m["homing_ticks"] for m in learn), learn
     # the emulated rig starts at rest: settled at once (50 ticks in a row within tolerance)
     assert learn[0]["homing_settled"] and learn[0]["homing_ticks"] <= 55, learn
     summary = json.loads((out / "summary.json").read_text())

@@ -76,7 +76,8 @@ def test_homing_brings_the_cart_back_and_the_pole_to_rest(twin):
     end = twin.read().values
     assert abs(end[0]) <= 0.05 and abs(end[2]) <= 0.05 and abs(end[3]) <= 0.5, end
     assert result.record() == {"homing_ticks": result.ticks, "homing_s": round(result.seconds, 3),
-                               "homing_settled": True, "homing_shielded_ticks": result.shielded_ticks}  # fmt: skip
+                               "homing_settled": True, "homing_shielded_ticks": result.shielded_ticks,
+                               "homing_sample_timeouts": 0}  # fmt: skip
 
 
 def test_homing_is_gentle_and_a_faulted_reading_gets_the_fallback(twin):

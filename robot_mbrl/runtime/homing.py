@@ -98,6 +98,7 @@ class HomingResult:
     seconds: float
     settled: bool
     shielded_ticks: int = 0  # ticks the fallback acted (the shield, or a reading that is not OK)
+    sample_timeouts: int = 0  # reads whose sample did not come within the sync's wait (a rig)
 
     def record(self) -> dict:
         return {
@@ -105,6 +106,7 @@ class HomingResult:
             "homing_s": round(self.seconds, 3),
             "homing_settled": self.settled,
             "homing_shielded_ticks": self.shielded_ticks,
+            "homing_sample_timeouts": self.sample_timeouts,
         }
 
 
@@ -190,7 +192,8 @@ class Homing:
                 for ev in decision.events:
                     on_event({**ev, "phase": "homing"})
         robot.write(spec.stop_action())
-        result = HomingResult(ticks, time.monotonic() - t0, calm >= cfg.settle_ticks, shielded)
+        timeouts = 0 if sync is None else sync.timeouts
+        result = HomingResult(ticks, time.monotonic() - t0, calm >= cfg.settle_ticks, shielded, timeouts)
         if not result.settled:
             log.warning(
                 "homing: not settled within %.1f s (%s within %s of %s): the episode starts from where the rig is",
