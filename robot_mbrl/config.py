@@ -277,16 +277,20 @@ def _cross_check(cfg: Config, source: str) -> None:
             f"<= retrain.min_transitions ({cfg.retrain.min_transitions}): a retrain would have too few",
             cfg.trainer.min_transitions,
         )  # fmt: skip
-    if (
-        cfg.backend == "twin"
-        and cfg.fallback.kind == "brake"
-        and cfg.fallback.safe_x_m >= cfg.twin.end_stop_x_m
-    ):
-        raise ConfigError(
-            source, "fallback.safe_x_m",
-            f"< twin.end_stop_x_m ({cfg.twin.end_stop_x_m}): the brake's barrier must act before the end stop",
-            cfg.fallback.safe_x_m,
-        )  # fmt: skip
+    # the cart-pole's rail (the twin's, and a rig's: its spec comes from the twin section)
+    if cfg.backend in ("twin", "serial") and cfg.fallback.kind == "brake":
+        if cfg.fallback.safe_x_m >= cfg.twin.end_stop_x_m:
+            raise ConfigError(
+                source, "fallback.safe_x_m",
+                f"< twin.end_stop_x_m ({cfg.twin.end_stop_x_m}): the brake's barrier must act before the end stop",
+                cfg.fallback.safe_x_m,
+            )  # fmt: skip
+        if cfg.fallback.safe_x_m > cfg.twin.safe_x_m:
+            raise ConfigError(
+                source, "fallback.safe_x_m",
+                f"<= twin.safe_x_m ({cfg.twin.safe_x_m}): the brake must keep the cart inside the constraint",
+                cfg.fallback.safe_x_m,
+            )  # fmt: skip
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -193,6 +193,9 @@ def test_run_simple_policies(tmp_path):
         (["emulate", "inverted_pendulum_gym", "--duration", "1"], "expected a cart-pole config"),
         (["config", "--set", "trainer.min_transitions=1000"], "trainer.min_transitions: expected <= retrain"),
         (["config", "--set", "fallback.safe_x_m=5"], "fallback.safe_x_m: expected < twin.end_stop_x_m"),
+        (["config", "--set", "backend=serial", "--set", "fallback.safe_x_m=0.5"],  # a rig's rail: the same check
+         "fallback.safe_x_m: expected < twin.end_stop_x_m"),
+        (["config", "--set", "twin.safe_x_m=0.2"], "fallback.safe_x_m: expected <= twin.safe_x_m (0.2)"),
         (["config", "--set", "seed=99999999999999999999"], "seed: expected a value <= 4294967295"),
         (
             ["run", "--policy", "safe", "--set", "fallback.position_channel=bogus"],
