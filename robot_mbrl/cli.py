@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="learn a dynamics model + value and control with the gated MPC")
     _common(p)
-    p.add_argument("--steps", type=int, default=None, help="real steps to learn from (train.steps)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="real steps to learn from (train.steps; the last episode is cut short to keep to it)",
+    )
     p.add_argument("--resume", type=Path, default=None, help="continue a killed run from its directory")
     p.add_argument(
         "--salvage-buffer",

@@ -123,7 +123,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = param(1500, "real steps (robot ticks) to learn from", ge=1)
+    steps: int = param(
+        1500, "real steps (robot ticks) to learn from; the last episode is cut short to keep to it", ge=1
+    )
     explore_episodes: int = param(1, "episodes of seeded random exploration before the first model", ge=0)
     explore_correlation: float = param(0.9, "AR(1) correlation of the exploration noise", ge=0, lt=1)
     eval_episodes: int = param(3, "evaluation episodes after each learning episode", ge=0)

@@ -104,9 +104,11 @@ def run_episodes(
     on_transition=None,
     homing: Homing | None = None,
     homed: dict | None = None,
+    max_steps: int | None = None,
 ) -> list[EpisodeResult]:
     """``episodes`` episodes, each after ``homing`` (a rig's reset; None where the robot resets itself).
-    ``homed``: the first episode's homing record where it was done already (during a retrain)."""
+    ``homed``: the first episode's homing record where it was done already (during a retrain).
+    ``max_steps``: ticks per episode (default ``task.episode_steps``)."""
     results = []
     for i in range(episodes):
         ep = first_episode + i
@@ -118,7 +120,7 @@ def run_episodes(
                 judge,
                 controller,
                 episode=ep,
-                max_steps=cfg.task.episode_steps,
+                max_steps=cfg.task.episode_steps if max_steps is None else max_steps,
                 seed=cfg.seed * 100_003 + seed_offset + ep,
                 paced=is_paced(cfg),
                 tally=tally,

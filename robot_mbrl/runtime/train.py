@@ -280,6 +280,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 res = run_episodes(
                     cfg, robot, judge, controller or explorer, run, tally, episodes=1, first_episode=episode,
                     seed_offset=0, progress=bar, kind="learn", on_transition=store, homing=homing, homed=homed,
+                    max_steps=min(cfg.task.episode_steps, cfg.train.steps - tally.real_steps),  # robot time asked for
                 )[0]  # fmt: skip
                 homed = None
                 buffer.flush()
