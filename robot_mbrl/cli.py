@@ -199,6 +199,11 @@ def cmd_commission(args: argparse.Namespace) -> int:
     _checkpoint_config(args)
     cfg = _load(args, extra)
     _check_port(args, cfg)
+    if not cfg.run.gate:
+        raise UserError(
+            "commission: expected the gated controller (its monitors are calibrated on the controller as it "
+            f"will run), got {'--no-gate' if args.no_gate else 'run.gate: false'}"
+        )
     if not args.checkpoint.exists():
         raise UserError(
             f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"

@@ -193,6 +193,7 @@ def test_run_simple_policies(tmp_path):
         ),
         (["run", "--policy", "random", "--checkpoint", "/x"], "expected either --checkpoint (the learned"),
         (["emulate", "--duration", "-1"], "--duration: expected seconds > 0"),
+        (["commission", "--checkpoint", "/x", "--no-gate"], "commission: expected the gated controller"),
         (["emulate", "inverted_pendulum_gym", "--duration", "1"], "expected a cart-pole config"),
         (["config", "--set", "trainer.min_transitions=1000"], "trainer.min_transitions: expected <= retrain"),
         (["config", "--set", "fallback.safe_x_m=5"], "fallback.safe_x_m: expected < twin.end_stop_x_m"),
