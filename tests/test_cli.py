@@ -156,6 +156,17 @@ def test_resume_runs_the_retrain_a_kill_interrupted_first_and_records_changed_se
     assert "resumed with changed settings: train.steps" in r.stderr and "link_timeout_s" not in r.stderr
 
 
+def test_a_resume_that_cannot_reach_the_robot_changes_nothing(trained, tmp_path):
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    before = (run / "config.yaml").read_bytes()
+    r = cli("train", "--resume", str(run), "--steps", "999", "--backend", "serial", "--port", "/dev/ttyNOPE0",
+            *TINY)  # fmt: skip
+    assert r.returncode != 0 and "/dev/ttyNOPE0" in r.stderr and "Traceback" not in r.stderr
+    assert (run / "config.yaml").read_bytes() == before  # no steps, port or backend it never ran under
+
+
 def test_resume_of_a_solved_run_leaves_it_as_it_is(tmp_path):
     run = tmp_path / "solved"
     easy = ["--set", "task.solved_return=-1000", "--set", "task.solved_min_mpc_fraction=0"]

@@ -190,7 +190,6 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 f"{spec.act_dim} actions), got {buffer.obs_dim} / {buffer.act_dim}: a run of another robot"
             )
         tally, first_episode, retrains = _restore_tally(run)
-        _record_changes(run, config_to_dict(cfg))
         ids = buffer.arrays()["episode_id"]
         if len(ids):  # an episode killed mid-way has rows but no metrics line: the next gets a new id
             first_episode = max(first_episode, int(ids.max()) + 1)
@@ -263,6 +262,8 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     try:
         # the robot first: a rig that cannot be reached draws no progress bar
         with robot_session(robot), Progress(cfg.train.steps, "train", enabled=progress) as bar:
+            if resume:  # once the robot is reached: a resume that cannot reach it changes nothing
+                _record_changes(run, config_to_dict(cfg))
             bar.tick(tally.real_steps)
             bar.post()
             if resume and not done() and schedule.due(len(buffer), episode_ended=True):
