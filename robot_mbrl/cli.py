@@ -286,11 +286,16 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 def _report(summary: dict, out: Path) -> None:
     plan, tick, final = summary["plan_ms"], summary["tick_ms"], summary["final_return"]
+    evals = summary.get("eval_returns")  # train's: the evaluations, and when the task was solved
+    learned = (
+        f"  last evaluation {evals[-1]:.2f}  solved at {summary['solved_at_step'] or 'not yet'}"
+        if evals
+        else ""
+    )
     print(
         f"run dir: {out}\n"
         f"episodes {summary['episodes']}  real steps {summary['real_steps']}  "
-        f"final return {'-' if final is None else f'{final:.2f}'}  "
-        f"solved at {summary['solved_at_step']}\n"
+        f"last episode's return {'-' if final is None else f'{final:.2f}'}{learned}\n"
         f"violations {summary['violations']}  fallback ticks {summary['fallback_ticks']}/{summary['ticks']}  "
         f"alarms {len(summary['alarms'])}  deadline misses {summary['deadline_misses']}  "
         f"plan ms p50/p99/max {plan['p50']:.2f}/{plan['p99']:.2f}/{plan['max']:.2f}  "
