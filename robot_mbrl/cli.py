@@ -130,6 +130,12 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):
     return load_config(args.config, overrides)
 
 
+def _positive(flag: str, value: int, what: str) -> None:
+    """A count given by a flag is blamed on the flag (through its config key, on ``--set``)."""
+    if value < 1:
+        raise UserError(f"{flag} {value}: expected {what} >= 1")
+
+
 def _job_overrides(args: argparse.Namespace) -> list[str]:
     """The ``--set`` equivalents of the flags run, commission and train share."""
     extra = ["run.gate=false"] if args.no_gate else []
@@ -172,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     extra = _job_overrides(args)
     if args.episodes is not None:
+        _positive("--episodes", args.episodes, "episodes")
         extra.append(f"run.episodes={args.episodes}")
     if args.policy is not None:
         if args.checkpoint is not None:
@@ -195,6 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_commission(args: argparse.Namespace) -> int:
     from robot_mbrl.runtime.jobs import commission_job
 
+    _positive("--episodes", args.episodes, "episodes")
     extra = [*_job_overrides(args), f"run.episodes={args.episodes}"]
     _checkpoint_config(args)
     cfg = _load(args, extra)
@@ -221,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     extra = _job_overrides(args)
     if args.steps is not None:
+        _positive("--steps", args.steps, "real steps")
         extra.append(f"train.steps={args.steps}")
     if args.resume is not None:
         if not (args.resume / "config.yaml").is_file():

@@ -204,6 +204,8 @@ def test_run_simple_policies(tmp_path):
         ),
         (["run", "--policy", "random", "--checkpoint", "/x"], "expected either --checkpoint (the learned"),
         (["emulate", "--duration", "-1"], "--duration: expected seconds > 0"),
+        (["train", "--steps", "-5"], "--steps -5: expected real steps >= 1"),
+        (["run", "--policy", "zero", "--episodes", "0"], "--episodes 0: expected episodes >= 1"),
         (["commission", "--checkpoint", "/x", "--no-gate"], "commission: expected the gated controller"),
         (["emulate", "inverted_pendulum_gym", "--duration", "1"], "expected a cart-pole config"),
         (["config", "--set", "trainer.min_transitions=1000"], "trainer.min_transitions: expected <= retrain"),
