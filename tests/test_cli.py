@@ -167,6 +167,23 @@ def test_a_resume_that_cannot_reach_the_robot_changes_nothing(trained, tmp_path)
     assert (run / "config.yaml").read_bytes() == before  # no steps, port or backend it never ran under
 
 
+def test_a_damaged_metrics_line_is_refused_in_one_line_and_a_torn_last_one_dropped(trained, tmp_path):
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    r = cli("train", "--resume", str(run), *TINY)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.count("metrics.jsonl") == 1 and "line 2: expected a JSON object" in r.stderr
+    # a kill in the middle of a write: the torn last line is dropped, the run goes on
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "learn", "epi')
+    r = cli("train", "--resume", str(run), "--steps", str(json.loads(lines[-1])["real_steps"] + 10), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dropped a torn last line" in r.stderr
+    assert all(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
+
+
 def test_resume_of_a_solved_run_leaves_it_as_it_is(tmp_path):
     run = tmp_path / "solved"
     easy = ["--set", "task.solved_return=-1000", "--set", "task.solved_min_mpc_fraction=0"]

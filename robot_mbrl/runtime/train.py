@@ -59,8 +59,9 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
     try:
         metrics = run.metrics()
     except (ValueError, UnicodeDecodeError) as err:
+        detail = str(err).removeprefix(f"{path}: ")  # (read_jsonl names the file already)
         raise RunDirError(
-            f"{path}: {err}: the run's record is damaged (mend the line, or start a new run)"
+            f"{path}: {detail}: the run's record is damaged (mend the line, or start a new run)"
         ) from None
     learn_keys = ("episode", "return", "real_steps", "steps", "violations", "fallback_ticks", "deadline_misses",
                   "end_stop_hits")  # fmt: skip
