@@ -73,6 +73,7 @@ def load_checkpoint(
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle is a bad file, said in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(". ")[0]  # the first sentence: what is wrong, not torch's advice
         if "Weights only load failed" in first:  # torch's advice text, not what is wrong here
             first = "not a plain-data checkpoint"
         raise CheckpointError(path, "a torch checkpoint file", f"unreadable data ({first[:120]})") from None
@@ -108,6 +109,14 @@ def _check_archive(path: Path) -> None:
     truncated or whose members fail their CRC: flipped bytes inside a tensor would otherwise load
     as wrong weights without a word."""
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PK\x03\x04":  # a zip's start without its end: cut short (a copy, a full disk)
+            raise CheckpointError(
+                path,
+                "a complete checkpoint archive",
+                f"a truncated one ({path.stat().st_size} bytes, no end)",
+            )
         return  # not a zip at all: torch.load says what it is
     try:
         with zipfile.ZipFile(path) as z:
