@@ -348,8 +348,8 @@ class ReplayBuffer:
         if digest != entry["sha256"]:
             raise BufferFileError(
                 path,
-                f"sha256 {entry['sha256'][:12]}… ({len(data)} bytes)",
-                f"{digest[:12]}… (corrupt or truncated)",
+                f"sha256 {entry['sha256'][:12]}…",
+                f"{digest[:12]}… over its {len(data)} bytes (corrupt or truncated)",
             )
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
