@@ -51,7 +51,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _robot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("twin", "serial", "gym"), default=None, help="override backend")
-    p.add_argument("--port", default=None, help="serial port or URL for --backend serial (e.g. /dev/ttyUSB0)")
+    p.add_argument(
+        "--port",
+        default=None,
+        help="serial port or URL for --backend serial (e.g. /dev/robot-mcu, drivers/WIRING.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
