@@ -27,7 +27,7 @@ class UserError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config",
         nargs="?",
@@ -42,6 +42,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value by dotted key, e.g. twin.pole_mass_kg=0.3 (repeatable)",
     )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
     p.add_argument("--seed", type=int, default=None, help="seed for every stochastic component")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<command>-<time>)")
     p.add_argument("--no-gate", action="store_true", help="disable the safety gate (comparisons only)")
@@ -107,19 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_commission)
 
     p = sub.add_parser("emulate", help="serve the twin as a virtual device behind the wire protocol")
-    p.add_argument("config", nargs="?", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--link", choices=("pty", "socket"), default="pty")
+    _config_args(p)
+    p.add_argument("--seed", type=int, default=None, help="seed of the twin's noise and start states")
+    p.add_argument(
+        "--link",
+        choices=("pty", "socket"),
+        default="pty",
+        help="a pseudo-terminal (a serial port's path) or a TCP socket (a socket:// URL); default pty",
+    )
     p.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)"
     )
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_emulate)
 
     p = sub.add_parser("config", help="print the resolved config (after --set) as YAML")
-    p.add_argument("config", nargs="?", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(p)
     p.set_defaults(func=cmd_config)
     return parser
 
