@@ -156,6 +156,32 @@ def test_resume_runs_the_retrain_a_kill_interrupted_first_and_records_changed_se
     assert "resumed with changed settings: train.steps" in r.stderr and "link_timeout_s" not in r.stderr
 
 
+def test_a_kill_during_the_last_retrain_is_mended_by_a_resume_without_the_robot(trained, tmp_path):
+    """Killed in the retrain after the last episode: the resume runs that retrain and the evaluation
+    after it, and needs no robot time for it (a rig that is off or unplugged is not asked for)."""
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last = max(i for i, x in enumerate(lines) if '"retrain"' in x)
+    assert all('"learn"' not in x for x in lines[last:])  # (the retrain after the last episode)
+    (run / "metrics.jsonl").write_text("\n".join(lines[:last]) + "\n")
+    steps = json.loads((run / "summary.json").read_text())["real_steps"]
+    r = cli("train", "--resume", str(run), "--port", "/dev/ttyNOPE0", "--backend", "serial", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
+    assert new == ["retrain"], new  # (on the serial backend no evaluation: no twin to run it on)
+    assert json.loads((run / "summary.json").read_text())["real_steps"] == steps
+    # on the twin: the retrain, then the evaluation it was owed
+    shutil.rmtree(run)
+    shutil.copytree(out, run)
+    (run / "metrics.jsonl").write_text("\n".join(lines[:last]) + "\n")
+    r = cli("train", "--resume", str(run), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
+    assert new == ["retrain", "eval"], new
+
+
 def test_a_resume_that_cannot_reach_the_robot_changes_nothing(trained, tmp_path):
     out, _ = trained
     run = tmp_path / "copy"

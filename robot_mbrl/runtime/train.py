@@ -260,15 +260,30 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         solved = tally.solved_at_step is not None and cfg.train.stop_when_solved
         return solved or tally.real_steps >= cfg.train.steps
 
-    try:
+    def after_episode() -> dict | None:
+        """What follows a learning episode: the retrain when due (homing the rig for the next
+        episode meanwhile), then the evaluation when due. The retrain's record (None: not due)."""
+        nonlocal homed
+        record = None
+        if schedule.due(len(buffer), episode_ended=True):
+            record, homed = retrain()
+        if evaluate and agent.trained and episode % cfg.train.eval_every_episodes == 0:
+            solved = _evaluate(cfg, agent, eval_robot, task, run, tally, episode, target)
+            if solved and tally.solved_at_step is None:
+                tally.solved_at_step = tally.real_steps
+        return record
+
+    def learn() -> None:
+        """Learning episodes until done, each followed by its retrain and evaluation when due."""
+        nonlocal controller, trace_from, homed, episode
         # the robot first: a rig that cannot be reached draws no progress bar
         with robot_session(robot), Progress(cfg.train.steps, "train", enabled=progress) as bar:
             if resume:  # once the robot is reached: a resume that cannot reach it changes nothing
                 _record_changes(run, config_to_dict(cfg))
             bar.tick(tally.real_steps)
             bar.post()
-            if resume and not done() and schedule.due(len(buffer), episode_ended=True):
-                homed = retrain()[1]  # the one a kill interrupted (or that never ran)
+            if missed:
+                after_episode()
             while not done():
                 if agent.trained and episode >= cfg.train.explore_episodes:
                     if controller is None:
@@ -287,13 +302,19 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 homed = None
                 buffer.flush()
                 episode += 1
-                if schedule.due(len(buffer), episode_ended=True):
-                    record, homed = retrain()
+                record = after_episode()
+                if record is not None:
                     bar.post(ret=res.ret, holdout=record["holdout_mse"])
-                if evaluate and agent.trained and episode % cfg.train.eval_every_episodes == 0:
-                    solved = _evaluate(cfg, agent, eval_robot, task, run, tally, episode, target)
-                    if solved and tally.solved_at_step is None:
-                        tally.solved_at_step = tally.real_steps
+
+    # a resume first does what a kill interrupted after the last episode: its retrain (or one that
+    # never ran) and the evaluation after it
+    missed = resume and tally.solved_at_step is None and schedule.due(len(buffer), episode_ended=True)
+    try:
+        if missed and done():  # the run's last retrain: no robot time needed, so no robot reached
+            missed = False
+            after_episode()
+        if not done():
+            learn()
     except BaseException:  # the job's own error (or the interrupt) is the one to raise
         try:
             buffer.close()
