@@ -55,7 +55,7 @@ class DeviceFault(enum.IntFlag):
     CLAMPED = 0x0040  # the last command was outside the device limits and was clamped (info)
 
 
-_KNOWN_FAULT_BITS = sum({int(flag) for flag in DeviceFault.__members__.values()})  # single bits
+KNOWN_FAULT_BITS = sum({int(flag) for flag in DeviceFault.__members__.values()})  # single bits
 
 
 def fault_names(bits: int) -> str:
@@ -64,7 +64,7 @@ def fault_names(bits: int) -> str:
     (``str()`` of an ``IntFlag`` is just the number on Python >= 3.11.)
     """
     names = [name for name, flag in DeviceFault.__members__.items() if flag and bits & flag]
-    unknown = bits & ~_KNOWN_FAULT_BITS
+    unknown = bits & ~KNOWN_FAULT_BITS
     if unknown:
         names.append(f"{unknown:#06x}")
     return "|".join(names) or "NONE"

@@ -77,10 +77,14 @@ _FAULT_MAP = {
 
 
 def device_faults_to_hal(bits: int) -> Fault:
+    """The hal faults of a device's fault bits. A bit this host does not know (a newer device's
+    over-temperature, say) is a DEVICE fault: the reading is not trusted rather than trusted wrongly."""
     out = Fault.NONE
     for dev, hal in _FAULT_MAP.items():
         if bits & dev:
             out |= hal
+    if bits & ~mcu.KNOWN_FAULT_BITS:
+        out |= Fault.DEVICE
     return out
 
 
@@ -166,6 +170,20 @@ class SerialRobot(DeviceSession, Robot):
         except BaseException:
             self._disconnect()  # a later connect() starts from a closed port
             raise
+
+    def _check_device(self, ack: mcu.HelloAck) -> None:
+        """The session's checks, and: every mapped actuator takes the spec's whole command range (a
+        device that clamps to a narrower one would apply another command than the host records)."""
+        super()._check_device(ack)
+        for ch, j in zip(self.spec.act, self._act_idx, strict=True):
+            lo, hi = ack.actuator_limits[j]
+            tol = 1e-6 * max(1.0, abs(ch.low), abs(ch.high))  # (limits travel as float32)
+            if lo > ch.low + tol or hi < ch.high - tol:
+                raise HandshakeError(
+                    f"device actuator {j} takes [{lo:g}, {hi:g}], narrower than action {ch.name!r} "
+                    f"[{ch.low:g}, {ch.high:g}]: it would clamp commands the host records as applied "
+                    "(set the config's action range within the device's)"
+                )
 
     def _disconnect(self) -> None:
         self.active = self._want_active = False

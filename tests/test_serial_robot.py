@@ -197,6 +197,13 @@ def test_device_fault_bits_map_to_hal_faults(emu, caplog):
         emu.clear_fault(mcu.DeviceFault.LIMIT | mcu.DeviceFault.OVERCURRENT)
         time.sleep(0.05)
         assert robot.read().ok
+        emu.inject_fault(0x0100)  # a bit this host does not know (a newer device's): not trusted
+        time.sleep(0.05)
+        obs = robot.read()
+        assert obs.faults == Fault.DEVICE and not obs.ok and not obs.info["vouched"]
+        emu.clear_fault(0x0100)
+        time.sleep(0.05)
+        assert robot.read().ok
 
 
 def test_channel_maps_and_handshake_checks(emu):
@@ -208,6 +215,19 @@ def test_channel_maps_and_handshake_checks(emu):
         assert obs.values[0] == pytest.approx(emu.plant.x[1], abs=0.05)
     with pytest.raises(HandshakeError):
         _robot(emu.port, obs_from_sensor=(5, 0)).connect()  # device has 2 sensors
+
+
+def test_a_device_whose_actuator_takes_less_than_the_action_range_is_refused():
+    """It would clamp commands the host records as applied: transitions with the wrong action."""
+    emulator, _ = serve(DoubleIntegrator(), "pty", sensor_limits=((-10, 10), (-10, 10)),
+                        actuator_limits=((-0.5, 0.5),), control_hz=HZ)  # fmt: skip
+    try:
+        with pytest.raises(
+            HandshakeError, match=r"device actuator 0 takes \[-0.5, 0.5\], narrower than action 'a'"
+        ):
+            _robot(emulator.port).connect()
+    finally:
+        emulator.stop()
 
 
 def test_version_mismatch_is_refused():
