@@ -273,26 +273,21 @@ def blame(err: ConfigError, source: str, set_keys: list[str]) -> ConfigError:
 
 def _cross_check(cfg: Config, source: str) -> None:
     """Settings each valid alone that contradict each other (found before any robot time)."""
-    if cfg.trainer.min_transitions > cfg.retrain.min_transitions:
-        raise ConfigError(
-            source, "trainer.min_transitions",
-            f"<= retrain.min_transitions ({cfg.retrain.min_transitions}): a retrain would have too few",
-            cfg.trainer.min_transitions,
-        )  # fmt: skip
-    # the cart-pole's rail (the twin's, and a rig's: its spec comes from the twin section)
-    if cfg.backend in ("twin", "serial") and cfg.fallback.kind == "brake":
-        if cfg.fallback.safe_x_m >= cfg.twin.end_stop_x_m:
-            raise ConfigError(
-                source, "fallback.safe_x_m",
-                f"< twin.end_stop_x_m ({cfg.twin.end_stop_x_m}): the brake's barrier must act before the end stop",
-                cfg.fallback.safe_x_m,
-            )  # fmt: skip
-        if cfg.fallback.safe_x_m > cfg.twin.safe_x_m:
-            raise ConfigError(
-                source, "fallback.safe_x_m",
-                f"<= twin.safe_x_m ({cfg.twin.safe_x_m}): the brake must keep the cart inside the constraint",
-                cfg.fallback.safe_x_m,
-            )  # fmt: skip
+    rail = cfg.backend in ("twin", "serial") and cfg.fallback.kind == "brake"  # the twin's, or a rig's
+    checks = [  # (contradiction, key, expected, got)
+        (cfg.trainer.min_transitions > cfg.retrain.min_transitions, "trainer.min_transitions",
+         f"<= retrain.min_transitions ({cfg.retrain.min_transitions}): a retrain would have too few",
+         cfg.trainer.min_transitions),
+        (rail and cfg.fallback.safe_x_m >= cfg.twin.end_stop_x_m, "fallback.safe_x_m",
+         f"< twin.end_stop_x_m ({cfg.twin.end_stop_x_m}): the brake's barrier must act before the end stop",
+         cfg.fallback.safe_x_m),
+        (rail and cfg.fallback.safe_x_m > cfg.twin.safe_x_m, "fallback.safe_x_m",
+         f"<= twin.safe_x_m ({cfg.twin.safe_x_m}): the brake must keep the cart inside the constraint",
+         cfg.fallback.safe_x_m),
+    ]  # fmt: skip
+    for bad, key, expected, got in checks:
+        if bad:
+            raise ConfigError(source, key, expected, got)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
