@@ -38,7 +38,9 @@ class GymConfig:
     """Any gymnasium env with Box spaces as the backend (reward and termination from the env)."""
 
     env_id: str = param("InvertedPendulum-v5", "gymnasium id, e.g. InvertedPendulum-v5")
-    control_hz: float = param(25.0, "the env's control rate (1 / env dt)", gt=0)
+    control_hz: float | None = param(
+        None, "the env's control rate; null: 1 / the env's dt (its step time; a WARNING where a set one differs)", gt=0
+    )
     kwargs: dict[str, Any] = param(factory=dict, doc="keyword arguments for gymnasium.make")
     terminal_channels: tuple[str, ...] = param(
         (), "the env's documented termination rule, for the planner: these observation channels ..."

@@ -6,6 +6,7 @@ Heavy imports happen inside the builders so that choosing one backend never impo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from robot_mbrl.config import Config
@@ -13,6 +14,8 @@ from robot_mbrl.hal.robot import Robot
 from robot_mbrl.runtime.episode import EnvJudge, Judge, TaskJudge
 from robot_mbrl.tasks.base import Task
 from robot_mbrl.tasks.cartpole import CartpoleTask
+
+log = logging.getLogger(__name__)
 
 
 def _twin(cfg: Config, port: str | None, seed: int) -> Robot:
@@ -34,8 +37,17 @@ def _gym(cfg: Config, port: str | None, seed: int) -> Robot:
         raise ConfigError(
             "config", "gym.env_id/gym.kwargs", "an env gymnasium.make can build", what
         ) from None
+    dt = getattr(env.unwrapped, "dt", None)  # MuJoCo and classic-control envs have it
+    env_hz = 1.0 / dt if isinstance(dt, int | float) and dt > 0 else None
+    hz = cfg.gym.control_hz or env_hz
+    if hz is None:
+        env.close()
+        raise ConfigError("config", "gym.control_hz", f"the control rate of {cfg.gym.env_id} (it has no dt)", None)
+    if env_hz is not None and abs(hz - env_hz) > 0.01 * env_hz:
+        log.warning("gym.control_hz %g, but %s steps %g s (%g Hz): pacing and deadlines follow %g Hz",
+                    hz, cfg.gym.env_id, dt, env_hz, hz)  # fmt: skip
     try:
-        return GymRobot(env, control_hz=cfg.gym.control_hz)
+        return GymRobot(env, control_hz=hz)
     except (TypeError, ValueError) as err:  # not a 1-D Box env, unbounded actions
         env.close()
         raise ConfigError(

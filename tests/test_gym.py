@@ -195,3 +195,81 @@ def test_robot_env_over_a_serial_rig_activates_and_keeps_the_control_period():
     dt = 1.0 / cfg.twin.control_hz
     assert elapsed >= 24 * dt  # paced, not as fast as the loop can spin
     assert len(set(xs)) >= 20  # a new device state almost every step: the cart moves under the push
+
+
+class _Drift(gymnasium.Env):
+    """A point pushed right that ends its episode as it leaves its declared Box [-1, 1] (a common
+    hand-written pattern): the terminal observation is outside the observation space."""
+
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = 0.0
+        return np.array([self.x], np.float32), {}
+
+    def step(self, action):
+        self.x += 0.11
+        return np.array([self.x], np.float32), 1.0, self.x > 1.0, False, {}
+
+
+def _episode(env, max_steps):
+    from types import SimpleNamespace
+
+    from robot_mbrl.runtime.episode import EnvJudge, run_episode
+    from robot_mbrl.runtime.policies import PolicyController
+    from robot_mbrl.runtime.rundir import Tally
+
+    robot = GymRobot(env, control_hz=20.0)
+    got = []
+    with robot:
+        res = run_episode(robot, EnvJudge(robot), PolicyController(SimpleNamespace(act=lambda obs: np.zeros(1))),
+                          episode=0, max_steps=max_steps, seed=3, paced=False, tally=Tally(),
+                          on_transition=got.append)  # fmt: skip
+    return res, got
+
+
+def test_an_env_ends_its_episode_even_where_it_leaves_its_declared_box():
+    res, got = _episode(_Drift(), max_steps=60)
+    assert res.steps == 10 and res.terminated  # (it ran all 60 ticks, stepping an ended env)
+    assert len(got) == 10 and got[-1].terminated and not got[-1].truncated  # the terminal step is learned
+    assert res.ret == pytest.approx(10.0)  # the env's reward, the last step's too
+
+
+def test_an_env_time_limit_ends_the_episode_as_truncation():
+    res, got = _episode(gymnasium.make("Pendulum-v1"), max_steps=300)  # TimeLimit: 200 steps
+    assert res.steps == 200 and not res.terminated
+    assert got[-1].truncated and not got[-1].terminated and not any(t.truncated for t in got[:-1])
+
+
+def test_gym_control_rate_defaults_to_the_env_step_and_a_mismatch_is_warned(caplog):
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot
+
+    robot = make_robot(load_config("inverted_pendulum_gym", ["gym.env_id=Pendulum-v1", "gym.control_hz=null",
+                                                             "gym.terminal_channels=[]", "gym.terminal_low=[]",
+                                                             "gym.terminal_high=[]"]))  # fmt: skip
+    assert robot.spec.control_hz == pytest.approx(20.0)  # Pendulum-v1: dt 0.05 s
+    with caplog.at_level("WARNING", logger="robot_mbrl.factory"):
+        robot = make_robot(load_config("inverted_pendulum_gym", ["gym.control_hz=50"]))
+    assert robot.spec.control_hz == 50.0 and any(
+        "steps 0.04 s (25 Hz)" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_a_gym_checkpoint_loads_without_a_warning_about_its_learned_reward(tmp_path, caplog):
+    """The reward head is the backend's (no known reward), not a setting the config got wrong."""
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_robot
+
+    cfg = load_config("inverted_pendulum_gym")
+    robot = make_robot(cfg)
+    MPCAgent(cfg, robot.spec, None).save(tmp_path)
+    with caplog.at_level("WARNING", logger="robot_mbrl.agents.mpc"):
+        agent = MPCAgent.load(tmp_path, cfg, robot.spec, None)
+    assert agent.model.cfg.learn_reward and not caplog.records, [r.getMessage() for r in caplog.records]
+    with caplog.at_level("WARNING", logger="robot_mbrl.agents.mpc"):  # a real difference still is one
+        MPCAgent.load(tmp_path, load_config("inverted_pendulum_gym", ["model.hidden=32"]), robot.spec, None)
+    assert any("model.hidden from the checkpoint" in r.getMessage() for r in caplog.records)

@@ -611,6 +611,11 @@ def test_a_device_out_of_reach_for_the_link_timeout_raises_link_lost():
 
 
 class _Judge:
+    authoritative = False
+
+    def truncated(self, next_obs):
+        return False
+
     def reward(self, obs, act, next_obs):
         return 0.0
 

@@ -283,8 +283,10 @@ class MPCAgent:
                 f"{model.obs_dim} / {model.act_dim}",
             )
         # the checkpoint's network shapes win over the run config (a run may use another config file)
-        if model.cfg != cfg.model:
-            differ = [k for k, v in vars(model.cfg).items() if getattr(cfg.model, k, v) != v]
+        # (learn_reward is the backend's, not a setting: a task with no known reward learns it)
+        expected = _with(cfg.model, learn_reward=task is None)
+        if model.cfg != expected:
+            differ = [k for k, v in vars(model.cfg).items() if getattr(expected, k, v) != v]
             log.warning(
                 "%s: model.%s from the checkpoint, not the config", path / MODEL_FILE, ", model.".join(differ)
             )

@@ -62,16 +62,30 @@ class Controller(Protocol):
 
 
 class Judge(Protocol):
-    """Scores real transitions: the task's known reward, or the environment's own."""
+    """Scores real transitions: the task's known reward, or the environment's own.
+
+    ``authoritative``: the judge's word is the environment's own (a gymnasium env's reward,
+    termination and time limit), not a rule applied to a reading that may be a glitch: it ends the
+    episode whatever the reading, and a reading outside the spec's range (an env leaving its
+    declared Box) is still a transition. ``truncated``: the environment's own time limit ended it."""
+
+    authoritative: bool
 
     def reward(self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> float: ...
 
     def terminated(self, next_obs: np.ndarray) -> bool: ...
 
+    def truncated(self, next_obs: np.ndarray) -> bool: ...
+
 
 class TaskJudge:
+    authoritative = False  # a rule on readings: a reading out of range (a glitch) ends nothing
+
     def __init__(self, task: Task):
         self.task = task
+
+    def truncated(self, next_obs: np.ndarray) -> bool:
+        return False  # the episode's length is the job's (task.episode_steps)
 
     def reward(self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> float:
         return self.task.reward_np(obs, act, next_obs)
@@ -81,10 +95,15 @@ class TaskJudge:
 
 
 class EnvJudge:
-    """For gymnasium backends: the env's reward and termination of the last step."""
+    """For gymnasium backends: the env's reward, termination and time limit of the last step."""
+
+    authoritative = True
 
     def __init__(self, robot: Robot):
         self.robot = robot
+
+    def truncated(self, next_obs: np.ndarray) -> bool:
+        return bool(self.robot.last_step["truncated"])  # type: ignore[attr-defined]
 
     def reward(self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> float:
         return float(self.robot.last_step["reward"])  # type: ignore[attr-defined]
@@ -152,17 +171,21 @@ def run_episode(
 
     prev: tuple[Observation, np.ndarray] | None = None  # (s_t, a_t) waiting for s_t+1
 
-    def close(next_obs: Observation) -> bool:
-        """Complete the pending transition with the reading s_t+1; return True if terminal."""
+    def close(next_obs: Observation) -> tuple[bool, bool]:
+        """Complete the pending transition with the reading s_t+1; (terminal, episode over)."""
         nonlocal ret, violations, hits, steps, prev, learned
         obs_t, applied = prev  # type: ignore[misc]
         prev = None
         steps += 1
         # valid = finite, no fault bits, inside the physical range (a spike the gate rejected is
-        # not a transition to learn from, nor a reason to end the episode)
-        valid = obs_t.ok and next_obs.ok and spec.in_range(obs_t.values) and spec.in_range(next_obs.values)
+        # not a transition to learn from, nor a reason to end the episode); an env's own word holds
+        # whatever the reading (an env leaving its declared Box as it terminates)
+        env = judge.authoritative
+        in_range = env or (spec.in_range(obs_t.values) and spec.in_range(next_obs.values))
+        valid = obs_t.ok and next_obs.ok and in_range
         r = judge.reward(obs_t.values, applied, next_obs.values) if valid else 0.0
-        term = bool(spec.in_range(next_obs.values) and judge.terminated(next_obs.values))
+        term = bool((env or spec.in_range(next_obs.values)) and judge.terminated(next_obs.values))
+        env_trunc = env and not term and judge.truncated(next_obs.values)  # the env's time limit
         g = spec.constraint_values(next_obs.values)
         if (g.size and np.any(g > 0)) or (next_obs.faults & Fault.LIMIT):
             violations += 1
@@ -173,7 +196,7 @@ def run_episode(
         # serial robot that lost a STATE frame re-serves the previous one: s_t+1 == s_t is not
         # physics, and as a residual it is a false alarm); backends without the notion always do
         if valid and next_obs.info.get("vouched", True):
-            trunc = steps >= max_steps and not term
+            trunc = (steps >= max_steps or env_trunc) and not term
             tr = Transition(obs_t.values, applied, r, next_obs.values, term, trunc, obs_t.stamp_s, episode)
             learned += 1
             if on_transition is not None:
@@ -181,7 +204,7 @@ def run_episode(
             emit(controller.observe(tr))
         if on_tick is not None:
             on_tick(steps)
-        return term
+        return term, term or env_trunc
 
     # a paced loop's control thread must get the GIL back from a planner thread (a controller that
     # plans on one: ``preempt``) within a fraction of a tick (runtime/deadline.py)
@@ -191,8 +214,8 @@ def run_episode(
         for tick in loop:
             if prev is not None:
                 obs = robot.read() if sync is None else sync.read(robot, loop)
-                terminated = close(obs)
-                if terminated:
+                terminated, over = close(obs)
+                if over:
                     break
             elif sync is not None:  # the reset's reading may be periods old by now: the newest sample
                 obs = sync.read(robot, loop, first=True)
@@ -212,7 +235,7 @@ def run_episode(
         if prev is not None:  # the last command's reading: a streaming robot samples it a period on
             if sync is not None:
                 time.sleep(max(0.0, loop.next_start_s - loop.now()))
-            terminated = close(robot.read() if sync is None else sync.read(robot, loop))
+            terminated = close(robot.read() if sync is None else sync.read(robot, loop))[0]
 
     tally.real_steps += steps
     tally.ticks += steps
