@@ -28,7 +28,7 @@ def _gym(cfg: Config, port: str | None, seed: int) -> Robot:
     import gymnasium
 
     from robot_mbrl.hal.gym_backend import GymRobot
-    from robot_mbrl.typedconfig import ConfigError
+    from robot_mbrl.typedconfig import ConfigError, require_names
 
     try:
         env = gymnasium.make(cfg.gym.env_id, **cfg.gym.kwargs)
@@ -42,17 +42,25 @@ def _gym(cfg: Config, port: str | None, seed: int) -> Robot:
     hz = cfg.gym.control_hz or env_hz
     if hz is None:
         env.close()
-        raise ConfigError("config", "gym.control_hz", f"the control rate of {cfg.gym.env_id} (it has no dt)", None)
+        raise ConfigError(
+            "config", "gym.control_hz", f"the control rate of {cfg.gym.env_id} (it has no dt)", None
+        )
     if env_hz is not None and abs(hz - env_hz) > 0.01 * env_hz:
         log.warning("gym.control_hz %g, but %s steps %g s (%g Hz): pacing and deadlines follow %g Hz",
                     hz, cfg.gym.env_id, dt, env_hz, hz)  # fmt: skip
     try:
-        return GymRobot(env, control_hz=hz)
+        robot = GymRobot(env, control_hz=hz)
     except (TypeError, ValueError) as err:  # not a 1-D Box env, unbounded actions
         env.close()
         raise ConfigError(
             "config", "gym.env_id", "a 1-D Box env with finite action bounds", str(err)
         ) from None
+    try:  # checked for every job (a run without a planner too), as the planner would
+        require_names("gym.terminal_channels", cfg.gym.terminal_channels, robot.spec.obs_names)
+    except ConfigError:
+        env.close()
+        raise
+    return robot
 
 
 def _serial(cfg: Config, port: str | None, seed: int) -> Robot:

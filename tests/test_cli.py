@@ -251,6 +251,10 @@ def test_run_simple_policies(tmp_path):
         (["run", "--policy", "zero", "--episodes", "0"], "--episodes 0: expected episodes >= 1"),
         (["commission", "--checkpoint", "/x", "--no-gate"], "commission: expected the gated controller"),
         (["emulate", "inverted_pendulum_gym", "--duration", "1"], "expected a cart-pole config"),
+        (
+            ["run", "inverted_pendulum_gym", "--policy", "random", "--set", "gym.terminal_channels=[theta]"],
+            "gym.terminal_channels: expected names from ['obs_0'",
+        ),  # a run without a planner too
         (["config", "--set", "trainer.min_transitions=1000"], "trainer.min_transitions: expected <= retrain"),
         (["config", "--set", "fallback.safe_x_m=5"], "fallback.safe_x_m: expected < twin.end_stop_x_m"),
         (
