@@ -273,3 +273,21 @@ def test_a_gym_checkpoint_loads_without_a_warning_about_its_learned_reward(tmp_p
     with caplog.at_level("WARNING", logger="robot_mbrl.agents.mpc"):  # a real difference still is one
         MPCAgent.load(tmp_path, load_config("inverted_pendulum_gym", ["model.hidden=32"]), robot.spec, None)
     assert any("model.hidden from the checkpoint" in r.getMessage() for r in caplog.records)
+
+
+def test_a_gym_robot_is_a_gymnasium_env_again_with_its_own_reward_and_limits():
+    """Any robot as an env: a GymRobot (which scores its own steps) needs no task."""
+    env = RobotEnv(GymRobot(gymnasium.make("Pendulum-v1"), control_hz=20.0), None, episode_steps=500)
+    check_env(env, skip_render_check=True)
+    ref = gymnasium.make("Pendulum-v1")
+    obs, _ = env.reset(seed=5)
+    ref_obs, _ = ref.reset(seed=5)
+    assert np.allclose(obs, ref_obs)
+    for t in range(200):
+        a = np.array([np.sin(0.1 * t)], np.float32)
+        obs, r, term, trunc, _ = env.step(a)
+        ref_obs, ref_r, ref_term, ref_trunc, _ = ref.step(a)
+        assert np.allclose(obs, ref_obs, atol=1e-6) and r == pytest.approx(ref_r) and term == ref_term
+    assert trunc and ref_trunc  # the env's own time limit (200), before episode_steps (500)
+    with pytest.raises(ValueError, match="expected a task"):
+        RobotEnv(CartpoleTwin(TwinConfig()), None, episode_steps=10)

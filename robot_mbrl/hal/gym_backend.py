@@ -3,6 +3,8 @@
 * :class:`RobotEnv`: any :class:`Robot` + :class:`Task` as a ``gymnasium.Env`` (for RL libraries,
   ``check_env`` and benchmarks). Reward and termination come from the task, truncation from
   ``episode_steps``; ``info`` carries fault bits, constraint values and the action really applied.
+  A robot that scores its own steps (a :class:`GymRobot`) needs no task: its env's reward,
+  termination and time limit pass through.
 * :class:`GymRobot`: any gymnasium env with Box spaces as a :class:`Robot` (e.g. to run the planner
   and gate on ``InvertedPendulum-v5``). The env is built by the caller and passed in.
 """
@@ -41,9 +43,14 @@ class RobotEnv(gymnasium.Env):
 
     metadata: dict[str, Any] = {"render_modes": []}
 
-    def __init__(self, robot: Robot, task: Task, episode_steps: int, paced: bool | None = None):
+    def __init__(self, robot: Robot, task: Task | None, episode_steps: int, paced: bool | None = None):
         if episode_steps < 1:
             raise ValueError(f"episode_steps must be >= 1, got {episode_steps}")
+        if task is None and not hasattr(robot, "last_step"):
+            raise ValueError(
+                "RobotEnv: expected a task (reward and termination) for a robot that does not score its "
+                f"own steps as a GymRobot does, got None for {type(robot).__name__}"
+            )
         self.paced = callable(getattr(robot, "activate", None)) if paced is None else paced
         self._next_s: float | None = None  # when the next step may read (paced)
         self.robot = robot
@@ -67,7 +74,7 @@ class RobotEnv(gymnasium.Env):
             "fault_names": str(Fault(obs.faults)),
             "obs_raw": raw,
             "constraint_values": self.robot.spec.constraint_values(raw),
-            "task_constraints": self.task.constraints_np(raw),
+            "task_constraints": np.zeros(0) if self.task is None else self.task.constraints_np(raw),
         }
         info["violation"] = bool(
             np.any(info["constraint_values"] > 0) or np.any(info["task_constraints"] > 0)
@@ -100,10 +107,18 @@ class RobotEnv(gymnasium.Env):
                 self._next_s = now  # late: do not try to catch up with a burst
         obs = self.robot.read()
         next_raw = np.asarray(obs.values, dtype=float)
-        reward = self.task.reward_np(self._obs, applied, next_raw)
-        terminated = self.task.terminated_np(next_raw)
+        if self.task is None:  # the robot's own env: its reward, termination and time limit
+            last = self.robot.last_step  # type: ignore[attr-defined]
+            reward, terminated, own_limit = (
+                float(last["reward"]),
+                bool(last["terminated"]),
+                bool(last["truncated"]),
+            )
+        else:
+            reward = self.task.reward_np(self._obs, applied, next_raw)
+            terminated, own_limit = self.task.terminated_np(next_raw), False
         self._obs, self._t = next_raw, self._t + 1
-        truncated = self._t >= self.episode_steps and not terminated
+        truncated = (self._t >= self.episode_steps or own_limit) and not terminated
         out, info = self._observe(obs)
         info["applied_action"] = applied
         info["reward_invalid"] = not np.isfinite(reward)
