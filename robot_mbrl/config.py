@@ -39,9 +39,18 @@ class GymConfig:
 
     env_id: str = param("InvertedPendulum-v5", "gymnasium id, e.g. InvertedPendulum-v5")
     control_hz: float | None = param(
-        None, "the env's control rate; null: 1 / the env's dt (its step time; a WARNING where a set one differs)", gt=0
+        None,
+        "the env's control rate; null: 1 / the env's dt (its step time; a WARNING where a set one differs)",
+        gt=0,
     )
     kwargs: dict[str, Any] = param(factory=dict, doc="keyword arguments for gymnasium.make")
+    obs_names: tuple[str, ...] = param(
+        (), "names of the env's observation channels, in order (empty: obs_0, obs_1, ...)"
+    )
+    angle_channels: tuple[str, ...] = param(
+        (),
+        "observation channels that are angles in radians: wrapped into (-pi, pi], seen as sin/cos by the models",
+    )
     terminal_channels: tuple[str, ...] = param(
         (), "the env's documented termination rule, for the planner: these observation channels ..."
     )

@@ -49,17 +49,29 @@ def _gym(cfg: Config, port: str | None, seed: int) -> Robot:
         log.warning("gym.control_hz %g, but %s steps %g s (%g Hz): pacing and deadlines follow %g Hz",
                     hz, cfg.gym.env_id, dt, env_hz, hz)  # fmt: skip
     try:
-        robot = GymRobot(env, control_hz=hz)
+        robot = GymRobot(env, control_hz=hz)  # the env's own channels first
     except (TypeError, ValueError) as err:  # not a 1-D Box env, unbounded actions
         env.close()
         raise ConfigError(
             "config", "gym.env_id", "a 1-D Box env with finite action bounds", str(err)
         ) from None
-    try:  # checked for every job (a run without a planner too), as the planner would
-        require_names("gym.terminal_channels", cfg.gym.terminal_channels, robot.spec.obs_names)
+    g, n = cfg.gym, robot.spec.obs_dim
+    try:  # the config's channel names (checked for every job, a run without a planner too)
+        if g.obs_names and len(set(g.obs_names)) != n:
+            raise ConfigError(
+                "config",
+                "gym.obs_names",
+                f"{n} distinct names (one per observation channel)",
+                list(g.obs_names),
+            )
+        names = g.obs_names or robot.spec.obs_names
+        require_names("gym.angle_channels", g.angle_channels, names)
+        require_names("gym.terminal_channels", g.terminal_channels, names)
     except ConfigError:
         env.close()
         raise
+    if g.obs_names or g.angle_channels:
+        robot = GymRobot(env, control_hz=hz, obs_names=g.obs_names or None, angles=g.angle_channels)
     return robot
 
 

@@ -255,6 +255,14 @@ def test_run_simple_policies(tmp_path):
             ["run", "inverted_pendulum_gym", "--policy", "random", "--set", "gym.terminal_channels=[theta]"],
             "gym.terminal_channels: expected names from ['obs_0'",
         ),  # a run without a planner too
+        (
+            ["run", "inverted_pendulum_gym", "--policy", "zero", "--set", "gym.obs_names=[x, x, a, b]"],
+            "gym.obs_names: expected 4 distinct names",
+        ),
+        (
+            ["run", "inverted_pendulum_gym", "--policy", "zero", "--set", "gym.angle_channels=[theta]"],
+            "gym.angle_channels: expected names from ['obs_0'",
+        ),
         (["config", "--set", "trainer.min_transitions=1000"], "trainer.min_transitions: expected <= retrain"),
         (["config", "--set", "fallback.safe_x_m=5"], "fallback.safe_x_m: expected < twin.end_stop_x_m"),
         (

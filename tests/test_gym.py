@@ -291,3 +291,32 @@ def test_a_gym_robot_is_a_gymnasium_env_again_with_its_own_reward_and_limits():
     assert trunc and ref_trunc  # the env's own time limit (200), before episode_steps (500)
     with pytest.raises(ValueError, match="expected a task"):
         RobotEnv(CartpoleTwin(TwinConfig()), None, episode_steps=10)
+
+
+class _Spinner(gymnasium.Env):
+    """A wheel turning 1 rad a step, reporting its angle unwrapped (as many envs do)."""
+
+    observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.q = 0.0
+        return np.array([self.q, 1.0], np.float32), {}
+
+    def step(self, action):
+        self.q += 1.0
+        return np.array([self.q, 1.0], np.float32), 0.0, False, False, {}
+
+
+def test_gym_channels_can_be_named_and_marked_as_angles():
+    robot = GymRobot(_Spinner(), control_hz=10.0, obs_names=("wheel", "speed"), angles=("wheel",))
+    assert robot.spec.obs_names == ("wheel", "speed") and list(robot.spec.angle_mask) == [True, False]
+    with robot:
+        robot.reset(seed=0)
+        for _ in range(7):
+            robot.write(np.zeros(1))
+        q = robot.read().values[0]
+    assert q == pytest.approx(7.0 - 2 * np.pi, abs=1e-5) and robot.spec.in_range(np.array([q, 1.0]))
+    with pytest.raises(ValueError, match="not observation channels"):
+        GymRobot(_Spinner(), control_hz=10.0, angles=("wheel",))  # named obs_0, obs_1

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +149,7 @@ class GymRobot(Robot):
         act_rate_per_s: tuple[float, ...] | None = None,
         constraints: tuple[BoxConstraint, ...] = (),
         safe_action: tuple[float, ...] | None = None,
+        angles: tuple[str, ...] = (),
     ):
         self.env = env
         super().__init__(
@@ -160,12 +162,19 @@ class GymRobot(Robot):
                 act_rate_per_s=act_rate_per_s,
                 constraints=constraints,
                 safe_action=safe_action,
+                angles=angles,
             )
         )
+        self._angle = self.spec.angle_mask.copy()  # readings wrapped into (-pi, pi]
         self._obs: np.ndarray | None = None
         self._act_dtype = env.action_space.dtype
         self.last_step: dict[str, Any] = {"reward": 0.0, "terminated": False, "truncated": False, "info": {}}
         self.episode_return = 0.0
+
+    def _wrap(self, obs: np.ndarray) -> np.ndarray:
+        if self._angle.any():
+            obs[self._angle] = np.pi - np.mod(np.pi - obs[self._angle], 2 * np.pi)  # (-pi, pi]
+        return obs
 
     def _connect(self) -> None:
         log.debug("GymRobot connected to %s", self.env)
@@ -175,7 +184,7 @@ class GymRobot(Robot):
 
     def _reset(self, seed: int | None) -> Observation:
         obs, info = self.env.reset(seed=seed)
-        self._obs = np.asarray(obs, dtype=float).reshape(self.spec.obs_dim)
+        self._obs = self._wrap(np.asarray(obs, dtype=float).reshape(self.spec.obs_dim))
         self.last_step = {"reward": 0.0, "terminated": False, "truncated": False, "info": info}
         self.episode_return = 0.0
         return self._read()
@@ -187,7 +196,7 @@ class GymRobot(Robot):
 
     def _send(self, action: np.ndarray) -> None:
         obs, reward, terminated, truncated, info = self.env.step(action.astype(self._act_dtype))
-        self._obs = np.asarray(obs, dtype=float).reshape(self.spec.obs_dim)
+        self._obs = self._wrap(np.asarray(obs, dtype=float).reshape(self.spec.obs_dim))
         self.last_step = {
             "reward": float(reward),
             "terminated": bool(terminated),
@@ -213,8 +222,11 @@ def spec_from_spaces(
     act_rate_per_s: tuple[float, ...] | None = None,
     constraints: tuple[BoxConstraint, ...] = (),
     safe_action: tuple[float, ...] | None = None,
+    angles: tuple[str, ...] = (),
 ) -> RobotSpec:
-    """RobotSpec from flat Box spaces; channels named ``obs_i`` / ``act_i`` unless names are given."""
+    """RobotSpec from flat Box spaces; channels named ``obs_i`` / ``act_i`` unless names are given.
+    ``angles``: observation channels that are angles (radians; range (-pi, pi], encoded as sin/cos
+    by the models)."""
     for what, space in (("observation", observation_space), ("action", action_space)):
         if not isinstance(space, spaces.Box) or len(space.shape) != 1:
             raise TypeError(f"GymRobot needs a 1-D Box {what} space, got {space}")
@@ -226,12 +238,18 @@ def spec_from_spaces(
         if len(names) != space.shape[0]:
             raise ValueError(f"{prefix}: {len(names)} names for {space.shape[0]} channels")
         return tuple(
-            Channel(n, "", float(lo), float(hi))
+            Channel(n, "rad", -math.pi, math.pi, angle=True)
+            if prefix == "obs" and n in angles
+            else Channel(n, "", float(lo), float(hi))
             for n, lo, hi in zip(names, space.low, space.high, strict=True)
         )
 
+    obs = channels(observation_space, obs_names, "obs")
+    unknown = sorted(set(angles) - {c.name for c in obs})
+    if unknown:
+        raise ValueError(f"angles: {unknown} are not observation channels ({[c.name for c in obs]})")
     return RobotSpec(
-        obs=channels(observation_space, obs_names, "obs"),
+        obs=obs,
         act=channels(action_space, act_names, "act"),
         control_hz=control_hz,
         act_rate_per_s=act_rate_per_s,
