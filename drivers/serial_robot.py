@@ -178,7 +178,7 @@ class SerialRobot(DeviceSession, Robot):
         for ch, j in zip(self.spec.act, self._act_idx, strict=True):
             lo, hi = ack.actuator_limits[j]
             tol = 1e-6 * max(1.0, abs(ch.low), abs(ch.high))  # (limits travel as float32)
-            if lo > ch.low + tol or hi < ch.high - tol:
+            if not (lo <= ch.low + tol and hi >= ch.high - tol):  # (NaN limits fail too)
                 raise HandshakeError(
                     f"device actuator {j} takes [{lo:g}, {hi:g}], narrower than action {ch.name!r} "
                     f"[{ch.low:g}, {ch.high:g}]: it would clamp commands the host records as applied "

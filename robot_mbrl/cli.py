@@ -221,7 +221,7 @@ def cmd_commission(args: argparse.Namespace) -> int:
     if not cfg.run.gate:
         raise UserError(
             "commission: expected the gated controller (its monitors are calibrated on the controller as it "
-            f"will run), got {'--no-gate' if args.no_gate else 'run.gate: false'}"
+            f"will run), got {'--no-gate' if args.no_gate else 'run.gate: false (--set run.gate=true)'}"
         )
     if not args.checkpoint.exists():
         raise UserError(

@@ -176,10 +176,13 @@ def test_a_kill_during_the_last_retrain_is_mended_by_a_resume_without_the_robot(
     shutil.rmtree(run)
     shutil.copytree(out, run)
     (run / "metrics.jsonl").write_text("\n".join(lines[:last]) + "\n")
-    r = cli("train", "--resume", str(run), *TINY)
+    r = cli("train", "--resume", str(run), *TINY, "--set", "trainer.max_epochs=4")
     assert r.returncode == 0, r.stderr[-2000:]
-    new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
-    assert new == ["retrain", "eval"], new
+    new = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
+    assert [m["kind"] for m in new] == ["retrain", "eval"], new
+    # ... under the settings it ran with, recorded as any resume's are
+    assert new[0]["epochs"] <= 4 and "resumed with changed settings: trainer.max_epochs" in r.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"] == 4
 
 
 def test_a_resume_that_cannot_reach_the_robot_changes_nothing(trained, tmp_path):
@@ -223,6 +226,15 @@ def test_resume_of_a_solved_run_leaves_it_as_it_is(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "metrics.jsonl").read_text() == metrics  # no episode, no retrain
     assert (run / "checkpoint" / "model.pt").read_bytes() == checkpoint  # (nor a commissioning undone)
+    # solved but told to go on: a retrain a kill interrupted runs first, as for any run
+    lines = metrics.splitlines()
+    last = max(i for i, x in enumerate(lines) if '"retrain"' in x)
+    (run / "metrics.jsonl").write_text("\n".join(lines[:last]) + "\n")
+    r = cli("train", "--resume", str(run), "--steps", str(summary["real_steps"] + 60), *TINY, *easy,
+            "--set", "train.stop_when_solved=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
+    assert new[0] == "retrain" and "learn" in new, new
 
 
 def test_run_simple_policies(tmp_path):

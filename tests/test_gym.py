@@ -320,3 +320,40 @@ def test_gym_channels_can_be_named_and_marked_as_angles():
     assert q == pytest.approx(7.0 - 2 * np.pi, abs=1e-5) and robot.spec.in_range(np.array([q, 1.0]))
     with pytest.raises(ValueError, match="not observation channels"):
         GymRobot(_Spinner(), control_hz=10.0, angles=("wheel",))  # named obs_0, obs_1
+
+
+class _Excursion(_Drift):
+    """Leaves its declared Box for a few steps mid-episode and comes back; never terminates."""
+
+    def step(self, action):
+        self.t = getattr(self, "t", 0) + 1
+        x = 1.5 if 5 <= self.t % 20 < 8 else 0.0
+        return np.array([x], np.float32), 1.0, False, False, {}
+
+
+def test_mid_episode_an_env_reading_outside_its_box_is_not_learned_but_its_reward_counts():
+    res, got = _episode(_Excursion(), max_steps=20)
+    assert res.steps == 20 and res.ret == pytest.approx(20.0)  # the env's reward, every step
+    assert len(got) == 20 - 4  # the 3 steps into and the 1 out of the excursion are not transitions
+    assert all(abs(t.next_obs[0]) <= 1.0 and abs(t.obs[0]) <= 1.0 for t in got)
+
+
+def test_a_judge_written_before_authoritative_and_truncated_still_works():
+    from types import SimpleNamespace
+
+    from robot_mbrl.runtime.episode import run_episode
+    from robot_mbrl.runtime.policies import PolicyController
+    from robot_mbrl.runtime.rundir import Tally
+
+    class OldJudge:  # only what the protocol asked for before
+        def reward(self, obs, act, next_obs):
+            return 1.0
+
+        def terminated(self, next_obs):
+            return False
+
+    robot = GymRobot(gymnasium.make("Pendulum-v1"), control_hz=20.0)
+    with robot:
+        res = run_episode(robot, OldJudge(), PolicyController(SimpleNamespace(act=lambda obs: np.zeros(1))),
+                          episode=0, max_steps=30, seed=1, paced=False, tally=Tally())  # fmt: skip
+    assert res.steps == 30 and res.ret == 30.0

@@ -217,13 +217,17 @@ def test_channel_maps_and_handshake_checks(emu):
         _robot(emu.port, obs_from_sensor=(5, 0)).connect()  # device has 2 sensors
 
 
-def test_a_device_whose_actuator_takes_less_than_the_action_range_is_refused():
-    """It would clamp commands the host records as applied: transitions with the wrong action."""
+@pytest.mark.parametrize(
+    "limits, shown", [((-0.5, 0.5), r"\[-0.5, 0.5\]"), ((float("nan"),) * 2, r"\[nan, nan\]")]
+)
+def test_a_device_whose_actuator_takes_less_than_the_action_range_is_refused(limits, shown):
+    """It would clamp commands the host records as applied: transitions with the wrong action (and
+    limits that are not numbers fail the check too, not pass it)."""
     emulator, _ = serve(DoubleIntegrator(), "pty", sensor_limits=((-10, 10), (-10, 10)),
-                        actuator_limits=((-0.5, 0.5),), control_hz=HZ)  # fmt: skip
+                        actuator_limits=(limits,), control_hz=HZ)  # fmt: skip
     try:
         with pytest.raises(
-            HandshakeError, match=r"device actuator 0 takes \[-0.5, 0.5\], narrower than action 'a'"
+            HandshakeError, match=rf"device actuator 0 takes {shown}, narrower than action 'a'"
         ):
             _robot(emulator.port).connect()
     finally:

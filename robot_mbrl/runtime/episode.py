@@ -66,8 +66,10 @@ class Judge(Protocol):
 
     ``authoritative``: the judge's word is the environment's own (a gymnasium env's reward,
     termination and time limit), not a rule applied to a reading that may be a glitch: it ends the
-    episode whatever the reading, and a reading outside the spec's range (an env leaving its
-    declared Box) is still a transition. ``truncated``: the environment's own time limit ended it."""
+    episode whatever the reading, its reward counts whatever the reading, and the step that ends
+    the episode is learned even where its reading leaves the spec's range (an env leaving its
+    declared Box as it terminates; mid-episode the range rule stands). ``truncated``: the
+    environment's own time limit ended it. Both are optional (absent: False)."""
 
     authoritative: bool
 
@@ -178,14 +180,16 @@ def run_episode(
         prev = None
         steps += 1
         # valid = finite, no fault bits, inside the physical range (a spike the gate rejected is
-        # not a transition to learn from, nor a reason to end the episode); an env's own word holds
-        # whatever the reading (an env leaving its declared Box as it terminates)
-        env = judge.authoritative
-        in_range = env or (spec.in_range(obs_t.values) and spec.in_range(next_obs.values))
-        valid = obs_t.ok and next_obs.ok and in_range
-        r = judge.reward(obs_t.values, applied, next_obs.values) if valid else 0.0
+        # not a transition to learn from, nor a reason to end the episode). An env's own word holds
+        # whatever the reading: its reward, its end (and the step that ends it is learned, an env
+        # leaving its declared Box as it terminates); mid-episode the range rule stands
+        env = bool(getattr(judge, "authoritative", False))  # (a judge written before the attribute)
         term = bool((env or spec.in_range(next_obs.values)) and judge.terminated(next_obs.values))
-        env_trunc = env and not term and judge.truncated(next_obs.values)  # the env's time limit
+        own_limit = getattr(judge, "truncated", None)  # the env's time limit
+        env_trunc = env and not term and own_limit is not None and bool(own_limit(next_obs.values))
+        in_range = spec.in_range(obs_t.values) and spec.in_range(next_obs.values)
+        valid = obs_t.ok and next_obs.ok and (in_range or (env and (term or env_trunc)))
+        r = judge.reward(obs_t.values, applied, next_obs.values) if valid or env else 0.0
         g = spec.constraint_values(next_obs.values)
         if (g.size and np.any(g > 0)) or (next_obs.faults & Fault.LIMIT):
             violations += 1

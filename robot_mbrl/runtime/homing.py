@@ -180,7 +180,7 @@ class Homing:
         self.shield.reset(None)  # type: ignore[arg-type]
         calm, ticks, shielded = 0, 0, 0
         for tick in loop:
-            obs = robot.read() if sync is None else sync.read(robot, loop)
+            obs = robot.read() if sync is None else sync.read(robot, loop, first=tick.index == 0)
             ticks += 1
             calm = calm + 1 if obs.ok and self.settled(obs.values) else 0
             if calm >= cfg.settle_ticks:

@@ -308,10 +308,12 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
 
     # a resume first does what a kill interrupted after the last episode: its retrain (or one that
     # never ran) and the evaluation after it
-    missed = resume and tally.solved_at_step is None and schedule.due(len(buffer), episode_ended=True)
+    stopped_solved = tally.solved_at_step is not None and cfg.train.stop_when_solved  # left as it is
+    missed = resume and not stopped_solved and schedule.due(len(buffer), episode_ended=True)
     try:
         if missed and done():  # the run's last retrain: no robot time needed, so no robot reached
             missed = False
+            _record_changes(run, config_to_dict(cfg))  # (what the retrain now runs under)
             after_episode()
         if not done():
             learn()
