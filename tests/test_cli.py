@@ -185,6 +185,55 @@ def test_a_kill_during_the_last_retrain_is_mended_by_a_resume_without_the_robot(
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"] == 4
 
 
+def test_an_episode_data_reaches_the_disk_before_its_record(tmp_path):
+    """A kill between the episode's metrics line and the buffer's flush lost real data the record
+    counted (up to a whole episode): the flush now comes first."""
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.jobs import run_episodes
+    from robot_mbrl.runtime.policies import PolicyController, ZeroPolicy
+    from robot_mbrl.runtime.progress import Progress
+    from robot_mbrl.runtime.rundir import RunDir, Tally
+
+    order = []
+
+    class Recording(RunDir):
+        def metric(self, record):
+            order.append("metric")
+            super().metric(record)
+
+    cfg = load_config(None, ["task.episode_steps=5"])
+    robot, task = make_robot(cfg), make_task(cfg)
+    run = Recording(tmp_path / "run")
+    with robot, Progress(10, "t", enabled=False) as bar:
+        run_episodes(cfg, robot, make_judge(task, robot), PolicyController(ZeroPolicy(robot.spec)), run, Tally(),
+                     episodes=2, first_episode=0, seed_offset=0, progress=bar, kind="learn",
+                     on_end=lambda: order.append("flush"))  # fmt: skip
+    run.close()
+    assert order == ["flush", "metric"] * 2
+
+
+def test_a_resume_runs_an_evaluation_a_kill_interrupted_and_says_when_data_never_reached_the_disk(
+    trained, tmp_path
+):
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last = max(i for i, x in enumerate(lines) if '"eval"' in x)
+    assert last == len(lines) - 1 and '"retrain"' in lines[last - 1]  # the run's last evaluation
+    learn = [i for i, x in enumerate(lines) if '"learn"' in x]
+    rec = json.loads(lines[learn[-1]])
+    rec["vouched"] += 7  # as if 7 of its transitions never reached the disk
+    lines[learn[-1]] = json.dumps(rec)
+    (run / "metrics.jsonl").write_text("\n".join(lines[:last]) + "\n")  # killed during the evaluation
+    r = cli("train", "--resume", str(run), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
+    assert new == ["eval"], new  # the model the run ended with is evaluated
+    assert "7 never reached the disk" in r.stderr
+
+
 def test_a_resume_that_cannot_reach_the_robot_changes_nothing(trained, tmp_path):
     out, _ = trained
     run = tmp_path / "copy"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -105,10 +105,13 @@ def run_episodes(
     homing: Homing | None = None,
     homed: dict | None = None,
     max_steps: int | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> list[EpisodeResult]:
     """``episodes`` episodes, each after ``homing`` (a rig's reset; None where the robot resets itself).
     ``homed``: the first episode's homing record where it was done already (during a retrain).
-    ``max_steps``: ticks per episode (default ``task.episode_steps``)."""
+    ``max_steps``: ticks per episode (default ``task.episode_steps``). ``on_end``: called after each
+    episode, before its record is written (the buffer's flush: a kill between them loses no data the
+    record counts)."""
     results = []
     for i in range(episodes):
         ep = first_episode + i
@@ -129,6 +132,8 @@ def run_episodes(
                 on_tick=progress.tick,
                 sample_wait_fraction=cfg.loop.sample_wait_fraction,
             )
+        if on_end is not None:
+            on_end()
         run.timing(timing_record(ep, kind, res.plan_s, res.tick_s))  # before its metrics line
         run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps, **homed))
         finish = getattr(controller, "finish", None)

@@ -51,10 +51,14 @@ def solved_threshold(cfg: Config, max_step_reward: float | None) -> float | None
     return cfg.task.solved_fraction * cfg.task.episode_steps * max_step_reward
 
 
-def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
+def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict], dict]:
     """What the run recorded before: its metrics (required), its plan/tick times and alarms (if
-    unreadable: a warning, and they count from the resume)."""
+    unreadable: a warning, and they count from the resume). Also ``{"vouched": transitions its
+    learning episodes recorded as learned from (None: a run from before that record), "evals":
+    the episode counts an evaluation followed}``."""
     tally, episodes, retrains = Tally(), 0, []
+    learned: int | None = 0
+    evals: set[int] = set()
     path = run.path / "metrics.jsonl"
     try:
         metrics = run.metrics()
@@ -73,6 +77,11 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
             if missing:
                 raise RunDirError(f"{path}: record {i + 1}: expected numbers for {missing}, got {rec}")
             tally.returns.append(rec["return"])
+            learned = (
+                None
+                if learned is None or not isinstance(rec.get("vouched"), int)
+                else learned + rec["vouched"]
+            )
             tally.real_steps = rec["real_steps"]
             tally.ticks += rec["steps"]
             tally.violations += rec["violations"]
@@ -82,8 +91,10 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
             episodes = rec["episode"] + 1
         elif rec.get("kind") == "retrain":
             retrains.append(rec)
-        elif rec.get("kind") == "eval" and rec.get("solved") and tally.solved_at_step is None:
-            tally.solved_at_step = rec["real_steps"]
+        elif rec.get("kind") == "eval":
+            evals.add(rec.get("episode"))
+            if rec.get("solved") and tally.solved_at_step is None:
+                tally.solved_at_step = rec["real_steps"]
     # plan and tick times of the episodes that have their metrics line (the last line per episode:
     # one written just before a kill, its metrics line lost, may come again after the resume)
     recorded = {(rec.get("kind"), rec.get("episode")) for rec in metrics}
@@ -116,7 +127,7 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict]]:
     tally.wall_s = float(
         before.get("wall_s", 0.0) or 0.0
     )  # as of the last finished job (a killed one's is lost)
-    return tally, episodes, retrains
+    return tally, episodes, retrains, {"vouched": learned, "evals": evals}
 
 
 def _ms_list(record: dict, key: str) -> list[float]:
@@ -190,7 +201,11 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 f"{run.buffer}: expected transitions of this robot ({spec.obs_dim} observations, "
                 f"{spec.act_dim} actions), got {buffer.obs_dim} / {buffer.act_dim}: a run of another robot"
             )
-        tally, first_episode, retrains = _restore_tally(run)
+        tally, first_episode, retrains, recorded = _restore_tally(run)
+        if recorded["vouched"] is not None and len(buffer) < recorded["vouched"]:
+            log.warning("%s: metrics.jsonl records %d transitions learned from, the buffer holds %d: %d never "
+                        "reached the disk", run.path, recorded["vouched"], len(buffer),
+                        recorded["vouched"] - len(buffer))  # fmt: skip
         ids = buffer.arrays()["episode_id"]
         if len(ids):  # an episode killed mid-way has rows but no metrics line: the next gets a new id
             first_episode = max(first_episode, int(ids.max()) + 1)
@@ -213,7 +228,8 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     else:
         run.write_config(config_to_dict(cfg))
         buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, directory=run.buffer, cfg=cfg.buffer)
-        tally, first_episode, retrains = Tally(), 0, []
+        tally, first_episode, retrains, recorded = Tally(), 0, [], {"vouched": 0, "evals": set()}
+    episodes_recorded = first_episode if not resume else len(tally.returns)
     evaluate = cfg.backend != "serial" and cfg.train.eval_episodes > 0
     eval_robot = make_robot(cfg, seed=cfg.seed + 7919) if evaluate else None
     target = solved_threshold(cfg, task.max_step_reward if task is not None else None)
@@ -298,9 +314,9 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                     cfg, robot, judge, controller or explorer, run, tally, episodes=1, first_episode=episode,
                     seed_offset=0, progress=bar, kind="learn", on_transition=store, homing=homing, homed=homed,
                     max_steps=min(cfg.task.episode_steps, cfg.train.steps - tally.real_steps),  # robot time asked for
+                    on_end=buffer.flush,  # the episode's data on disk before its record
                 )[0]  # fmt: skip
                 homed = None
-                buffer.flush()
                 episode += 1
                 record = after_episode()
                 if record is not None:
@@ -309,7 +325,10 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     # a resume first does what a kill interrupted after the last episode: its retrain (or one that
     # never ran) and the evaluation after it
     stopped_solved = tally.solved_at_step is not None and cfg.train.stop_when_solved  # left as it is
-    missed = resume and not stopped_solved and schedule.due(len(buffer), episode_ended=True)
+    n = episodes_recorded  # an evaluation a kill interrupted (its retrain done) is owed too
+    owed_eval = evaluate and agent.trained and n >= 1 and n % cfg.train.eval_every_episodes == 0
+    owed_eval = owed_eval and n not in recorded["evals"]
+    missed = resume and not stopped_solved and (schedule.due(len(buffer), episode_ended=True) or owed_eval)
     try:
         if missed and done():  # the run's last retrain: no robot time needed, so no robot reached
             missed = False
