@@ -231,7 +231,26 @@ def test_a_resume_runs_an_evaluation_a_kill_interrupted_and_says_when_data_never
     assert r.returncode == 0, r.stderr[-2000:]
     new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
     assert new == ["eval"], new  # the model the run ended with is evaluated
-    assert "7 never reached the disk" in r.stderr
+    assert "7 transitions its metrics.jsonl records as learned from are not in the buffer" in r.stderr
+
+
+def test_a_resume_after_a_skipped_episode_id_owes_no_evaluation_it_has(trained, tmp_path):
+    """An episode killed mid-way leaves its id unused: the records then label episodes 0, 1, 3 and
+    evaluations 2, 4. The evaluation owed is judged by the label, not the count (3 of them): no
+    evaluation is run twice."""
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last_learn = max(i for i, m in enumerate(recs) if m["kind"] == "learn")
+    for m in recs[last_learn:]:  # episode 2 becomes 3 (as if 2 was killed mid-way), its evaluation 4
+        if "episode" in m:
+            m["episode"] += 1
+    text = "".join(json.dumps(m) + "\n" for m in recs)
+    (run / "metrics.jsonl").write_text(text)
+    r = cli("train", "--resume", str(run), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "metrics.jsonl").read_text() == text  # done, nothing owed: no evaluation again
 
 
 def test_a_resume_that_cannot_reach_the_robot_changes_nothing(trained, tmp_path):

@@ -53,11 +53,11 @@ def solved_threshold(cfg: Config, max_step_reward: float | None) -> float | None
 
 def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict], dict]:
     """What the run recorded before: its metrics (required), its plan/tick times and alarms (if
-    unreadable: a warning, and they count from the resume). Also ``{"vouched": transitions its
-    learning episodes recorded as learned from (None: a run from before that record), "evals":
-    the episode counts an evaluation followed}``."""
+    unreadable: a warning, and they count from the resume). Also ``{"vouched": {episode id:
+    transitions its record says were learned from} (None: a run from before that record), "evals":
+    the labels of the evaluations done (the episode id after the one they followed)}``."""
     tally, episodes, retrains = Tally(), 0, []
-    learned: int | None = 0
+    learned: dict[int, int] | None = {}
     evals: set[int] = set()
     path = run.path / "metrics.jsonl"
     try:
@@ -77,11 +77,10 @@ def _restore_tally(run: RunDir) -> tuple[Tally, int, list[dict], dict]:
             if missing:
                 raise RunDirError(f"{path}: record {i + 1}: expected numbers for {missing}, got {rec}")
             tally.returns.append(rec["return"])
-            learned = (
-                None
-                if learned is None or not isinstance(rec.get("vouched"), int)
-                else learned + rec["vouched"]
-            )
+            if learned is not None and isinstance(rec.get("vouched"), int):
+                learned[int(rec["episode"])] = rec["vouched"]
+            else:
+                learned = None
             tally.real_steps = rec["real_steps"]
             tally.ticks += rec["steps"]
             tally.violations += rec["violations"]
@@ -202,11 +201,20 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 f"{spec.act_dim} actions), got {buffer.obs_dim} / {buffer.act_dim}: a run of another robot"
             )
         tally, first_episode, retrains, recorded = _restore_tally(run)
-        if recorded["vouched"] is not None and len(buffer) < recorded["vouched"]:
-            log.warning("%s: metrics.jsonl records %d transitions learned from, the buffer holds %d: %d never "
-                        "reached the disk", run.path, recorded["vouched"], len(buffer),
-                        recorded["vouched"] - len(buffer))  # fmt: skip
+        episodes_recorded = first_episode  # the label the next evaluation would carry
         ids = buffer.arrays()["episode_id"]
+        if recorded["vouched"]:  # per episode: rows of an unrecorded episode cannot hide a loss
+            held = (
+                np.bincount(ids.astype(np.int64), minlength=max(recorded["vouched"]) + 1)
+                if len(ids)
+                else None
+            )
+            missing = sum(
+                max(0, n - (0 if held is None else int(held[e]))) for e, n in recorded["vouched"].items()
+            )
+            if missing:
+                log.warning("%s: %d transitions its metrics.jsonl records as learned from are not in the buffer "
+                            "(never written before a kill, or left out as corrupt)", run.path, missing)  # fmt: skip
         if len(ids):  # an episode killed mid-way has rows but no metrics line: the next gets a new id
             first_episode = max(first_episode, int(ids.max()) + 1)
         if len(buffer) > tally.real_steps:  # that episode's steps, or a lost metrics.jsonl
@@ -228,8 +236,8 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     else:
         run.write_config(config_to_dict(cfg))
         buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, directory=run.buffer, cfg=cfg.buffer)
-        tally, first_episode, retrains, recorded = Tally(), 0, [], {"vouched": 0, "evals": set()}
-    episodes_recorded = first_episode if not resume else len(tally.returns)
+        tally, first_episode, retrains, recorded = Tally(), 0, [], {"vouched": {}, "evals": set()}
+        episodes_recorded = 0
     evaluate = cfg.backend != "serial" and cfg.train.eval_episodes > 0
     eval_robot = make_robot(cfg, seed=cfg.seed + 7919) if evaluate else None
     target = solved_threshold(cfg, task.max_step_reward if task is not None else None)
