@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from robot_mbrl.drivers.framing import FrameDecoder, MessageError, ProtocolError, encode_frame
+from robot_mbrl.hal.robot import Fault
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,28 @@ class DeviceFault(enum.IntFlag):
 
 
 KNOWN_FAULT_BITS = sum({int(flag) for flag in DeviceFault.__members__.values()})  # single bits
+
+
+_FAULT_MAP = {
+    DeviceFault.SENSOR: Fault.SENSOR,
+    DeviceFault.DEVICE: Fault.DEVICE,
+    DeviceFault.OVERCURRENT: Fault.DEVICE,
+    DeviceFault.ESTOP: Fault.ESTOP,
+    DeviceFault.WATCHDOG: Fault.WATCHDOG,
+    DeviceFault.LIMIT: Fault.LIMIT,
+}  # CLAMPED is informational: the host already clamps, so it never invalidates an observation
+
+
+def device_faults_to_hal(bits: int) -> Fault:
+    """The hal faults of a device's fault bits. A bit this host does not know (a newer device's
+    over-temperature, say) is a DEVICE fault: the reading is not trusted rather than trusted wrongly."""
+    out = Fault.NONE
+    for dev, hal in _FAULT_MAP.items():
+        if bits & dev:
+            out |= hal
+    if bits & ~KNOWN_FAULT_BITS:
+        out |= Fault.DEVICE
+    return out
 
 
 def fault_names(bits: int) -> str:

@@ -38,9 +38,11 @@ import numpy as np
 
 from robot_mbrl.drivers import mcu
 from robot_mbrl.drivers.config import SerialConfig
+from robot_mbrl.drivers.mcu import device_faults_to_hal
 from robot_mbrl.drivers.session import (
     CLOCK_DRIFT_MAX,
     CLOCK_LAG_RESTART_S,
+    LINK_WARN_INTERVAL_S,
     RESEND_S,
     DeviceSession,
     HandshakeError,
@@ -54,6 +56,7 @@ from robot_mbrl.hal.robot import Fault, Observation, Robot, RobotSpec
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LINK_WARN_INTERVAL_S",
     "RESEND_S",
     "HandshakeError",
     "LinkLost",
@@ -63,29 +66,7 @@ __all__ = [
     "restart_reason",
 ]
 
-LINK_WARN_INTERVAL_S = 10.0  # at most one WARNING about corrupt/lost frames per interval
 HOST_AWAY_PERIODS = 10  # no read for this many control periods (a retrain): the backlog is stale
-
-_FAULT_MAP = {
-    mcu.DeviceFault.SENSOR: Fault.SENSOR,
-    mcu.DeviceFault.DEVICE: Fault.DEVICE,
-    mcu.DeviceFault.OVERCURRENT: Fault.DEVICE,
-    mcu.DeviceFault.ESTOP: Fault.ESTOP,
-    mcu.DeviceFault.WATCHDOG: Fault.WATCHDOG,
-    mcu.DeviceFault.LIMIT: Fault.LIMIT,
-}  # CLAMPED is informational: the host already clamps, so it never invalidates an observation
-
-
-def device_faults_to_hal(bits: int) -> Fault:
-    """The hal faults of a device's fault bits. A bit this host does not know (a newer device's
-    over-temperature, say) is a DEVICE fault: the reading is not trusted rather than trusted wrongly."""
-    out = Fault.NONE
-    for dev, hal in _FAULT_MAP.items():
-        if bits & dev:
-            out |= hal
-    if bits & ~mcu.KNOWN_FAULT_BITS:
-        out |= Fault.DEVICE
-    return out
 
 
 class NotActive(RuntimeError):
@@ -170,20 +151,6 @@ class SerialRobot(DeviceSession, Robot):
         except BaseException:
             self._disconnect()  # a later connect() starts from a closed port
             raise
-
-    def _check_device(self, ack: mcu.HelloAck) -> None:
-        """The session's checks, and: every mapped actuator takes the spec's whole command range (a
-        device that clamps to a narrower one would apply another command than the host records)."""
-        super()._check_device(ack)
-        for ch, j in zip(self.spec.act, self._act_idx, strict=True):
-            lo, hi = ack.actuator_limits[j]
-            tol = 1e-6 * max(1.0, abs(ch.low), abs(ch.high))  # (limits travel as float32)
-            if not (lo <= ch.low + tol and hi >= ch.high - tol):  # (NaN limits fail too)
-                raise HandshakeError(
-                    f"device actuator {j} takes [{lo:g}, {hi:g}], narrower than action {ch.name!r} "
-                    f"[{ch.low:g}, {ch.high:g}]: it would clamp commands the host records as applied "
-                    "(set the config's action range within the device's)"
-                )
 
     def _disconnect(self) -> None:
         self.active = self._want_active = False
@@ -361,43 +328,6 @@ class SerialRobot(DeviceSession, Robot):
             self._dispatch(msg, now)
         self._resend_due(now)
         self._warn_link_errors(now)
-
-    def _discard_backlog(self, now: float) -> None:
-        """The host was away (a retrain between episodes): what queued meanwhile is stale, and a
-        buffer that overflowed holds cut frames. Drop it unparsed, so neither counts as a link error;
-        the next STATE's sequence jump is counted as ``frames_skipped``, not as frames lost. Device
-        restarts are still detected: the newest STATE seen is kept for the comparison."""
-        dropped = self.transport.discard_input()
-        self.decoder.reset(resync=True)
-        self.transport.stats.host_pauses += 1
-        self._skip_gap = True
-        log.debug("host away for %.2f s: %d stale bytes discarded", now - (self._polled_s or now), dropped)
-
-    def _decode(self, data: bytes) -> list[mcu.Message]:
-        """Bytes → messages, adding the decoder's CRC/framing/message errors to the link counters."""
-        dec, st = self.decoder, self.transport.stats
-        before = (dec.crc_errors, dec.framing_errors, dec.message_errors)
-        msgs = dec.feed(data)
-        st.crc_errors += dec.crc_errors - before[0]
-        st.framing_errors += dec.framing_errors - before[1]
-        st.message_errors += dec.message_errors - before[2]
-        return msgs
-
-    def _warn_link_errors(self, now: float) -> None:
-        """One WARNING with the counts so far when frames were corrupted or lost, rate-limited."""
-        st = self.transport.stats
-        bad = st.crc_errors + st.framing_errors + st.message_errors + st.frames_dropped
-        if bad <= self._link_bad_reported:
-            return
-        if self._link_warned_at is not None and now - self._link_warned_at < LINK_WARN_INTERVAL_S:
-            return
-        self._link_warned_at, self._link_bad_reported = now, bad
-        log.warning(
-            "link %s: corrupt or lost frames so far: %d CRC errors, %d framing errors, "
-            "%d invalid messages, %d STATE frames lost in %d gaps (next report in >= %.0f s)",
-            self.transport.url, st.crc_errors, st.framing_errors, st.message_errors,
-            st.frames_dropped, st.seq_gaps, LINK_WARN_INTERVAL_S,
-        )  # fmt: skip
 
     def _dispatch(self, msg: mcu.Message, now: float) -> None:
         if isinstance(msg, mcu.State):

@@ -83,6 +83,9 @@ class Pending:
     acked: bool = False  # ESTOP release: an ACK came; the next STATE says whether it was this one's
 
 
+LINK_WARN_INTERVAL_S = 10.0  # at most one WARNING about corrupt/lost frames per interval
+
+
 class DeviceSession:
     """Handshake, acknowledged requests with resend, and blocking waits (see the module docstring)."""
 
@@ -102,6 +105,15 @@ class DeviceSession:
                 f"device has {ack.n_sensors} sensors / {ack.n_actuators} actuators; "
                 f"config maps {self._obs_idx} / {self._act_idx}"
             )
+        for ch, j in zip(self.spec.act, self._act_idx, strict=True):  # the spec's whole command range
+            lo, hi = ack.actuator_limits[j]
+            tol = 1e-6 * max(1.0, abs(ch.low), abs(ch.high))  # (limits travel as float32)
+            if not (lo <= ch.low + tol and hi >= ch.high - tol):  # (NaN limits fail too)
+                raise HandshakeError(
+                    f"device actuator {j} takes [{lo:g}, {hi:g}], narrower than action {ch.name!r} "
+                    f"[{ch.low:g}, {ch.high:g}]: it would clamp commands the host records as applied "
+                    "(set the config's action range within the device's)"
+                )
         known = self.device  # None in connect() (a new session); set from then on, activate() included
         if known is not None and ack != known:  # a re-handshake: the same device only
             # (USB re-enumeration can put another adapter behind the same port name)
@@ -335,6 +347,44 @@ class DeviceSession:
         self._release_ok = self._want_active and not self._estop_held
         if self._handshake_due is None:
             self._start_handshake()  # it lost its watchdog config and its e-stop release
+
+    # -- link hygiene -----------------------------------------------------------------------
+    def _discard_backlog(self, now: float) -> None:
+        """The host was away (a retrain between episodes): what queued meanwhile is stale, and a
+        buffer that overflowed holds cut frames. Drop it unparsed, so neither counts as a link error;
+        the next STATE's sequence jump is counted as ``frames_skipped``, not as frames lost. Device
+        restarts are still detected: the newest STATE seen is kept for the comparison."""
+        dropped = self.transport.discard_input()
+        self.decoder.reset(resync=True)
+        self.transport.stats.host_pauses += 1
+        self._skip_gap = True
+        log.debug("host away for %.2f s: %d stale bytes discarded", now - (self._polled_s or now), dropped)
+
+    def _decode(self, data: bytes) -> list[mcu.Message]:
+        """Bytes → messages, adding the decoder's CRC/framing/message errors to the link counters."""
+        dec, st = self.decoder, self.transport.stats
+        before = (dec.crc_errors, dec.framing_errors, dec.message_errors)
+        msgs = dec.feed(data)
+        st.crc_errors += dec.crc_errors - before[0]
+        st.framing_errors += dec.framing_errors - before[1]
+        st.message_errors += dec.message_errors - before[2]
+        return msgs
+
+    def _warn_link_errors(self, now: float) -> None:
+        """One WARNING with the counts so far when frames were corrupted or lost, rate-limited."""
+        st = self.transport.stats
+        bad = st.crc_errors + st.framing_errors + st.message_errors + st.frames_dropped
+        if bad <= self._link_bad_reported:
+            return
+        if self._link_warned_at is not None and now - self._link_warned_at < LINK_WARN_INTERVAL_S:
+            return
+        self._link_warned_at, self._link_bad_reported = now, bad
+        log.warning(
+            "link %s: corrupt or lost frames so far: %d CRC errors, %d framing errors, "
+            "%d invalid messages, %d STATE frames lost in %d gaps (next report in >= %.0f s)",
+            self.transport.url, st.crc_errors, st.framing_errors, st.message_errors,
+            st.frames_dropped, st.seq_gaps, LINK_WARN_INTERVAL_S,
+        )  # fmt: skip
 
 
 def _type_name(t: int) -> str:
