@@ -107,6 +107,28 @@ def test_homing_gives_up_after_its_timeout_with_a_warning(twin, caplog):
     assert any("not settled within 0.5 s" in r.message for r in caplog.records)
 
 
+def test_homing_first_read_waits_for_a_fresh_sample_like_an_episodes(twin, monkeypatch):
+    """On a streaming rig the homing's first tick starts at whatever phase the episode before left:
+    its read waits (up to the tick budget) for a fresh sample as an episode's first tick does
+    (``SampleSync.read(first=True)``), the later ones only up to the sync's wait."""
+    from robot_mbrl.runtime import homing as homing_mod
+
+    firsts = []
+
+    class Spy:
+        timeouts = 0
+
+        def read(self, robot, loop, first=False):
+            firsts.append(first)
+            return robot.read()
+
+    monkeypatch.setattr(homing_mod.SampleSync, "where_useful", classmethod(lambda cls, r, lp, w: Spy()))
+    _knock(twin, ticks=20)
+    result = _homing(twin.spec, timeout_s=0.2).home(_Recording(twin), paced=False)
+    assert result.ticks == len(firsts) >= 2
+    assert firsts[0] is True and not any(firsts[1:]), firsts
+
+
 def test_homing_is_on_for_rigs_only_and_checks_its_channels(twin):
     spec = twin.spec
     twin_cfg = load_config(None, [])
