@@ -166,3 +166,46 @@ def test_brake_on_the_twin_stops_within_the_planners_shield_model(theta0):
             assert furthest <= model + ex.margin, (v0, thetadot, furthest, model)
             worst = max(worst, furthest - model)
     assert worst > -0.1  # the model is not vacuous: some stop comes within 0.1 m of it
+
+
+def test_run_policy_safe_acts_on_trusted_readings_only(tmp_path):
+    """``run --policy safe``: the brake acted on every reading as it came (NaN as 0), so an x glitch
+    of +1.5 m while the cart sat near the centre drove it at full force into the end stop (8 end-stop
+    hits). It now acts as the gate's fallback does: the last trusted reading, then the stop action."""
+    import json
+
+    from robot_mbrl.agents.explore import FallbackController
+    from robot_mbrl.config import load_config
+    from robot_mbrl.hal.robot import Observation
+    from robot_mbrl.runtime.jobs import run_job
+    from robot_mbrl.runtime.loop import RateLoop
+
+    glitch = ["run.policy=safe", "run.episodes=1",
+              "twin.schedule=[{at_s: 2.0, kind: sensor_spike, target: x_m, value: 1.5, duration_s: 0.5}]"]  # fmt: skip
+    summary, out = run_job(load_config(None, glitch), checkpoint=None, out=tmp_path / "run", progress=False)
+    # (the judge counts the 25 glitched readings themselves as violations; the cart stayed put)
+    assert summary["end_stop_hits"] == 0 and summary["violations"] <= 25, summary
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert [(e["to"], e["trigger"]) for e in events] == [
+        ("fallback_last_reading", "obs_out_of_range"),
+        ("stop", "obs_out_of_range"),
+        ("fallback", "clear"),
+    ]
+    # the controller on single readings: spikes, a fault on a finite reading, a NaN
+    cfg = load_config(None, [])
+    ctl = FallbackController(SPEC, make_fallback(cfg.fallback, SPEC), cfg.gate.max_obs_age_s)
+    loop = RateLoop(SPEC.control_hz, paced=False, max_ticks=10)
+    ticks = iter(loop)
+    ctl.reset(None)  # type: ignore[arg-type]
+
+    def act(v, faults=Fault.NONE):
+        tick = next(ticks)
+        return ctl.act(Observation(v, tick.start_s, faults), tick, loop).action.tolist()
+
+    moving = act(values(x=0.1, xdot=0.05))
+    assert -1 < moving[0] < 0  # the brake on a trusted reading
+    assert act(values(x=2.0, xdot=0.05)) == moving  # out of range: the last trusted reading
+    assert act(values(x=0.1, xdot=-40.0)) == moving  # (2 ticks: gate.max_obs_age_s 0.05 s)
+    assert act(values(x=0.40), Fault.SENSOR) == [0.0]  # then the stop action
+    assert act(values(x=float("nan"))) == [0.0]
+    assert act(values(x=0.1, xdot=0.05)) == moving  # a trusted reading again

@@ -173,3 +173,46 @@ class ShieldedExplorer:
 
     def observe(self, transition: Transition) -> list[dict]:
         return []
+
+
+class FallbackController:
+    """Controller: the fallback policy alone (``run --policy safe``), acting only on readings it can
+    trust, by the gate's rule: after an invalid reading (a glitch, a stale or faulted one) the last
+    trusted reading for ``max_obs_age_s`` worth of ticks, then the stop action; a switch event each
+    time what it acts on changes."""
+
+    def __init__(self, spec: RobotSpec, fallback, max_obs_age_s: float = GateConfig().max_obs_age_s):
+        self.spec, self.fallback, self.max_obs_age_s = spec, fallback, max_obs_age_s
+        self._reading = FallbackReading(max_obs_age_s, spec.control_hz)
+        self._stop = np.asarray(spec.stop_action(), dtype=float)
+        self._to = "fallback"  # acting on: the current reading, the last trusted one, none (stop)
+
+    def reset(self, obs: Observation) -> None:
+        reset = getattr(self.fallback, "reset", None)
+        if callable(reset):
+            reset()
+        self._reading.reset()
+        self._to = "fallback"
+
+    def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
+        invalid = observation_triggers(self.spec, obs, judged_at(loop, obs), self.max_obs_age_s)
+        reading = self._reading(obs, invalid)
+        try:
+            action = fallback_action(self.fallback, reading, self._stop)
+        except Exception as err:  # noqa: BLE001 - as in the gate: the stop action, never a crash
+            log.error("tick %d: fallback failed (%r): stop action", tick.index, err)
+            action = self._stop.copy()
+        to = "fallback" if not invalid else "fallback_last_reading" if reading is not None else "stop"
+        events = []
+        if to != self._to:
+            trig = invalid[0] if invalid else None
+            events.append({
+                "tick": tick.index, "time_s": tick.start_s, "kind": "switch", "to": to,
+                "trigger": trig.name if trig else "clear", "score": trig.score if trig else 0.0,
+                "threshold": trig.threshold if trig else 0.0, "proposed": action.tolist(), "applied": action.tolist(),
+            })  # fmt: skip
+            self._to = to
+        return Decision(action, source="fallback", events=events)
+
+    def observe(self, transition: Transition) -> list[dict]:
+        return []

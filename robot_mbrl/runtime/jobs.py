@@ -40,7 +40,7 @@ def link_record(robot: Robot) -> dict:
 
 
 def simple_controller(cfg: Config, robot: Robot) -> Controller:
-    """random / zero / safe (the configured fallback policy) — no model, no gate needed."""
+    """random / zero / safe (the configured fallback policy, acting on trusted readings only) — no model."""
     from robot_mbrl.safety.fallback import make_fallback
 
     name = cfg.run.policy
@@ -54,7 +54,10 @@ def simple_controller(cfg: Config, robot: Robot) -> Controller:
         )  # fmt: skip
     if name == "zero":
         return PolicyController(ZeroPolicy(robot.spec))
-    return PolicyController(make_fallback(cfg.fallback, robot.spec), source="fallback")
+    from robot_mbrl.agents.explore import FallbackController
+
+    # the fallback acts on trusted readings only (a brake fed a glitched position pushes toward the end stop)
+    return FallbackController(robot.spec, make_fallback(cfg.fallback, robot.spec), cfg.gate.max_obs_age_s)
 
 
 def episode_record(res: EpisodeResult, **extra) -> dict:
