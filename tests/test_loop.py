@@ -431,3 +431,31 @@ def test_next_start_follows_a_shift_inside_the_tick_and_a_re_anchor():
     for _ in last:
         clock.advance(0.050)
     assert last.next_start_s > clock.t
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_an_episode_on_the_wall_clock_ends_with_the_stop_command(paced):
+    """On a rig the episode's last command acted on after the episode (through its evaluation,
+    retrain, homing) until the device's watchdog tripped; it now ends with the stop command. In
+    lockstep nothing acts between episodes: nothing more is written."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.episode import run_episode
+    from robot_mbrl.runtime.policies import PolicyController
+    from robot_mbrl.runtime.rundir import Tally
+
+    cfg = load_config(None, [])
+    robot, task = make_robot(cfg), make_task(cfg)
+    written = []
+    write = robot.write
+    robot.write = lambda a: written.append(np.asarray(a, dtype=float).tolist()) or write(a)
+    push = PolicyController(SimpleNamespace(act=lambda obs: np.array([0.5])))
+    with robot:
+        res = run_episode(robot, make_judge(task, robot), push, episode=0, max_steps=4, seed=0, paced=paced,
+                          tally=Tally())  # fmt: skip
+    assert res.steps == 4
+    assert written == [[0.5]] * 4 + ([robot.spec.stop_action().tolist()] if paced else [])

@@ -240,6 +240,8 @@ def run_episode(
             if sync is not None:
                 time.sleep(max(0.0, loop.next_start_s - loop.now()))
             terminated = close(robot.read() if sync is None else sync.read(robot, loop))[0]
+        if paced:  # on the wall clock the last command would act on until the next write (or the watchdog)
+            robot.write(robot.spec.stop_action())
 
     tally.real_steps += steps
     tally.ticks += steps
