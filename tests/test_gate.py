@@ -332,3 +332,41 @@ def test_a_failing_fallback_still_counts_the_switch():
     d = decide(gate, p=plan(disagreement=THR * 1.5))
     assert d.source == "fallback" and d.switched and gate.switches == 1 and gate.mode == "fallback"
     np.testing.assert_array_equal(d.action, SPEC.stop_action())
+
+
+def test_a_reset_from_the_fallback_is_logged_as_a_switch():
+    """A new episode starts on the MPC: from the fallback that is a switch, and its event (trigger
+    ``episode_reset``) comes with the first decision; a reset from the MPC logs nothing."""
+    gate = make_gate()
+    decide(gate, tick=0, p=plan(disagreement=5.0))  # -> fallback
+    assert gate.mode == "fallback"
+    gate.reset()
+    d = decide(gate, tick=0)
+    assert d.source == "mpc" and [(e["kind"], e["trigger"], e["to"]) for e in d.events] == [
+        ("switch", "episode_reset", "mpc")
+    ]
+    json.dumps(d.events)
+    assert decide(gate, tick=1).events == []
+    gate.reset()
+    assert decide(gate, tick=0).events == []
+    # a reset from the fallback to a tick that falls back again: both switches
+    decide(gate, tick=1, p=plan(disagreement=5.0))
+    gate.reset()
+    d = decide(gate, tick=0, p=plan(disagreement=5.0))
+    assert [(e["trigger"], e["to"]) for e in d.events] == [
+        ("episode_reset", "mpc"),
+        ("disagreement", "fallback"),
+    ]
+
+
+def test_margins_for_other_constraints_than_the_robots_fail_closed():
+    """A plan without margins for the robot's constraint turned the constraint trigger off."""
+    p = plan(margin=0.5)  # a violation predicted...
+    p = PlanInfo(**{**p.__dict__, "constraint_margins": torch.zeros(K, E, 0)})  # ...but no margins column
+    d = decide(make_gate(), p=p)
+    assert d.source == "fallback" and [t.name for t in d.triggers] == ["plan_nonfinite"]
+
+
+def test_a_reading_of_the_wrong_shape_is_invalid_even_with_the_right_size():
+    d = decide(make_gate(), o=obs(OBS_VALUES.reshape(5, 1)))
+    assert d.source == "fallback" and [t.name for t in d.triggers] == ["obs_shape"]

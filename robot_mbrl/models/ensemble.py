@@ -38,8 +38,16 @@ ACTIVATIONS = {
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    members: int = param(7, "ensemble members E, each trained on its own bootstrap resample", ge=1)
-    elites: int = param(5, "members with the best holdout loss (the planner may use only these)", ge=1)
+    members: int = param(
+        7,
+        "ensemble members E, each trained on its own bootstrap resample (>= 2: the gate needs their spread)",
+        ge=2,
+    )
+    elites: int = param(
+        5,
+        "members with the best holdout loss (the retrain's report and its shift check; the planner uses all)",
+        ge=1,
+    )
     hidden: int = param(
         64, "units per hidden layer (64 x 3 keeps the default plan p99 < 5 ms on one core)", ge=1
     )

@@ -105,7 +105,7 @@ def observation_triggers(spec: RobotSpec, obs: Observation, time_s: float, max_a
     """Why ``obs`` is not a valid reading at ``time_s`` (empty: it is): wrong shape, non-finite or
     out-of-range values, older than ``max_age_s`` (or stamped in the future, or not at all), fault
     flags. The gate's rule, and the exploration shield's and homing's."""
-    v = np.asarray(obs.values, dtype=float).reshape(-1)
+    v = np.asarray(obs.values, dtype=float)
     out = []
     if v.shape != (spec.obs_dim,):
         return [Trigger("obs_shape", float(v.size), float(spec.obs_dim))]
@@ -177,11 +177,14 @@ class SafetyGate:
         self.disagreement_threshold = cfg.disagreement_threshold
         self.mode = "mpc"  # every trigger is checked from the first tick on
         self._clear_ticks = 0
+        self._reset_switch = False  # a reset moved the gate from the fallback to the MPC: not logged yet
         self.ticks = self.fallback_ticks = self.switches = 0
         self._reading = FallbackReading(cfg.max_obs_age_s, spec.control_hz)
 
     def reset(self) -> None:
-        """New episode: back to the initial state (MPC mode, no dwell progress); keeps counters."""
+        """New episode: back to the initial state (MPC mode, no dwell progress); keeps counters. A
+        reset from the fallback is a switch too: its event comes with the next decision."""
+        self._reset_switch = self.mode == "fallback"
         self.mode, self._clear_ticks = "mpc", 0
         self._reading.reset()
 
@@ -306,6 +309,15 @@ class SafetyGate:
                 "; ".join(map(str, triggers)) or "re-entry",
             )
         events = []
+        # the new episode started on the MPC (reset), the last one ended on the fallback
+        if self._reset_switch:
+            self._reset_switch = False
+            ev = self._event(
+                tick, time_s, "switch" if not self.cfg.no_gate else "clear", (), worst, proposed, action
+            )
+            ev.update(trigger="episode_reset", reason="new episode: the gate starts on the MPC", to="mpc",
+                      score=None, threshold=None)  # fmt: skip
+            events.append(ev)
         if switched and not self.cfg.no_gate:
             events.append(self._event(tick, time_s, "switch", triggers, worst, proposed, action))
         elif switched:  # no_gate: record the switches it would have made, both ways
@@ -333,7 +345,10 @@ class SafetyGate:
             np.asarray([plan.expected_return, plan.value_tail], dtype=float),
         )  # fmt: skip
         bad = sum(int(np.sum(~np.isfinite(p))) for p in parts)
-        if bad or parts[0].shape != (self.spec.act_dim,) or parts[1].size == 0:  # no step planned: malformed
+        n_con = len(self.spec.constraints)
+        margins_ok = plan.constraint_margins.dim() >= 1 and plan.constraint_margins.shape[-1] == n_con
+        if bad or parts[0].shape != (self.spec.act_dim,) or parts[1].size == 0 or not margins_ok:
+            # no step planned, or margins for other constraints than the robot's: malformed
             return out + [Trigger("plan_nonfinite", float(bad), 0.0)]
         thr = self.disagreement_threshold
         worst = plan.worst_disagreement
