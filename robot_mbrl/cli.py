@@ -157,6 +157,12 @@ def _job_overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _warn_ungated(cfg) -> None:  # noqa: ANN001 - a Config
+    if not cfg.run.gate:
+        log.warning("the safety gate is off (--no-gate / run.gate: false): the learned controller's actions "
+                    "reach the robot unchecked (exploration and homing stay shielded)")  # fmt: skip
+
+
 def _check_port(args: argparse.Namespace, cfg) -> None:  # noqa: ANN001 - a Config
     if args.port is not None and cfg.backend != "serial":
         raise UserError(f"--port {args.port}: expected --backend serial, got backend {cfg.backend}")
@@ -173,6 +179,28 @@ def _checkpoint_config(args: argparse.Namespace) -> None:
         if cand is not None and cand.is_file():
             args.config = str(cand)
             return
+
+
+def _checkpoint_job_config(args: argparse.Namespace, extra: list[str]):  # -> Config
+    """The config of a job on a checkpoint (``_checkpoint_config``). A run trained with ``--no-gate``
+    (a comparison) has ``run.gate: false`` in its config.yaml: not a property of its controller, so a
+    job that inherits it runs gated (with a WARNING) unless ``--no-gate`` or ``--set run.gate=...`` says
+    otherwise."""
+    inherited = args.config is None
+    _checkpoint_config(args)
+    cfg = _load(args, extra)
+    set_keys = {o.split("=", 1)[0].strip() for o in args.overrides}
+    if (
+        inherited
+        and args.config is not None
+        and not cfg.run.gate
+        and not args.no_gate
+        and "run.gate" not in set_keys
+    ):
+        log.warning("%s: the run was trained with --no-gate; this job is gated (give --no-gate to run it ungated)",
+                    args.config)  # fmt: skip
+        cfg = _load(args, [*extra, "run.gate=true"])
+    return cfg
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -198,9 +226,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "(no model), got both"
             )
         extra.append(f"run.policy={args.policy}")
-    _checkpoint_config(args)
-    cfg = _load(args, extra)
+    cfg = _checkpoint_job_config(args, extra)
     _check_port(args, cfg)
+    _warn_ungated(cfg)
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise UserError(
             f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"
@@ -215,8 +243,7 @@ def cmd_commission(args: argparse.Namespace) -> int:
 
     _positive("--episodes", args.episodes, "episodes")
     extra = [*_job_overrides(args), f"run.episodes={args.episodes}"]
-    _checkpoint_config(args)
-    cfg = _load(args, extra)
+    cfg = _checkpoint_job_config(args, extra)
     _check_port(args, cfg)
     if not cfg.run.gate:
         raise UserError(
@@ -253,6 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.config = str(args.resume / "config.yaml")
     cfg = _load(args, extra)
     _check_port(args, cfg)
+    _warn_ungated(cfg)
     if args.salvage_buffer and args.resume is None:
         raise UserError("--salvage-buffer: expected --resume RUN, got a new run")
     summary, out = train_job(

@@ -75,6 +75,37 @@ def test_run_replays_the_checkpoint_gated(trained, tmp_path):
     assert (tmp_path / "run" / "plots" / "gate.png").exists()
 
 
+def test_a_run_trained_with_no_gate_is_run_and_commissioned_gated_unless_asked(trained, tmp_path):
+    """``train --no-gate`` (a comparison) records run.gate: false in its run's config.yaml; ``run
+    --checkpoint RUN`` inherited it and drove the robot ungated without a word (and commission refused
+    a run it had just been told to commission). A job inheriting it is gated, with a WARNING; --no-gate
+    or --set run.gate=false still turn it off, with a WARNING that the gate is off."""
+    out, _ = trained
+    run = tmp_path / "nogate"
+    shutil.copytree(out, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["run"]["gate"] = False
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    def gate_of(job_dir):
+        return yaml.safe_load((job_dir / "config.yaml").read_text())["run"]["gate"]
+
+    r = cli("run", "--checkpoint", str(run), "--episodes", "1", "--out", str(tmp_path / "a"), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert gate_of(tmp_path / "a") is True and "trained with --no-gate; this job is gated" in r.stderr
+    assert "gate is off" not in r.stderr
+    r = cli(
+        "run", "--checkpoint", str(run), "--episodes", "1", "--out", str(tmp_path / "b"), "--no-gate", *TINY
+    )
+    assert r.returncode == 0 and gate_of(tmp_path / "b") is False and "the safety gate is off" in r.stderr
+    r = cli("run", "--checkpoint", str(run), "--episodes", "1", "--out", str(tmp_path / "c"),
+            "--set", "run.gate=false", *TINY)  # fmt: skip
+    assert r.returncode == 0 and gate_of(tmp_path / "c") is False and "the safety gate is off" in r.stderr
+    r = cli("commission", "--checkpoint", str(run), "--episodes", "1", "--out", str(tmp_path / "d"), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert gate_of(tmp_path / "d") is True
+
+
 def test_resume_continues_a_run(trained):
     out, _ = trained
     with open(out / "timing.jsonl", "a") as f:  # the times of an episode killed before its metrics line
