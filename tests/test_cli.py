@@ -258,10 +258,14 @@ def test_a_resume_runs_an_evaluation_a_kill_interrupted_and_says_when_data_never
     rec["vouched"] += 7  # as if 7 of its transitions never reached the disk
     lines[learn[-1]] = json.dumps(rec)
     (run / "metrics.jsonl").write_text("\n".join(lines[:last]) + "\n")  # killed during the evaluation
+    (run / "summary.json").unlink()  # (a killed job writes none)
+    wall = json.loads(lines[last - 1])["wall_s"]  # the job's wall time as far as its last record
+    assert wall > 0 and all("wall_s" in json.loads(x) for x in lines)
     r = cli("train", "--resume", str(run), *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
     assert new == ["eval"], new  # the model the run ended with is evaluated
+    assert json.loads((run / "summary.json").read_text())["wall_s"] > wall  # (was the resume's alone)
     assert "7 transitions its metrics.jsonl records as learned from are not in the buffer" in r.stderr
 
 

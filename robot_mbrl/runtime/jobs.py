@@ -138,7 +138,11 @@ def run_episodes(
         if on_end is not None:
             on_end()
         run.timing(timing_record(ep, kind, res.plan_s, res.tick_s))  # before its metrics line
-        run.metric(episode_record(res, kind=kind, real_steps=tally.real_steps, **homed))
+        run.metric(
+            episode_record(
+                res, kind=kind, real_steps=tally.real_steps, wall_s=round(tally.elapsed_s(), 3), **homed
+            )
+        )
         finish = getattr(controller, "finish", None)
         if finish is not None:  # a planner thread still busy with a late plan: wait (or PlannerHung)
             finish()
@@ -179,7 +183,7 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
     """``run.episodes`` episodes in one robot session, with a progress bar; the tally (wall time set)."""
     tally = Tally()
     homing = make_homing(cfg, robot.spec)  # its channel names checked before any robot time
-    t0 = time.monotonic()
+    tally.since_s = time.monotonic()
     with (  # the robot first: a rig that cannot be reached draws no progress bar
         robot_session(robot),
         Progress(cfg.run.episodes * cfg.task.episode_steps, kind, enabled=progress) as bar,
@@ -188,7 +192,7 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
             cfg, robot, judge, controller, run, tally, episodes=cfg.run.episodes, first_episode=0,
             seed_offset=seed_offset, progress=bar, kind=kind, on_transition=on_transition, homing=homing,
         )  # fmt: skip
-    tally.wall_s = time.monotonic() - t0
+    tally.stop_clock()
     return tally
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import yaml
 
@@ -87,9 +88,11 @@ def restore_tally(run: RunDir) -> tuple[Tally, int, list[dict], dict]:
             f"{path}: expected the {before['episodes']} episodes summary.json reports, got {len(tally.returns)} "
             "(restore metrics.jsonl, or start a new run: resuming would overwrite summary.json)"
         )
-    tally.wall_s = float(
-        before.get("wall_s", 0.0) or 0.0
-    )  # as of the last finished job (a killed one's is lost)
+    # the job's wall time so far: the last finished job's, or where a killed one's last record got
+    walls = [before.get("wall_s")] + [rec.get("wall_s") for rec in metrics if isinstance(rec, dict)]
+    tally.wall_s = max(
+        [float(w) for w in walls if isinstance(w, int | float) and math.isfinite(w)], default=0.0
+    )
     return tally, episodes, retrains, {"vouched": learned, "evals": evals}
 
 

@@ -222,6 +222,14 @@ class Tally:
     deadline_misses: int = 0
     end_stop_hits: int = 0
     wall_s: float = 0.0
+    since_s: float | None = None  # monotonic start of this process's part of the job (None: not running)
+
+    def elapsed_s(self) -> float:
+        """Wall time of the job so far: the parts before a resume plus this process's."""
+        return self.wall_s + (0.0 if self.since_s is None else time.monotonic() - self.since_s)
+
+    def stop_clock(self) -> None:
+        self.wall_s, self.since_s = self.elapsed_s(), None
 
     def summary(self, **extra) -> dict:
         out = {

@@ -124,7 +124,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
             tr.obs, tr.act, tr.reward, tr.next_obs, tr.terminated, tr.truncated, tr.stamp_s, tr.episode
         )
 
-    t0 = time.monotonic()
+    tally.since_s = time.monotonic()  # (wall_s in each metrics line: a resume after a kill keeps it)
     episode = first_episode
     controller = None
     homed = None  # the next episode's homing, done during the retrain
@@ -143,7 +143,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         record, homed = _retrain(agent, buffer, cfg, robot, homing if more else None, run.event)
         schedule.mark_trained(len(buffer))
         agent.save(run.checkpoint)
-        record.update(kind="retrain", real_steps=tally.real_steps)
+        record.update(kind="retrain", real_steps=tally.real_steps, wall_s=round(tally.elapsed_s(), 3))
         run.metric(record)
         retrains.append(record)
         keep_trace()
@@ -229,7 +229,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         raise
     buffer.close()  # every row on disk (a failed write is raised here)
     keep_trace()
-    tally.wall_s += time.monotonic() - t0
+    tally.stop_clock()
     summary = tally.summary(
         solved_threshold=target,
         end_stop_hits=tally.end_stop_hits,
@@ -294,7 +294,8 @@ def _evaluate(cfg: Config, agent: MPCAgent, robot, task, run: RunDir, tally: Tal
     solved = is_solved(mean, target, mpc_fraction, cfg.task.solved_min_mpc_fraction)
     run.timing(timing_record(episode, "eval", scratch.plan_s, scratch.tick_s))  # before its metrics line
     run.metric({
-        "kind": "eval", "episode": episode, "real_steps": tally.real_steps, "eval_return": round(mean, 3),
+        "kind": "eval", "episode": episode, "real_steps": tally.real_steps, "wall_s": round(tally.elapsed_s(), 3),
+        "eval_return": round(mean, 3),
         "eval_returns": [round(r.ret, 3) for r in results], "eval_violations": sum(r.violations for r in results),
         "eval_fallback_ticks": fallback, "eval_mpc_fraction": round(mpc_fraction, 4), "solved": solved,
         "plan_ms_p50": round(float(np.median(scratch.plan_s) * 1e3), 3) if scratch.plan_s else None,
