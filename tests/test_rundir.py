@@ -55,6 +55,15 @@ def test_a_file_or_an_existing_run_is_refused(tmp_path):
     run.close()
     with pytest.raises(RunDirError, match="existing run"):
         RunDir(tmp_path / "run", new=True)
+    # a job that died in its first homing left only its config and the homing's switches: a record too
+    # (a new run appended its events to them)
+    early = RunDir(tmp_path / "early")
+    early.write_config({"seed": 0})
+    early.close()
+    RunDir(tmp_path / "early", new=True).close()  # a config alone: the job never started
+    (tmp_path / "early" / "events.jsonl").write_text('{"kind": "switch", "phase": "homing"}\n')
+    with pytest.raises(RunDirError, match="existing run"):
+        RunDir(tmp_path / "early", new=True)
 
 
 def test_a_failed_job_removes_only_the_empty_folder_it_created(tmp_path):

@@ -180,9 +180,13 @@ def run_dir(path: str | Path, new: bool = False) -> Iterator[RunDir]:
 
 
 def holds_run(path: str | Path) -> bool:
-    """Whether ``path`` holds a run's results (not only a config left by a job that failed to start)."""
+    """Whether ``path`` holds a run's results (not only a config left by a job that failed to start):
+    also the events or timings of one that ended before its first metrics line (a homing's switches)."""
+    p = Path(path)
+    if any((p / name).exists() for name in ("metrics.jsonl", "summary.json", "buffer", "checkpoint")):
+        return True
     return any(
-        (Path(path) / name).exists() for name in ("metrics.jsonl", "summary.json", "buffer", "checkpoint")
+        (p / name).is_file() and (p / name).stat().st_size > 0 for name in ("events.jsonl", "timing.jsonl")
     )
 
 
