@@ -244,6 +244,57 @@ def test_an_episode_data_reaches_the_disk_before_its_record(tmp_path):
     assert order == ["flush", "metric"] * 2
 
 
+@pytest.mark.parametrize("job", ["run", "train"])
+def test_a_job_ended_by_a_lost_link_keeps_the_summary_of_the_episodes_done(tmp_path, monkeypatch, job):
+    """A run ended by a lost link (exit 2) wrote no summary.json: the episodes it finished lost their
+    summary, plots and link counters. It is written with ``stopped_by``; one that finished no episode
+    writes none (a run directory that never started is removed as before)."""
+    from robot_mbrl import factory
+    from robot_mbrl.config import load_config
+    from robot_mbrl.runtime.jobs import run_job
+    from robot_mbrl.runtime.train import train_job
+
+    real = factory.make_robot
+
+    def dying(cfg, *a, after=25, **kw):
+        robot = real(cfg, *a, **kw)
+        read, n = robot.read, [0]
+
+        def read_until_unplugged():
+            n[0] += 1
+            if n[0] > after:
+                raise ConnectionError("the link is down for 5 s (serial.link_timeout_s)")  # (LinkLost's base)
+            return read()
+
+        robot.read = read_until_unplugged
+        return robot
+
+    from robot_mbrl.runtime import train as train_mod
+
+    monkeypatch.setattr(factory, "make_robot", dying)
+    monkeypatch.setattr(train_mod, "make_robot", dying)
+    sets = [
+        "task.episode_steps=10",
+        "run.episodes=3",
+        "run.policy=zero",
+        "train.steps=40",
+        "train.eval_episodes=0",
+    ]
+    cfg = load_config(None, sets)
+    with pytest.raises(ConnectionError):
+        if job == "run":
+            run_job(cfg, checkpoint=None, out=tmp_path / "r", progress=False)
+        else:
+            train_job(cfg, out=tmp_path / "r", resume=False, progress=False)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["episodes"] == 2 and summary["stopped_by"].startswith("ConnectionError: the link is down")
+    assert set(SUMMARY_KEYS) <= set(summary)
+    if job == "train":  # and a resume finishes the run, its summary written anew
+        monkeypatch.setattr(train_mod, "make_robot", real)
+        summary, _ = train_job(cfg, out=tmp_path / "r", resume=True, progress=False)
+        assert summary["stopped_by"] is None and summary["real_steps"] == 40
+
+
 def test_a_resume_runs_an_evaluation_a_kill_interrupted_and_says_when_data_never_reached_the_disk(
     trained, tmp_path
 ):

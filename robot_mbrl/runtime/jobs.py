@@ -184,14 +184,25 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
     tally = Tally()
     homing = make_homing(cfg, robot.spec)  # its channel names checked before any robot time
     tally.since_s = time.monotonic()
-    with (  # the robot first: a rig that cannot be reached draws no progress bar
-        robot_session(robot),
-        Progress(cfg.run.episodes * cfg.task.episode_steps, kind, enabled=progress) as bar,
-    ):
-        run_episodes(
-            cfg, robot, judge, controller, run, tally, episodes=cfg.run.episodes, first_episode=0,
-            seed_offset=seed_offset, progress=bar, kind=kind, on_transition=on_transition, homing=homing,
-        )  # fmt: skip
+    try:
+        with (  # the robot first: a rig that cannot be reached draws no progress bar
+            robot_session(robot),
+            Progress(cfg.run.episodes * cfg.task.episode_steps, kind, enabled=progress) as bar,
+        ):
+            run_episodes(
+                cfg, robot, judge, controller, run, tally, episodes=cfg.run.episodes, first_episode=0,
+                seed_offset=seed_offset, progress=bar, kind=kind, on_transition=on_transition, homing=homing,
+            )  # fmt: skip
+    except BaseException as err:  # a lost link, Ctrl-C: the episodes done so far keep their summary
+        tally.stop_clock()
+        if tally.returns:
+            stopped = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            try:
+                run.write_summary(tally.summary(stopped_by=stopped, **link_record(robot)))
+                write_plots(run, getattr(controller, "trace", None))
+            except Exception as second:  # noqa: BLE001 - the job's own error is the one to raise
+                log.error("%s: the summary of the episodes done was not written: %s", run.path, second)
+        raise
     tally.stop_clock()
     return tally
 

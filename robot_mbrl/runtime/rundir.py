@@ -54,6 +54,7 @@ SUMMARY_KEYS = (
     "tick_ms",
     "deadline_misses",
     "wall_s",
+    "stopped_by",
 )
 
 TIMING = "timing.jsonl"  # one line per episode: {"episode", "kind", "plan_ms": [...], "tick_ms": [...]}
@@ -251,6 +252,7 @@ class Tally:
             "deadline_misses": self.deadline_misses,
             "end_stop_hits": self.end_stop_hits,
             "wall_s": round(self.wall_s, 3),
+            "stopped_by": None,  # the error or interrupt that ended the job early (its summary so far)
         }
         out.update(extra)
         return out

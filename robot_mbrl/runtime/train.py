@@ -206,6 +206,20 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 if record is not None:
                     bar.post(ret=res.ret, holdout=record["holdout_mse"])
 
+    def summarize(**extra) -> dict:
+        summary = tally.summary(
+            solved_threshold=target,
+            end_stop_hits=tally.end_stop_hits,
+            retrains=len(retrains),
+            buffer_transitions=len(buffer),
+            eval_returns=[m["eval_return"] for m in run.metrics() if m.get("kind") == "eval"],
+            **link_record(robot),
+            **extra,
+        )
+        run.write_summary(summary)
+        write_plots(run, trace or None)
+        return summary
+
     # a resume first does what a kill interrupted after the last episode: its retrain (or one that
     # never ran) and the evaluation after it
     stopped_solved = tally.solved_at_step is not None and cfg.train.stop_when_solved  # left as it is
@@ -220,27 +234,23 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
             after_episode()
         if not done():
             learn()
-    except BaseException:  # the job's own error (or the interrupt) is the one to raise
+    except BaseException as err:  # the job's own error (or the interrupt) is the one to raise
         try:
             buffer.close()
-        except OSError as err:
-            log.error("%s", err)
+        except OSError as second:
+            log.error("%s", second)
         keep_trace()
+        tally.stop_clock()
+        if tally.returns:  # the episodes done so far keep their summary (a resume writes it anew)
+            try:
+                summarize(stopped_by=f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+            except Exception as second:  # noqa: BLE001
+                log.error("%s: the summary of the episodes done was not written: %s", run.path, second)
         raise
     buffer.close()  # every row on disk (a failed write is raised here)
     keep_trace()
     tally.stop_clock()
-    summary = tally.summary(
-        solved_threshold=target,
-        end_stop_hits=tally.end_stop_hits,
-        retrains=len(retrains),
-        buffer_transitions=len(buffer),
-        eval_returns=[m["eval_return"] for m in run.metrics() if m.get("kind") == "eval"],
-        **link_record(robot),
-    )
-    run.write_summary(summary)
-    write_plots(run, trace or None)
-    return summary, run.path
+    return summarize(), run.path
 
 
 def _retrain(
