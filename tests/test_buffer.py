@@ -318,6 +318,37 @@ def test_an_episode_cut_short_ends_where_the_next_begins():
     assert buf.since(4)["truncated"].tolist() == [False, False, True]
 
 
+def test_a_tick_left_out_mid_episode_breaks_the_chain_for_returns_and_segments():
+    """A tick the robot did not vouch for (a lost STATE frame) is left out: the rows on either side
+    share an episode, but the second does not start where the first ended. n-step value targets
+    summed across it (one reward missing, the discount a tick short) and the gate's calibration
+    paired actions with the wrong states; the row before the gap is now truncated, as at a seam."""
+    from robot_mbrl.agents.monitor_calibration import commission_windows, segments
+
+    buf = ReplayBuffer(3, 1)
+    for i in (0, 1, 2, 3, 5, 6, 7, 8):  # tick 4's transition (s4 -> s5) left out
+        buf.add(
+            np.full(3, float(i)),
+            np.full(1, i / 10),
+            float(i),
+            np.full(3, float(i + 1)),
+            False,
+            i == 8,
+            0.0,
+            0,
+        )
+    a = buf.arrays()
+    assert a["truncated"].tolist() == [False, False, False, True, False, False, False, True]
+    obs0, act, nxt = segments(a, np.arange(len(buf)), 3)
+    assert obs0[:, 0].tolist() == [0.0, 1.0, 5.0, 6.0]  # no window spans the gap
+    assert np.all(nxt[:, -1, 0] == obs0[:, 0] + 3) and np.allclose(
+        act[:, :, 0] * 10, obs0[:, :1] + np.arange(3)
+    )
+    ref = {f"commission_{k}": a[c] for k, c in (("obs", "obs"), ("act", "act"), ("next_obs", "next_obs"),
+                                                ("episode", "episode_id"))}  # fmt: skip
+    assert commission_windows(ref, 3)[0][:, 0].tolist() == [0.0, 1.0, 5.0, 6.0]
+
+
 def test_salvage_leaves_out_only_the_corrupt_chunk_and_appends_safely(tmp_path, caplog):
     d = tmp_path / "buf"
     with ReplayBuffer(3, 1, d, cfg=BufferConfig(flush_interval_s=1e9)) as buf:

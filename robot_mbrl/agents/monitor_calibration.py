@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from robot_mbrl.agents.predictive import open_loop, predictive_parts, predictive_std
+from robot_mbrl.data.buffer import chain_breaks
 from robot_mbrl.safety.calibration import (
     fit_variance_model,
     long_run_inflation,
@@ -115,8 +116,9 @@ def segment_starts(
     episode: np.ndarray, terminated: np.ndarray, rows: np.ndarray, length: int, whole: bool = False
 ) -> np.ndarray:
     """The ``rows`` (time-ordered indices) whose next ``length`` ticks stay inside one episode and
-    do not pass a termination before the last of them (``whole``: and are all in ``rows``, i.e.
-    held out in full)."""
+    do not pass a row that ends a chain (``terminated``: a termination, or a row whose next row is
+    not its successor) before the last of them (``whole``: and are all in ``rows``, i.e. held out
+    in full)."""
     n, rows = len(episode), np.asarray(rows)
     member = np.zeros(n + length, bool)
     member[rows] = True
@@ -134,7 +136,8 @@ def segments(
 
     Returns ``obs0`` (N x S), the actions that really followed (N x length x A) and the
     observations they led to (N x length x S)."""
-    starts = segment_starts(arrays["episode_id"], arrays["terminated"], rows, length, whole)
+    ends = arrays["terminated"] | arrays["truncated"]  # (the buffer marks its chain breaks truncated)
+    starts = segment_starts(arrays["episode_id"], ends, rows, length, whole)
     idx = starts[:, None] + np.arange(length)[None, :]
     return arrays["obs"][starts], arrays["act"][idx], arrays["next_obs"][idx]
 
@@ -144,7 +147,9 @@ def commission_windows(ref: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, 
     order: ``obs0`` (M x S), the ``k`` actions applied (M x k x A), the observation after the last
     (M x S), and each window's episode id (M)."""
     obs, act, nxt, ep = (ref[f"commission_{key}"] for key in ("obs", "act", "next_obs", "episode"))
-    starts = segment_starts(ep, np.zeros(len(ep), bool), np.arange(len(ep)), k)
+    ends = np.zeros(len(ep), bool)
+    ends[:-1] = chain_breaks(obs, nxt, ep)  # (a tick the robot did not vouch for was left out)
+    starts = segment_starts(ep, ends, np.arange(len(ep)), k)
     idx = starts[:, None] + np.arange(k)[None, :]
     return obs[starts], act[idx], nxt[starts + k - 1], ep[starts]
 

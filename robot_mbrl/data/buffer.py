@@ -70,6 +70,14 @@ def _fields(obs_dim: int, act_dim: int) -> dict[str, tuple[tuple[int, ...], type
     }
 
 
+def chain_breaks(obs: np.ndarray, next_obs: np.ndarray, episode: np.ndarray) -> np.ndarray:
+    """``N - 1`` flags for time-ordered rows: row ``i``'s next row is not its successor (another
+    episode, or a reading other than the one row ``i`` ended on: a left-out tick between them)."""
+    if len(obs) < 2:
+        return np.zeros(max(len(obs) - 1, 0), bool)
+    return (episode[1:] != episode[:-1]) | np.any(obs[1:] != next_obs[:-1], axis=tuple(range(1, obs.ndim)))
+
+
 class ReplayBuffer:
     """Growable columns of transitions (``obs``, ``act``, ``reward``, ``next_obs``, ``terminated``,
     ``truncated``, ``stamp_s``, ``episode_id``), persisted to ``directory`` when one is given.
@@ -158,17 +166,21 @@ class ReplayBuffer:
     def since(self, index: int) -> dict[str, np.ndarray]:
         """Read-only views of the rows added at or after ``index`` (fresh data since a retrain).
 
-        ``truncated`` also marks every row whose next row belongs to another episode (a copy): an
-        episode cut short by a kill has no truncated row of its own, and returns summed across
-        the seam would treat the next episode's first state as its successor."""
+        ``truncated`` also marks (in a copy) every row whose next row is not its successor: one of
+        another episode (an episode cut short by a kill has no truncated row of its own), or one
+        that does not start where it ended (a tick between them the robot did not vouch for, e.g.
+        a lost STATE frame, was left out). Returns summed across such a seam would treat a later
+        state as the successor, one tick's reward missing and the discount one tick short."""
         out = {}
         for k, col in self._cols.items():
             v = col[index : self._n].view()
             v.flags.writeable = False
             out[k] = v
-        ep, term = out["episode_id"], out["terminated"]
-        seam = np.zeros(len(ep), bool)
-        seam[:-1] = (ep[1:] != ep[:-1]) & ~term[:-1] & ~out["truncated"][:-1]
+        term = out["terminated"]
+        seam = np.zeros(len(term), bool)
+        seam[:-1] = (
+            chain_breaks(out["obs"], out["next_obs"], out["episode_id"]) & ~term[:-1] & ~out["truncated"][:-1]
+        )
         if seam.any():
             trunc = out["truncated"] | seam
             trunc.flags.writeable = False
