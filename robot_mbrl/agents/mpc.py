@@ -81,7 +81,9 @@ class MPCAgent:
         )  # fmt: skip
         self.mirror = mirror_signs(spec, cfg.symmetry)  # before any robot time is spent
         self.trainer = EnsembleTrainer(self.model, cfg.trainer, seed=self.seed, mirror=self.mirror)
-        self.value = ValueFunction(spec.obs_dim, spec.angle_mask, _with(cfg.value, gamma=cfg.planner.gamma))
+        self.value = ValueFunction(
+            spec.obs_dim, spec.angle_mask, _with(cfg.value, gamma=cfg.planner.gamma), run_seed=self.seed
+        )
         self.thresholds: dict[str, Any] = {"disagreement": None, "ood": None}  # + residual calibration
         self.ood_reference: dict[str, np.ndarray] | None = None
         self.variance_coef: np.ndarray | None = None  # residual variance model of the monitor (2 x S)

@@ -78,7 +78,7 @@ class ValueConfig:
         128, "real transitions of highest reward the terminal value's linear fit uses", ge=1
     )
     planned_epochs: int = param(40, "epochs of regression on the planned targets per round", ge=1)
-    seed: int = param(0, "seed of initialization and minibatch order")
+    seed: int = param(0, "seed of initialization and minibatch order, added to the run's seed")
 
 
 @dataclass
@@ -101,9 +101,16 @@ class ValueFunction(torch.nn.Module):
     agree where the data pins V down and spread apart where it does not; the pessimistic mean
     penalizes exactly those states."""
 
-    def __init__(self, obs_dim: int, angle_mask: np.ndarray | None = None, config: ValueConfig | None = None):
+    def __init__(
+        self,
+        obs_dim: int,
+        angle_mask: np.ndarray | None = None,
+        config: ValueConfig | None = None,
+        run_seed: int = 0,
+    ):
         super().__init__()
         self.cfg = cfg = config or ValueConfig()
+        self.seed = cfg.seed + run_seed  # the run's seed moves V's initialization and minibatch order too
         mask = np.zeros(obs_dim, bool) if angle_mask is None else np.asarray(angle_mask, bool)
         if mask.shape != (obs_dim,):
             raise ValueError(f"angle_mask: expected shape ({obs_dim},), got {mask.shape}")
@@ -116,7 +123,7 @@ class ValueFunction(torch.nn.Module):
         self.register_buffer("in_mean", torch.zeros(len(self.lin_idx)))
         self.register_buffer("in_std", torch.ones(len(self.lin_idx)))
         self.register_buffer("out_scale", torch.ones(()))
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(self.seed)
         self.net = _Heads(n_in, cfg.hidden, cfg.layers, cfg.heads, gen)
         self.target = _Heads(n_in, cfg.hidden, cfg.layers, cfg.heads, gen)
         self.target.load_state_dict(self.net.state_dict())
@@ -126,7 +133,7 @@ class ValueFunction(torch.nn.Module):
         self.prior: _Heads | None = None
         if cfg.prior_scale > 0:
             self.prior = _Heads(
-                n_in, cfg.hidden, cfg.layers, cfg.heads, torch.Generator().manual_seed(cfg.seed + 7919)
+                n_in, cfg.hidden, cfg.layers, cfg.heads, torch.Generator().manual_seed(self.seed + 7919)
             )
             self.prior.requires_grad_(False)
         # LQR terminal value (robot_mbrl.planning.terminal), set after each model fit; term_on 0: off
@@ -292,7 +299,7 @@ class ValueFunction(torch.nn.Module):
         """Minibatch MSE on ``target_fn(b)`` (``K x B`` targets for row indices ``b``, ``K x B``),
         every head its own minibatch order; Polyak-update the targets after each step if ``polyak``."""
         cfg, n, heads = self.cfg, len(o), self.cfg.heads
-        gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+        gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         losses, updates = [], 0
         for _ in range(epochs):
