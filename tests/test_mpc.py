@@ -309,3 +309,18 @@ def test_disturbance_is_added_to_every_imagined_tick() -> None:
     torch.testing.assert_close(x[1:] - x[:-1], info.actions[:, 0] + 0.3, rtol=0, atol=1e-5)
     p.disturbance = None
     assert abs(p.plan(X0).action[0] + 0.7) < 0.05
+
+
+@pytest.mark.parametrize("repeat", [1, 2, 3])
+def test_the_warm_start_moves_on_one_planned_step_every_action_repeat_ticks(repeat: int) -> None:
+    """A planned step lasts ``action_repeat`` ticks: the warm start dropped a whole step every tick,
+    running ``repeat - 1`` ticks ahead of the plan per tick. Now one step per ``repeat`` ticks."""
+    from types import SimpleNamespace
+
+    from robot_mbrl.agents.gated import GatedMPC
+
+    planner = SimpleNamespace(cfg=SimpleNamespace(action_repeat=repeat), shift=lambda a: a[1:])
+    ctl = SimpleNamespace(planner=planner, _ticks_into_step=0)
+    plan = torch.arange(6.0).view(6, 1)
+    lengths = [len(GatedMPC._warm_start(ctl, plan)) for _ in range(2 * repeat)]
+    assert lengths == ([6] * (repeat - 1) + [5]) * 2

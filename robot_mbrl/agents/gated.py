@@ -44,6 +44,7 @@ class GatedMPC:
         self.paced = paced  # the job runs on the wall clock (with preempt: warm the planner thread now)
         self.preempt = preempt
         self.warm: torch.Tensor | None = None
+        self._ticks_into_step = 0  # ticks since the warm start last moved on by a planned step
         self._open_loop: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self.tick = 0  # ticks across episodes (events and monitors use one clock)
         self.trace: list[
@@ -56,8 +57,19 @@ class GatedMPC:
         self.gate.reset()
         self.monitor.new_episode()
         self.warm = None
+        self._ticks_into_step = 0
         self._open_loop = None
         self.planner.disturbance = None  # a new episode starts without a disturbance estimate
+
+    def _warm_start(self, actions):  # noqa: ANN001, ANN202 - k x A tensors
+        """The next tick's warm start from this tick's plan: a planned step lasts
+        ``planner.action_repeat`` ticks, so the plan moves on by one step every that many ticks
+        (every tick at the default of 1)."""
+        self._ticks_into_step += 1
+        if self._ticks_into_step < self.planner.cfg.action_repeat:
+            return actions
+        self._ticks_into_step = 0
+        return self.planner.shift(actions)
 
     def _warm_up(self) -> None:
         """Make the planner thread's first call (torch's first on a thread is slow: up to tens of ms)
@@ -101,7 +113,7 @@ class GatedMPC:
         missed = loop.paced and (given_up or loop.late(self.budget_fraction))
         d = self.gate.decide(self.tick, judged_at(loop, obs), obs, plan, error, missed)
         try:  # bookkeeping after the decision: a failure here must not cost the tick its command
-            self.warm = self.planner.shift(plan.actions) if plan is not None else None
+            self.warm = self._warm_start(plan.actions) if plan is not None else None
             cus, ood = self.monitor.state("cusum"), self.monitor.state("ood")
             thr = self.gate.disagreement_threshold
             self.trace.append((self.tick, plan.worst_disagreement if plan is not None else math.nan,
