@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -104,6 +105,32 @@ def test_a_run_trained_with_no_gate_is_run_and_commissioned_gated_unless_asked(t
     r = cli("commission", "--checkpoint", str(run), "--episodes", "1", "--out", str(tmp_path / "d"), *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     assert gate_of(tmp_path / "d") is True
+
+
+def test_evaluation_events_reach_events_jsonl_marked_and_are_not_the_runs_alarms(trained, tmp_path):
+    """The evaluation's gate switches and alarms went nowhere (README: every switch is in
+    events.jsonl); they are written marked ``"phase": "eval"``, and a resume does not count them
+    among the run's alarms (its summary never did)."""
+    from robot_mbrl.runtime.resume import restore_tally
+    from robot_mbrl.runtime.rundir import RunDir
+    from robot_mbrl.runtime.train import _EvalRun
+
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    seen = []
+    _EvalRun(SimpleNamespace(event=seen.append)).event({"kind": "alarm", "trigger": "monitor:jump"})
+    assert seen == [{"kind": "alarm", "trigger": "monitor:jump", "phase": "eval"}]
+    with open(run / "events.jsonl", "w") as f:
+        for rec in ({"kind": "alarm", "trigger": "monitor:cusum", "tick": 5},
+                    {"kind": "alarm", "trigger": "monitor:jump", "tick": 7, "phase": "eval"}):  # fmt: skip
+            f.write(json.dumps(rec) + "\n")
+    rd = RunDir(run)
+    try:
+        tally = restore_tally(rd)[0]
+    finally:
+        rd.close()
+    assert tally.alarms == [{"tick": 5, "reason": "monitor:cusum"}]
 
 
 def test_resume_continues_a_run(trained):

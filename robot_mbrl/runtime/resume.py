@@ -78,7 +78,7 @@ def restore_tally(run: RunDir) -> tuple[Tally, int, list[dict], dict]:
         log.warning("%s; the alarms in summary.json count from the resume", err)
         events = []
     for ev in events:  # the learning episodes' alarms and the retrains' val_loss alarms
-        if isinstance(ev, dict) and ev.get("kind") == "alarm":
+        if isinstance(ev, dict) and ev.get("kind") == "alarm" and ev.get("phase") != "eval":
             tally.alarms.append({"tick": ev.get("run_tick", ev.get("tick")), "reason": ev.get("trigger")})
     before = _read_summary(run)
     if before.get("episodes", 0) > len(

@@ -295,7 +295,7 @@ def _evaluate(cfg: Config, agent: MPCAgent, robot, task, run: RunDir, tally: Tal
     scratch = Tally()
     with robot_session(robot), Progress(0, "eval", enabled=False) as quiet:
         results = run_episodes(
-            cfg, robot, judge, ctrl, _NullRun(), scratch, episodes=cfg.train.eval_episodes,
+            cfg, robot, judge, ctrl, _EvalRun(run), scratch, episodes=cfg.train.eval_episodes,
             first_episode=episode * 1000, seed_offset=90_000, progress=quiet, kind="eval",
         )  # fmt: skip
     mean = float(np.mean([r.ret for r in results]))
@@ -314,14 +314,18 @@ def _evaluate(cfg: Config, agent: MPCAgent, robot, task, run: RunDir, tally: Tal
     return solved
 
 
-class _NullRun:
-    """Evaluation writes its own summary line; per-episode records and events stay out of the run."""
+class _EvalRun:
+    """Evaluation writes its own summary line: per-episode records stay out of the run; its gate's
+    switches and alarms go to events.jsonl marked ``"phase": "eval"`` (not the run's alarms)."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
 
     def metric(self, record: dict) -> None:
         pass
 
     def event(self, record: dict) -> None:
-        pass
+        self.run.event({**record, "phase": "eval"})
 
     def timing(self, record: dict) -> None:
         pass
