@@ -120,6 +120,7 @@ class SerialRobot(DeviceSession, Robot):
         self._skip_gap = False  # the backlog was discarded: the next STATE's seq jump is no loss
         self._cmd_seq = 0
         self._cmds_since_read = 0
+        self._sent_s: float | None = None  # when the last COMMAND went out (our clock)
         self._prev_obs_ok = False
         self._prev_obs_seq: int | None = None
         self._link_warned_at: float | None = None
@@ -235,6 +236,7 @@ class SerialRobot(DeviceSession, Robot):
         try:
             self.transport.write(self._command(action))
             self._cmds_since_read += 1
+            self._sent_s = self._clock()
             return True
         except LinkDown:
             log.debug("command %d not sent: link down", self._cmd_seq)
@@ -340,9 +342,16 @@ class SerialRobot(DeviceSession, Robot):
             self.heartbeats_answered += 1
         elif isinstance(msg, mcu.FaultReport):
             self.device_fault_reports.append(msg)
-            log.warning(
-                "device fault report: %s (%#06x), code %d", mcu.fault_names(msg.faults), msg.faults, msg.code
-            )
+            # the watchdog braking a rig the host stopped commanding (between episodes, a retrain
+            # without homing) is what it is for: not a warning
+            idle = self._sent_s is None or now - self._sent_s > self.cfg.watchdog_ms / 1e3
+            expected = msg.faults == mcu.DeviceFault.WATCHDOG and idle
+            log.log(
+                logging.INFO if expected else logging.WARNING,
+                "device fault report: %s (%#06x), code %d%s", mcu.fault_names(msg.faults), msg.faults, msg.code,
+                " (no command sent for longer than serial.watchdog_ms: the device brakes, as configured)"
+                if expected else "",
+            )  # fmt: skip
 
     def _on_state(self, msg: mcu.State, now: float) -> None:
         st = self.transport.stats

@@ -183,6 +183,31 @@ def test_unplug_marks_comm_stale_then_reconnects_without_raising(link):
         emulator.stop()
 
 
+def test_a_watchdog_trip_on_an_idle_rig_is_no_warning_but_one_under_commands_is(emu, caplog):
+    """The watchdog braking a rig the host stopped commanding (between episodes) logged a WARNING
+    twice per clean train run; it is INFO now. One while the host commands is a WARNING."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    with _robot(emu.port) as robot:
+        robot.reset()
+        robot.activate()
+        _run(robot, 5)
+        for _ in range(15):  # reading, not commanding: the device's watchdog (100 ms) trips
+            robot.read()
+            time.sleep(1.0 / HZ)
+        trips = [r for r in caplog.records if "device fault report: WATCHDOG" in r.getMessage()]
+        assert trips and all(r.levelno == logging.INFO for r in trips), [
+            (r.levelname, r.getMessage()) for r in trips
+        ]
+        caplog.clear()
+        robot.write(np.zeros(1))  # commanding again: the device re-arms (its next STATE clears the bit)
+        time.sleep(0.02)
+        emu.inject_fault(mcu.DeviceFault.WATCHDOG)  # a trip while commands flow: something is wrong
+        time.sleep(0.02)
+        robot.read()
+        trips = [r for r in caplog.records if "device fault report: WATCHDOG" in r.getMessage()]
+        assert trips and trips[0].levelno == logging.WARNING
+
+
 def test_device_fault_bits_map_to_hal_faults(emu, caplog):
     caplog.set_level(logging.WARNING, logger=LOG)
     with _robot(emu.port) as robot:
