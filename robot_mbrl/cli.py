@@ -122,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)"
     )
+    p.add_argument(
+        "--port-link",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also make PATH a symlink to the pty (a fixed port name across restarts, like a udev "
+        "rule's /dev/robot-mcu: a run's config.yaml keeps working); removed on exit",
+    )
+    for flag, what in (
+        ("--corrupt-rate", "probability that a byte on the wire gets a bit flipped (both directions)"),
+        ("--drop-rate", "probability that a byte on the wire is lost"),
+        ("--frame-drop-rate", "probability that a whole device frame (or host write) is lost"),
+    ):
+        p.add_argument(flag, type=float, default=0.0, metavar="P", help=f"{what}; default 0 (a clean link)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_emulate)
 
@@ -306,8 +320,35 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         )
     twin = CartpoleTwin(cfg.twin, seed=cfg.seed)
     twin.connect()
+    rates = {"--corrupt-rate": args.corrupt_rate, "--drop-rate": args.drop_rate,
+             "--frame-drop-rate": args.frame_drop_rate}  # fmt: skip
+    for flag, rate in rates.items():
+        if not 0.0 <= rate < 1.0:
+            raise UserError(f"{flag}: expected a probability in [0, 1), got {rate}")
+    if args.port_link is not None:
+        if args.link != "pty":
+            raise UserError(f"--port-link {args.port_link}: expected --link pty, got --link {args.link}")
+        if args.port_link.exists() and not args.port_link.is_symlink():
+            raise UserError(f"--port-link {args.port_link}: expected a free path or an old link, got a file")
+    faults = None
+    if any(rates.values()):
+        from robot_mbrl.hil.faults import FaultConfig
+
+        faults = FaultConfig(corrupt_rate=args.corrupt_rate, drop_rate=args.drop_rate,
+                             chunk_drop_rate=args.frame_drop_rate)  # fmt: skip
     twin.reset(cfg.seed)
-    emulator, port = serve_twin(twin, args.link, watchdog_ms=cfg.serial.watchdog_ms)
+    emulator, port = serve_twin(
+        twin, args.link, watchdog_ms=cfg.serial.watchdog_ms, faults=faults, seed=cfg.seed
+    )
+    if args.port_link is not None:
+        try:
+            args.port_link.unlink(missing_ok=True)  # (an old link: a restart)
+            args.port_link.symlink_to(Path(port).resolve())
+        except OSError:
+            emulator.stop()
+            twin.close()
+            raise
+        port = str(args.port_link)
 
     def terminate(signum: int, frame: object) -> None:  # `kill`, a service manager: clean up as on Ctrl-C
         raise KeyboardInterrupt
@@ -315,6 +356,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         print(f"emulating the cart-pole rig ({cfg.twin.task}) on {port}")
+        if faults is not None:
+            print(f"faulty link: {', '.join(f'{f} {r}' for f, r in rates.items() if r)} (seed {cfg.seed})")
         print(f"connect with: robot-mbrl run --backend serial --port {port} [--checkpoint RUN_DIR]")
         print(f"   or learn on it: robot-mbrl train --backend serial --port {port}")
         if any(e.clock == "episode" for e in cfg.twin.schedule):  # a device knows no episodes
@@ -328,7 +371,13 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     finally:
         emulator.stop()
         twin.close()
+        if args.port_link is not None and args.port_link.is_symlink():
+            args.port_link.unlink()
     print(f"device received {len(emulator.command_log())} commands")
+    link = emulator.link
+    if faults is not None:
+        print(f"link faults injected: {link.bytes_corrupted} bytes corrupted, {link.bytes_dropped} bytes and "
+              f"{link.chunks_dropped} frames dropped")  # fmt: skip
     return 0
 
 

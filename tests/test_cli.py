@@ -440,6 +440,8 @@ def test_run_simple_policies(tmp_path):
         ),
         (["run", "--policy", "random", "--checkpoint", "/x"], "expected either --checkpoint (the learned"),
         (["emulate", "--duration", "-1"], "--duration: expected seconds > 0"),
+        (["emulate", "--drop-rate", "1.5"], "--drop-rate: expected a probability in [0, 1), got 1.5"),
+        (["emulate", "--link", "socket", "--port-link", "/tmp/x"], "--port-link /tmp/x: expected --link pty"),
         (["train", "--steps", "-5"], "--steps -5: expected real steps >= 1"),
         (["run", "--policy", "zero", "--episodes", "0"], "--episodes 0: expected episodes >= 1"),
         (["commission", "--checkpoint", "/x", "--no-gate"], "commission: expected the gated controller"),
@@ -547,6 +549,29 @@ def test_emulate_serves_the_twin_and_run_drives_it_over_the_wire(tmp_path):
         rest = emu.communicate(timeout=10)[0]
     assert emu.returncode == 0 and "device received" in rest
     assert not Path(port).exists()  # no link left pointing at a pty another program may get
+
+
+def test_emulate_serves_a_faulty_link_at_a_fixed_port_name(tmp_path):
+    """A user bringing a rig up wants the link's faults without a Python harness, and a port name
+    that survives an emulator restart (a run's config.yaml keeps it)."""
+    link = tmp_path / "robot-mcu"
+    link.symlink_to(tmp_path / "gone")  # an old link from a killed emulator: replaced
+    emu = subprocess.Popen([sys.executable, "-m", "robot_mbrl.cli", "emulate", "--duration", "20", "--port-link",
+                            str(link), "--corrupt-rate", "0.003", "--frame-drop-rate", "0.02"],
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = emu.stdout.readline()
+        assert line.rsplit(" on ", 1)[1].strip() == str(link) and link.resolve().exists(), line
+        assert "faulty link: --corrupt-rate 0.003, --frame-drop-rate 0.02" in emu.stdout.readline()
+        r = cli("run", "--backend", "serial", "--port", str(link), "--policy", "safe", "--episodes", "1",
+                "--out", str(tmp_path / "serial"), *TINY)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        stats = json.loads((tmp_path / "serial" / "summary.json").read_text())["link"]
+        assert stats["crc_errors"] + stats["framing_errors"] > 0 and stats["frames_dropped"] > 0, stats
+    finally:
+        emu.terminate()
+        rest = emu.communicate(timeout=10)[0]
+    assert emu.returncode == 0 and "link faults injected:" in rest and not link.is_symlink()
 
 
 def test_train_learns_from_a_rig_over_the_wire_and_homes_it_before_each_episode(tmp_path):
