@@ -359,8 +359,9 @@ class SampleSync:
         if not self._warned:
             self._warned = True
             log.warning(
-                "the device's samples drift from the %.0f Hz ticks faster than clocks do (%+.1f ms so far): "
-                "does it stream STATE at control_hz? The ticks keep control_hz; readings may be up to a period old",
-                1 / self.period_s, self.moved_s * 1e3,
+                "the ticks would follow the device's samples further than clocks drift (a move of %+.1f ms "
+                "refused, %+.1f ms so far): does it stream STATE at control_hz, or was the host late (load)? "
+                "The ticks keep control_hz; readings may be up to a period old",
+                delta * 1e3, self.moved_s * 1e3,
             )  # fmt: skip
         return False
