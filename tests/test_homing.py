@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from robot_mbrl.config import load_config
-from robot_mbrl.factory import make_robot
+from robot_mbrl.factory import make_judge, make_robot, make_task
 from robot_mbrl.hal.robot import Fault, Observation
 from robot_mbrl.runtime.homing import Homing, HomingConfig, make_homing
 from robot_mbrl.safety.fallback import BrakePolicy, FallbackConfig
@@ -183,3 +184,26 @@ def test_train_homes_the_rig_while_the_model_retrains(tmp_path, monkeypatch):
     ]
     assert len(learn) == 3 and all(m["homing_ticks"] > 0 for m in learn)
     assert seen == [False, True, True]  # the first before any model; the others during a retrain
+
+
+def test_the_progress_bar_says_when_the_rig_is_homing(monkeypatch):
+    """Homing takes seconds (up to homing.timeout_s): the bar sat at 0/750 meanwhile, like a hang."""
+    import io
+
+    from robot_mbrl.runtime import jobs
+    from robot_mbrl.runtime.policies import PolicyController, ZeroPolicy
+    from robot_mbrl.runtime.progress import Progress
+    from robot_mbrl.runtime.rundir import Tally
+
+    cfg = load_config(None, ["task.episode_steps=3"])
+    robot = make_robot(cfg)
+    seen = []
+    monkeypatch.setattr(jobs, "home", lambda *a: seen.append(dict(bar._post)) or {})
+    out = io.StringIO()
+    with robot, Progress(6, "run", file=out) as bar:
+        jobs.run_episodes(cfg, robot, make_judge(make_task(cfg), robot), PolicyController(ZeroPolicy(robot.spec)),
+                          SimpleNamespace(event=None, timing=lambda r: None, metric=lambda r: None), Tally(),
+                          episodes=2, first_episode=0, seed_offset=0, progress=bar, kind="run",
+                          homing=object())  # fmt: skip
+    assert [p.get("doing") for p in seen] == ["homing", "homing"] and bar._post["doing"] == "episode"
+    assert "doing=homing" in out.getvalue()

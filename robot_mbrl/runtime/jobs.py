@@ -119,7 +119,11 @@ def run_episodes(
     for i in range(episodes):
         ep = first_episode + i
         if i > 0 or homed is None:
+            if homing is not None:  # (seconds of it: the bar says what the rig is doing)
+                progress.post(doing="homing")
             homed = home(cfg, robot, homing, run.event)
+            if homing is not None:
+                progress.post(doing="episode")
         with control_priority(cfg):
             res = run_episode(
                 robot,

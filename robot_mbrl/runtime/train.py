@@ -202,9 +202,11 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 )[0]  # fmt: skip
                 homed = None
                 episode += 1
+                if schedule.due(len(buffer), episode_ended=True):
+                    bar.post(doing="retrain")  # (seconds of it, homing the rig meanwhile)
                 record = after_episode()
                 if record is not None:
-                    bar.post(ret=res.ret, holdout=record["holdout_mse"])
+                    bar.post(ret=res.ret, holdout=record["holdout_mse"], doing="episode")
 
     def summarize(**extra) -> dict:
         summary = tally.summary(
