@@ -367,3 +367,46 @@ def test_salvage_leaves_out_only_the_corrupt_chunk_and_appends_safely(tmp_path, 
     buf.close()  # the new chunk must not overwrite chunk 2
     again = ReplayBuffer.open(d)
     assert again.arrays()["reward"].tolist() == [float(i) for i in (*range(10), *range(20, 35))]
+
+
+def test_a_damaged_journal_line_never_costs_intact_chunks(tmp_path, caplog):
+    """The journal disagreeing with a chunk whose checksum is good means the journal is damaged:
+    a wrong count blamed the chunk and --salvage-buffer then set its rows aside; a wrong dimension
+    in the header set every chunk aside (the whole buffer) and still refused. Now a count is taken
+    from the chunk (WARNING, the journal mended at the next write), a header is blamed on itself
+    and never salvaged; a stray copy of a chunk under the next name is not adopted as data."""
+    import json as _json
+
+    from robot_mbrl.data.buffer import MANIFEST, BufferFileError
+
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d, cfg=BufferConfig(flush_interval_s=1e9)) as buf:
+        for start in (0, 10, 20):
+            _fill(buf, start, 10)
+            buf.flush()
+    journal = (d / MANIFEST).read_text().splitlines()
+    line = _json.loads(journal[2])
+    (d / MANIFEST).write_text(
+        "\n".join([*journal[:2], _json.dumps({**line, "count": 3}), *journal[3:]]) + "\n"
+    )
+    buf = ReplayBuffer.open(d)
+    _check_rows(buf, 30)
+    assert "says 3 rows, the chunk (checksum good) holds 10" in caplog.text
+    _fill(buf, 30, 2)
+    buf.close()
+    _check_rows(ReplayBuffer.open(d), 32)  # mended
+    head = _json.loads(journal[0])
+    rest = (d / MANIFEST).read_text().splitlines()[1:]
+    (d / MANIFEST).write_text("\n".join([_json.dumps({**head, "obs_dim": 7}), *rest]) + "\n")
+    for salvage in (False, True):
+        with pytest.raises(BufferFileError, match=r"manifest.jsonl: .*the journal's header line is damaged"):
+            ReplayBuffer.open(d, salvage=salvage)
+    assert not list(d.glob("*.corrupt"))  # nothing set aside
+    (d / MANIFEST).write_text("\n".join([journal[0], *rest]) + "\n")
+    last = sorted(d.glob("chunk_*.npz"))[-1]
+    stray = d / f"chunk_{int(last.stem.split('_')[1]) + 1:06d}.npz"
+    stray.write_bytes(last.read_bytes())
+    caplog.clear()
+    buf = ReplayBuffer.open(d)
+    _check_rows(buf, 32)
+    assert "do not follow the buffer's last" in caplog.text and stray.exists()

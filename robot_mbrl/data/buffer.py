@@ -78,6 +78,10 @@ def chain_breaks(obs: np.ndarray, next_obs: np.ndarray, episode: np.ndarray) -> 
     return (episode[1:] != episode[:-1]) | np.any(obs[1:] != next_obs[:-1], axis=tuple(range(1, obs.ndim)))
 
 
+class JournalDamaged(BufferFileError):
+    """The journal disagrees with a chunk whose checksum is good: the journal is what is damaged."""
+
+
 class ReplayBuffer:
     """Growable columns of transitions (``obs``, ``act``, ``reward``, ``next_obs``, ``terminated``,
     ``truncated``, ``stamp_s``, ``episode_id``), persisted to ``directory`` when one is given.
@@ -103,6 +107,7 @@ class ReplayBuffer:
         self._chunks: list[dict] = []
         self._next_chunk = 0  # the index of the next chunk file
         self._stale_journal = False  # rewrite the journal at the first write (old manifest, recovered chunks)
+        self._mended = False  # a journal line's count corrected from its (checksum-good) chunk
         self._last_flush = time.monotonic()
         self.directory = Path(directory) if directory is not None else None
         self._writer = OrderedWriter(f"buffer {self.directory}")
@@ -291,6 +296,8 @@ class ReplayBuffer:
         for entry in chunks:
             try:
                 rows = buf._read_chunk(directory / entry["file"], entry)
+            except JournalDamaged:
+                raise  # never salvaged: its chunks are intact, leaving them out would lose real data
             except BufferFileError as err:
                 if not salvage:  # say how to go on without it
                     hint = "train --resume RUN --salvage-buffer continues without its rows"
@@ -313,7 +320,7 @@ class ReplayBuffer:
             int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"chunk_(\d+)\.npz.*", p.name))
         ]
         buf._next_chunk = max(used, default=-1) + 1
-        buf._stale_journal = v1 is not None or recovered
+        buf._stale_journal = v1 is not None or recovered or buf._mended
         if dropped:  # the journal without them (salvage is asked for by a job that writes: --resume)
             buf._convert(buf._chunks)
             buf._stale_journal = False
@@ -342,6 +349,10 @@ class ReplayBuffer:
             except BufferFileError as err:
                 log.warning("%s: not in the journal and %s: left out, kept on disk", path, err.got)
                 continue
+            if not self._continues(rows) or any(e["sha256"] == entry["sha256"] for e in self._chunks):
+                log.warning("%s: not in the journal and its rows do not follow the buffer's last (a copy of "
+                            "another chunk?): left out, kept on disk", path)  # fmt: skip
+                continue
             self.extend(rows)
             self._chunks.append(entry)
             self._flushed = self._n
@@ -350,6 +361,15 @@ class ReplayBuffer:
                 "%s: recovered %d rows written before a kill could list them in the journal", path, count
             )
         return recovered > 0
+
+    def _continues(self, rows: dict[str, np.ndarray]) -> bool:
+        """Whether ``rows`` come after the buffer's last row: a later episode, or later in the same
+        one (rows are appended in time order)."""
+        if self._n == 0 or len(rows["episode_id"]) == 0:
+            return True
+        last = (int(self._cols["episode_id"][self._n - 1]), float(self._cols["stamp_s"][self._n - 1]))
+        first = (int(rows["episode_id"][0]), float(rows["stamp_s"][0]))
+        return first > last
 
     def _read_chunk(self, path: Path, entry: dict) -> dict[str, np.ndarray]:
         try:
@@ -368,9 +388,23 @@ class ReplayBuffer:
                 cols = {k: z[k] for k in z.files}
         except (zipfile.BadZipFile, ValueError, OSError) as err:
             raise BufferFileError(path, "an .npz chunk", f"unreadable data ({err})") from None
+        n = len(cols["obs"]) if "obs" in cols and cols["obs"].ndim else entry["count"]
         for k, (shape, dtype) in self._spec.items():
-            want = (entry["count"],) + shape
+            want = (n,) + shape
             if k not in cols or cols[k].shape != want or cols[k].dtype != dtype:
                 got = "missing" if k not in cols else f"{cols[k].shape} {cols[k].dtype}"
+                if k in cols and cols[k].shape[1:] != shape and k in ("obs", "act", "next_obs"):
+                    # its checksum is good: the chunk is as written, the journal's header is not
+                    raise JournalDamaged(
+                        path.parent / MANIFEST,
+                        f"the header's dimensions in its chunks (obs_dim {self.obs_dim}, act_dim {self.act_dim})",
+                        f"{path.name} (checksum good) with column {k} {cols[k].shape}: the journal's header line "
+                        "is damaged (mend it; its chunks are intact)",
+                    )
                 raise BufferFileError(path, f"column {k} of shape {want} {np.dtype(dtype)}", got)
+        if n != entry["count"]:  # (checksum good: the chunk is as written, its journal line is not)
+            log.warning("%s: its journal line says %d rows, the chunk (checksum good) holds %d: counting %d",
+                        path, entry["count"], n, n)  # fmt: skip
+            entry["count"] = n
+            self._mended = True  # the journal is rewritten at the next write
         return cols
