@@ -359,8 +359,9 @@ def test_a_reset_from_the_fallback_is_logged_as_a_switch():
     ]
 
 
-def test_margins_for_other_constraints_than_the_robots_fail_closed():
-    """A plan without margins for the robot's constraint turned the constraint trigger off."""
+def test_a_plan_without_constraint_margins_fails_closed():
+    """A plan without margins for the robot's constraint turned the constraint trigger off (a
+    planning task may add constraints of its own: more columns are fine)."""
     p = plan(margin=0.5)  # a violation predicted...
     p = PlanInfo(**{**p.__dict__, "constraint_margins": torch.zeros(K, E, 0)})  # ...but no margins column
     d = decide(make_gate(), p=p)
@@ -370,3 +371,13 @@ def test_margins_for_other_constraints_than_the_robots_fail_closed():
 def test_a_reading_of_the_wrong_shape_is_invalid_even_with_the_right_size():
     d = decide(make_gate(), o=obs(OBS_VALUES.reshape(5, 1)))
     assert d.source == "fallback" and [t.name for t in d.triggers] == ["obs_shape"]
+
+
+def test_a_plan_with_more_constraint_columns_than_the_robot_is_judged_on_them():
+    """The planning task adds the stopping-distance shield to the robot's constraint (2 columns)."""
+    p = plan()
+    p = PlanInfo(**{**p.__dict__, "constraint_margins": torch.full((K, E, 2), -0.2)})
+    assert decide(make_gate(), p=p).source == "mpc"
+    p = PlanInfo(**{**p.__dict__, "constraint_margins": torch.cat([torch.full((K, E, 1), -0.2),
+                                                                   torch.full((K, E, 1), 0.1)], -1)})  # fmt: skip
+    assert [t.name for t in decide(make_gate(), p=p).triggers] == ["constraint"]

@@ -345,10 +345,12 @@ class SafetyGate:
             np.asarray([plan.expected_return, plan.value_tail], dtype=float),
         )  # fmt: skip
         bad = sum(int(np.sum(~np.isfinite(p))) for p in parts)
-        n_con = len(self.spec.constraints)
-        margins_ok = plan.constraint_margins.dim() >= 1 and plan.constraint_margins.shape[-1] == n_con
+        # the planning task's constraints (the robot's, and e.g. the stopping-distance shield's): none
+        # where the robot has one would turn the constraint trigger off
+        n_con = plan.constraint_margins.shape[-1] if plan.constraint_margins.dim() >= 1 else 0
+        margins_ok = n_con >= 1 or not self.spec.constraints
         if bad or parts[0].shape != (self.spec.act_dim,) or parts[1].size == 0 or not margins_ok:
-            # no step planned, or margins for other constraints than the robot's: malformed
+            # no step planned, or no margins for the robot's constraints: malformed
             return out + [Trigger("plan_nonfinite", float(bad), 0.0)]
         thr = self.disagreement_threshold
         worst = plan.worst_disagreement
