@@ -325,3 +325,9 @@ def config_to_dict(cfg: Config) -> dict:
 def replace_in(cfg: Config, **sections: Any) -> Config:
     """A new Config with some sections replaced (the loaded one stays frozen and unchanged)."""
     return dataclasses.replace(cfg, **sections)
+
+
+def task_id(cfg: Config) -> str:
+    """What a checkpoint or buffer was learned on, as a config names it: the cart-pole task (twin or
+    rig) or the gymnasium env. Files of another task have the same shapes but not the same job."""
+    return f"gym:{cfg.gym.env_id}" if cfg.backend == "gym" else f"cartpole:{cfg.twin.task}"

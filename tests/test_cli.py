@@ -133,6 +133,40 @@ def test_evaluation_events_reach_events_jsonl_marked_and_are_not_the_runs_alarms
     assert tally.alarms == [{"tick": 5, "reason": "monitor:cusum"}]
 
 
+def test_files_of_another_task_are_refused_and_a_resume_keeps_what_its_files_were_made_under(
+    trained, tmp_path
+):
+    """A checkpoint or buffer of another task has the same shapes: a balance checkpoint ran the
+    swing-up task (and commission wrote its calibration back) without a word, a balance buffer was
+    learned from in a swing-up run, --set twin.task on a resume mixed two jobs' data, and --set
+    model.hidden on a resume was written to config.yaml while the checkpoint's network ran."""
+    out, _ = trained
+    r = cli("run", "cartpole_balance", "--checkpoint", str(out), "--episodes", "1", "--out", str(tmp_path / "a"),
+            *TINY)  # fmt: skip
+    assert r.returncode == 2 and "expected a checkpoint of this config's task (cartpole:balance), got one of " \
+        "cartpole:swingup" in r.stderr, r.stderr[-1500:]  # fmt: skip
+    r = cli("commission", "cartpole_balance", "--checkpoint", str(out), "--episodes", "1", "--out",
+            str(tmp_path / "b"), *TINY)  # fmt: skip
+    assert r.returncode == 2 and "cartpole:swingup" in r.stderr
+    for key, value in (("twin.task", "balance"), ("model.hidden", "32"), ("value.heads", "2")):
+        run = tmp_path / f"copy_{key}"
+        shutil.copytree(out, run)
+        r = cli("train", "--resume", str(run), "--set", f"{key}={value}", *TINY)
+        assert (
+            r.returncode == 2
+            and f"config.yaml: {key}: expected" in r.stderr
+            and "start a new run" in r.stderr
+        ), r.stderr[-1500:]
+    run = tmp_path / "edited"  # config.yaml edited by hand: the buffer says what it holds
+    shutil.copytree(out, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["twin"]["task"] = "balance"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("train", "--resume", str(run), *TINY)
+    assert r.returncode == 2 and "expected transitions of this run's task (cartpole:balance), got " \
+        "cartpole:swingup's" in r.stderr, r.stderr[-1500:]  # fmt: skip
+
+
 def test_resume_continues_a_run(trained):
     out, _ = trained
     with open(out / "timing.jsonl", "a") as f:  # the times of an episode killed before its metrics line

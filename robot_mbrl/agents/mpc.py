@@ -24,7 +24,7 @@ import torch
 from robot_mbrl.agents.gated import GatedMPC
 from robot_mbrl.agents.monitor_calibration import SEGMENT_TICKS, calibrate_monitor, commission, segments
 from robot_mbrl.agents.planning_tasks import EnvRewardTask, ShieldedTask
-from robot_mbrl.config import Config, is_paced
+from robot_mbrl.config import Config, is_paced, task_id
 from robot_mbrl.data.buffer import ReplayBuffer
 from robot_mbrl.data.symmetry import mirror_signs, with_mirror
 from robot_mbrl.hal.robot import RobotSpec
@@ -270,6 +270,7 @@ class MPCAgent:
             "trained": self.trained,
             "seed": self.seed,
             "terminal": None if self.terminal is None else self.terminal.to_dict(),
+            "task": task_id(self.cfg),
         }
         save_checkpoint(Path(directory) / MODEL_FILE, self.model, extra=extra, meta=meta)
 
@@ -278,6 +279,10 @@ class MPCAgent:
         """Load from a checkpoint dir (or a run dir holding ``checkpoint/``)."""
         path = checkpoint_dir(directory)
         model, extra, meta = load_checkpoint(path / MODEL_FILE)
+        learned_on = meta.get("task")  # (checkpoints from before it was recorded: not checked)
+        if learned_on is not None and learned_on != task_id(cfg):
+            raise CheckpointError(path / MODEL_FILE, f"a checkpoint of this config's task ({task_id(cfg)})",
+                                  f"one of {learned_on}")  # fmt: skip
         if model.obs_dim != spec.obs_dim or model.act_dim != spec.act_dim:
             raise CheckpointError(
                 path / MODEL_FILE,

@@ -96,8 +96,10 @@ class ReplayBuffer:
         act_dim: int,
         directory: str | Path | None = None,
         cfg: BufferConfig | None = None,
+        task: str | None = None,
     ):
         self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.task = task  # what the rows were collected on (config.task_id), kept in the journal's header
         self.cfg = cfg or BufferConfig()
         self._spec = _fields(obs_dim, act_dim)
         cap = self.cfg.initial_capacity
@@ -261,6 +263,8 @@ class ReplayBuffer:
         """The whole journal, written atomically (a new buffer, a salvage, a converted manifest)."""
         assert self.directory is not None
         head = {"schema": SCHEMA, "obs_dim": self.obs_dim, "act_dim": self.act_dim}
+        if self.task is not None:
+            head["task"] = self.task
         lines = [json.dumps(x, sort_keys=True) for x in (head, *(self._chunks if chunks is None else chunks))]
         atomic_write_text(self.directory / MANIFEST, "\n".join(lines) + "\n")
 
@@ -291,7 +295,10 @@ class ReplayBuffer:
             manifest = read_manifest_v1(v1)
             chunks = manifest["chunks"]
         buf = cls.__new__(cls)
-        ReplayBuffer.__init__(buf, manifest["obs_dim"], manifest["act_dim"], None, cfg)
+        task = manifest.get("task")
+        ReplayBuffer.__init__(
+            buf, manifest["obs_dim"], manifest["act_dim"], None, cfg, task if isinstance(task, str) else None
+        )
         dropped = []
         for entry in chunks:
             try:

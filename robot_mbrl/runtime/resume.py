@@ -117,6 +117,28 @@ def record_changes(run: RunDir, resolved: dict) -> None:
         run.write_config(resolved)
 
 
+# what a run's files were made under: its task (its buffer and checkpoint are that task's) and its
+# networks' shapes (the checkpoint's win on load, so a changed one would only be written, not run)
+FIXED_ON_RESUME = ("twin.task", "gym.env_id", "model.", "value.hidden", "value.layers", "value.heads",
+                   "value.prior_scale", "value.seed")  # fmt: skip
+
+
+def check_fixed(run: RunDir, resolved: dict) -> None:
+    """Refuse a resume that changes what the run's files were made under (``FIXED_ON_RESUME``)."""
+    try:
+        before = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # (read and reported by the resume itself)
+    changed = {k: v for k, v in _diff(before if isinstance(before, dict) else {}, resolved).items()
+               if any(k == f or (f.endswith(".") and k.startswith(f)) for f in FIXED_ON_RESUME)}  # fmt: skip
+    if changed:
+        k, (a, b) = next(iter(changed.items()))
+        raise RunDirError(
+            f"{run.path / 'config.yaml'}: {k}: expected {a!r} on --resume (the run's buffer and checkpoint were "
+            f"made under it), got {b!r}: start a new run for that"
+        )
+
+
 def _diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
     """Keys of ``a`` (the run's config.yaml) whose value ``b`` changes. A key ``a`` lacks is a setting
     newer than the run, at its default: not a change the user made."""

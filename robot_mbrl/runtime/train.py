@@ -25,7 +25,7 @@ import torch
 
 from robot_mbrl.agents.explore import ShieldedExplorer
 from robot_mbrl.agents.mpc import MODEL_FILE, MPCAgent
-from robot_mbrl.config import Config, config_to_dict
+from robot_mbrl.config import Config, config_to_dict, task_id
 from robot_mbrl.data.buffer import ReplayBuffer
 from robot_mbrl.errors import RunDirError
 from robot_mbrl.factory import make_judge, make_robot, make_task
@@ -35,7 +35,7 @@ from robot_mbrl.runtime.homing import Homing, make_homing
 from robot_mbrl.runtime.jobs import home, link_record, robot_session, run_episodes, timing_record
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
-from robot_mbrl.runtime.resume import record_changes, restore_tally
+from robot_mbrl.runtime.resume import check_fixed, record_changes, restore_tally
 from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run, run_dir
 from robot_mbrl.safety.fallback import make_fallback
 
@@ -70,7 +70,11 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     agent = MPCAgent(cfg, spec, task)
     schedule = RetrainSchedule(cfg.retrain)
     if resume:
+        check_fixed(run, config_to_dict(cfg))
         buffer = ReplayBuffer.open(run.buffer, cfg.buffer, salvage=salvage)
+        if buffer.task is not None and buffer.task != task_id(cfg):  # (older buffers do not say)
+            raise RunDirError(f"{run.buffer}: expected transitions of this run's task ({task_id(cfg)}), "
+                              f"got {buffer.task}'s: a buffer of another run")  # fmt: skip
         if (buffer.obs_dim, buffer.act_dim) != (spec.obs_dim, spec.act_dim):
             raise RunDirError(
                 f"{run.buffer}: expected transitions of this robot ({spec.obs_dim} observations, "
@@ -111,7 +115,9 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         log.info("resuming %s at episode %d with %d transitions", run.path, first_episode, len(buffer))
     else:
         run.write_config(config_to_dict(cfg))
-        buffer = ReplayBuffer(spec.obs_dim, spec.act_dim, directory=run.buffer, cfg=cfg.buffer)
+        buffer = ReplayBuffer(
+            spec.obs_dim, spec.act_dim, directory=run.buffer, cfg=cfg.buffer, task=task_id(cfg)
+        )
         tally, first_episode, retrains, recorded = Tally(), 0, [], {"vouched": {}, "evals": set()}
         episodes_recorded = 0
     evaluate = cfg.backend != "serial" and cfg.train.eval_episodes > 0
