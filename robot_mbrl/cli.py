@@ -193,6 +193,9 @@ def _checkpoint_config(args: argparse.Namespace) -> None:
         if cand is not None and cand.is_file():
             args.config = str(cand)
             return
+    if ck.exists():  # (a missing checkpoint is reported as such by the job; its task is checked on load)
+        log.warning("--checkpoint %s: no config.yaml of its run beside it: running under the default config "
+                    "(give the CONFIG it was trained with: robot-mbrl run CONFIG --checkpoint ...)", ck)  # fmt: skip
 
 
 def _checkpoint_job_config(args: argparse.Namespace, extra: list[str]):  # -> Config

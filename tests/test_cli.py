@@ -557,6 +557,8 @@ def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
     (bad / "model.pt").write_bytes(data[: len(data) // 2])
     r = cli("run", "--checkpoint", str(bad), "--episodes", "1", "--out", str(tmp_path / "r"), *TINY)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "model.pt" in r.stderr
+    # a bare checkpoint (no run's config.yaml beside it) runs under the default config: said so
+    assert "no config.yaml of its run beside it: running under the default config" in r.stderr
 
 
 def test_config_command_prints_resolved_yaml():
