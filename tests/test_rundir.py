@@ -66,6 +66,26 @@ def test_a_file_or_an_existing_run_is_refused(tmp_path):
         RunDir(tmp_path / "early", new=True)
 
 
+def test_a_new_run_never_overwrites_a_users_files(tmp_path):
+    """--out into a folder of the user's replaced its hand-written config.yaml and plots; a folder a
+    job left (its own config.yaml, a lock) is still reused."""
+    mine = tmp_path / "myrig"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "config.yaml").write_text("# hand tuned\nseed: 3\n")
+    with pytest.raises(
+        RunDirError, match=r"expected an empty or new folder for the run, got one holding config.yaml"
+    ):
+        RunDir(mine, new=True)
+    (mine / "config.yaml").unlink()
+    (mine / "plots" / "returns.png").write_bytes(b"png")
+    with pytest.raises(RunDirError, match="holding plots/returns.png"):
+        RunDir(mine, new=True)
+    left = RunDir(tmp_path / "left")  # a job that failed to start: its config and lock
+    left.write_config({"seed": 0})
+    left.close()
+    RunDir(tmp_path / "left", new=True).close()
+
+
 def test_a_failed_job_removes_only_the_empty_folder_it_created(tmp_path):
     with pytest.raises(OSError), run_dir(tmp_path / "a" / "run") as run:
         run.write_config({"seed": 0})

@@ -84,6 +84,11 @@ class RunDir:
             raise RunDirError(
                 f"{self.path}: expected a new run directory, got an existing run (choose another --out)"
             )
+        if new and (foreign := foreign_files(self.path)):
+            raise RunDirError(
+                f"{self.path}: expected an empty or new folder for the run, got one holding {foreign[0]}"
+                f"{f' and {len(foreign) - 1} more files' if len(foreign) > 1 else ''} (choose another --out)"
+            )
         self.created = not self.path.exists()  # abandon() removes only a folder this job created
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -133,7 +138,7 @@ class RunDir:
         return p
 
     def write_config(self, resolved: dict) -> None:
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(self.path / "config.yaml", CONFIG_MARK + yaml.safe_dump(resolved, sort_keys=False))
 
     def metric(self, record: dict) -> None:
         """Written at once, after the queued events (between episodes: an episode's line never
@@ -178,6 +183,33 @@ def run_dir(path: str | Path, new: bool = False) -> Iterator[RunDir]:
         run.abandon()
         raise
     run.close()
+
+
+CONFIG_MARK = "# the resolved config of a robot-mbrl job (written by it)\n"
+
+
+def foreign_files(path: str | Path) -> list[str]:
+    """Files in ``path`` a job did not leave (a folder of the user's: a new job must not overwrite
+    its config.yaml or plots): anything but a lock, an empty run skeleton or a config.yaml a job
+    wrote (a job that failed to start leaves one). Ordered, relative."""
+    p, out = Path(path), []
+    if not p.is_dir():
+        return out
+    for f in sorted(p.rglob("*")):
+        if f.is_dir():
+            continue
+        rel = f.relative_to(p).as_posix()
+        if rel == ".lock" or rel == "buffer/manifest.jsonl":
+            continue
+        if rel == "config.yaml":
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    if fh.readline() == CONFIG_MARK:
+                        continue
+            except (OSError, UnicodeDecodeError):
+                pass
+        out.append(rel)
+    return out
 
 
 def holds_run(path: str | Path) -> bool:

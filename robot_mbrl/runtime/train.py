@@ -57,7 +57,7 @@ def train_job(
     torch.manual_seed(cfg.seed)
     if not resume and out is not None and holds_run(out):
         raise RunDirError(f"{out}: expected a new run directory, got an existing run (use --resume {out})")
-    with run_dir(out or default_run_path("train")) as run:  # locked: one writer per run
+    with run_dir(out or default_run_path("train"), new=not resume) as run:  # locked: one writer per run
         return _train(cfg, run, resume=resume, progress=progress, salvage=salvage)
 
 
