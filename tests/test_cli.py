@@ -221,7 +221,16 @@ def test_resume_refuses_what_would_mix_or_lose_runs(trained, tmp_path):
                 "symmetry.negate=[]", "fallback.position_channel=obs_0", "fallback.velocity_channel=obs_2",
                 "explore.velocity_channels={obs_0: obs_2}"]  # fmt: skip
     r = cli("train", "--resume", str(run), *(a for v in pendulum for a in ("--set", v)), *TINY)
-    assert r.returncode == 2 and "a run of another robot" in r.stderr, r.stderr[-500:]
+    assert r.returncode == 2 and "model.control_affine: expected True on --resume" in r.stderr, r.stderr[
+        -500:
+    ]
+    # both records lost: the checkpoint says episodes were run
+    (run / "metrics.jsonl").unlink()
+    (run / "summary.json").unlink()
+    r = cli("train", "--resume", str(run), "--steps", "400", *TINY)
+    assert (
+        r.returncode == 2 and "expected the record of the episodes its checkpoint was trained on" in r.stderr
+    )
 
 
 def test_resume_runs_the_retrain_a_kill_interrupted_first_and_records_changed_settings(trained, tmp_path):

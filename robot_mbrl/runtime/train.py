@@ -81,6 +81,13 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 f"{spec.act_dim} actions), got {buffer.obs_dim} / {buffer.act_dim}: a run of another robot"
             )
         tally, first_episode, retrains, recorded = restore_tally(run)
+        if (
+            not tally.returns and (run.checkpoint / MODEL_FILE).is_file()
+        ):  # a retrain follows an episode's line
+            raise RunDirError(
+                f"{run.path / 'metrics.jsonl'}: expected the record of the episodes its checkpoint was trained on, "
+                "got none (restore metrics.jsonl, or start a new run: resuming would paper over the lost record)"
+            )
         episodes_recorded = first_episode  # the label the next evaluation would carry
         ids = buffer.arrays()["episode_id"]
         if recorded["vouched"]:  # per episode: rows of an unrecorded episode cannot hide a loss
