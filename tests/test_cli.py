@@ -224,6 +224,16 @@ def test_resume_refuses_what_would_mix_or_lose_runs(trained, tmp_path):
     assert r.returncode == 2 and "model.control_affine: expected True on --resume" in r.stderr, r.stderr[
         -500:
     ]
+    # a buffer of another robot (from a version that did not record the task): its dimensions say so
+    from robot_mbrl.data.buffer import ReplayBuffer
+
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    shutil.rmtree(other / "buffer")
+    with ReplayBuffer(4, 1, other / "buffer") as buf:
+        buf.add([0.0] * 4, [0.0], 0.0, [0.0] * 4, False, False, 0.0, 0)
+    r = cli("train", "--resume", str(other), "--steps", "400", *TINY)
+    assert r.returncode == 2 and "a run of another robot" in r.stderr, r.stderr[-500:]
     # both records lost: the checkpoint says episodes were run
     (run / "metrics.jsonl").unlink()
     (run / "summary.json").unlink()
