@@ -148,11 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, extra: list[str] | None = None):
     from robot_mbrl.config import load_config
 
-    overrides = list(args.overrides) + (extra or [])
+    flagged = list(extra or [])
     if getattr(args, "seed", None) is not None:
-        overrides.append(f"seed={args.seed}")
+        flagged.append(f"seed={args.seed}")
+    overrides = list(args.overrides) + flagged
+    # keys set by a flag are blamed on the flag, not on --set
+    args.flag_keys = {k: FLAG_OF[k] for k in (ov.split("=", 1)[0] for ov in flagged) if k in FLAG_OF}
     args.applied_overrides = overrides  # for errors found once the robot is known (_labelled)
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, args.flag_keys)
+
+
+FLAG_OF = {"seed": "--seed", "run.gate": "--no-gate", "backend": "--backend", "serial.port": "--port",
+           "train.steps": "--steps", "run.episodes": "--episodes", "run.policy": "--policy"}  # fmt: skip
 
 
 def _positive(flag: str, value: int, what: str) -> None:
@@ -454,7 +461,8 @@ def _labelled(err: ConfigError, args: argparse.Namespace) -> ConfigError:
     from robot_mbrl.config import DEFAULT_CONFIG, blame
 
     keys = [ov.split("=")[0] for ov in getattr(args, "applied_overrides", [])]
-    return blame(err, getattr(args, "config", None) or f"{DEFAULT_CONFIG}.yaml", keys)
+    source = getattr(args, "config", None) or f"{DEFAULT_CONFIG}.yaml"
+    return blame(err, source, keys, getattr(args, "flag_keys", None))
 
 
 def _run(args: argparse.Namespace) -> tuple[int, str | None]:

@@ -245,8 +245,13 @@ def _apply(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(name_or_path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Load a config file (or packaged name), apply ``--set`` overrides, validate, freeze."""
+def load_config(
+    name_or_path: str | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    flags: dict[str, str] | None = None,
+) -> Config:
+    """Load a config file (or packaged name), apply ``--set`` overrides, validate, freeze. ``flags``:
+    the keys a command-line flag set (key -> flag), for errors to name the flag."""
     source, text = resolve_path(name_or_path)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
@@ -270,14 +275,24 @@ def load_config(name_or_path: str | None = None, overrides: tuple[str, ...] | li
         _cross_check(cfg, source)
         return cfg
     except ConfigError as err:
-        raise blame(err, source, set_keys) from None
+        raise blame(err, source, set_keys, flags) from None
 
 
-def blame(err: ConfigError, source: str, set_keys: list[str]) -> ConfigError:
+def blame(
+    err: ConfigError, source: str, set_keys: list[str], flags: dict[str, str] | None = None
+) -> ConfigError:
     """``err`` attributed to where its key came from: ``source`` (the config file or packaged name),
-    with " (--set)" where an override set that key, a section above it or a key inside it."""
+    with " (--set)" where an override set that key, a section above it or a key inside it, or the
+    command-line flag that set it (``flags``: key -> flag, e.g. ``{"seed": "--seed"}``)."""
     key = err.key.split("[")[0]  # an element of a list: the key that was set
-    if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys):
+
+    def hit(k: str) -> bool:
+        return key == k or key.startswith(k + ".") or k.startswith(key + ".")
+
+    flag = next((f for k, f in (flags or {}).items() if hit(k)), None)
+    if flag is not None:
+        source = f"{source} ({flag})"
+    elif any(hit(k) for k in set_keys):
         source = f"{source} (--set)"
     return ConfigError(source, err.key, err.expected, err.got)
 
