@@ -92,3 +92,28 @@ def test_flipped_bytes_nan_weights_and_garbage_are_clear_errors(tmp_path):
     save_checkpoint(tmp_path / "nan.pt", model)
     with pytest.raises(CheckpointError, match="nan.pt: expected finite model weights, got NaN/inf in"):
         load_checkpoint(tmp_path / "nan.pt")
+
+
+def test_a_missing_weight_or_a_plain_pickle_is_named_in_one_line(tmp_path, recwarn):
+    """torch's "Error(s) in loading state_dict for X:" put the missing key's name on the next line,
+    which the one-line error cut off; a plain pickle printed torch's warnings before the error."""
+    import pickle
+
+    from robot_mbrl.models.checkpoint import SCHEMA, one_line
+
+    model, _ = _trained()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model)
+    payload = torch.load(path, weights_only=True)
+    assert payload["schema"] == SCHEMA
+    del payload["model"]["gain" if "gain" in payload["model"] else next(iter(payload["model"]))]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"Error\(s\) in loading state_dict .*Missing key") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+    with open(path, "wb") as f:
+        pickle.dump({"schema": "x"}, f, protocol=4)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+    assert not [w for w in recwarn if "pickle" in str(w.message).lower()]
+    assert one_line(KeyError("value")) == "no 'value' entry"

@@ -28,7 +28,7 @@ from robot_mbrl.config import Config, is_paced, task_id
 from robot_mbrl.data.buffer import ReplayBuffer
 from robot_mbrl.data.symmetry import mirror_signs, with_mirror
 from robot_mbrl.hal.robot import RobotSpec
-from robot_mbrl.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from robot_mbrl.models.checkpoint import CheckpointError, load_checkpoint, one_line, save_checkpoint
 from robot_mbrl.models.ensemble import ProbabilisticEnsemble
 from robot_mbrl.models.trainer import EnsembleTrainer, TrainReport
 from robot_mbrl.planning.mpc import MPCPlanner, ValueFn
@@ -310,15 +310,12 @@ class MPCAgent:
         agent.model.load_state_dict(model.state_dict())
         agent.model.set_elites(model.elites)
         try:
+            if not isinstance(extra, dict):
+                raise TypeError(f"{type(extra).__name__} where a mapping of value and trainer state belongs")
             agent.value.load_state_dict(extra["value"])
             agent.trainer.load_state_dict(extra["trainer"])
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
-            got = (
-                f"no {err.args[0]!r} entry"
-                if isinstance(err, KeyError)
-                else str(err).strip().splitlines()[0][:160]
-            )
-            raise CheckpointError(path / MODEL_FILE, "value and trainer state", got) from None
+            raise CheckpointError(path / MODEL_FILE, "value and trainer state", one_line(err)) from None
         if "ood_reference" in extra:
             agent.ood_reference = {k: v.numpy() for k, v in extra["ood_reference"].items()}
         agent.thresholds = dict(meta.get("thresholds", agent.thresholds))

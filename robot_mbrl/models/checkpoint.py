@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,15 @@ def save_checkpoint(
     atomic_write_bytes(path, mem.getvalue())
 
 
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception in one line: torch's multi-line messages (``Error(s) in loading state_dict for
+    X:`` then the missing keys on the next lines) joined, a missing key named."""
+    if isinstance(err, KeyError):
+        return f"no {err.args[0]!r} entry" if err.args else "a missing entry"
+    text = " ".join(part.strip() for part in str(err).strip().splitlines() if part.strip())
+    return (text or type(err).__name__)[:limit]
+
+
 def load_checkpoint(
     path: str | os.PathLike,
 ) -> tuple[ProbabilisticEnsemble, dict[str, dict[str, Any]], dict[str, Any]]:
@@ -70,7 +80,9 @@ def load_checkpoint(
         raise CheckpointError(path, "an ensemble checkpoint", "no such file")
     _check_archive(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's torch warnings: the error below says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle is a bad file, said in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         first = first.split(". ")[0]  # the first sentence: what is wrong, not torch's advice
@@ -94,8 +106,7 @@ def load_checkpoint(
     except ConfigError:
         raise
     except (KeyError, RuntimeError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(path, "a consistent ensemble checkpoint", first[:160]) from None
+        raise CheckpointError(path, "a consistent ensemble checkpoint", one_line(err)) from None
     bad = [k for k, v in payload["model"].items() if torch.is_tensor(v) and v.is_floating_point()
            and not bool(torch.isfinite(v).all())]  # fmt: skip
     if bad:
