@@ -33,6 +33,7 @@ import numpy as np
 from robot_mbrl.hal.robot import BoxConstraint, Channel, Fault, Observation, Robot, RobotSpec
 from robot_mbrl.sim.params import OBS_CHANNELS, TwinConfig
 from robot_mbrl.sim.schedule import Schedule
+from robot_mbrl.typedconfig import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,12 @@ class CartpoleTwin(Robot):
             self._vel[0] += alpha * ((x - self._enc[0]) / dt - self._vel[0])
             self._vel[1] += alpha * ((th - self._enc[1]) / dt - self._vel[1])
             self._enc = [x, th]
+        if d.warning[mujoco.mjtWarning.mjWARN_BADQACC].number:  # MuJoCo reset the state: the run is void
+            raise ConfigError(
+                "config", "twin", "physical parameters MuJoCo can simulate stably",
+                f"an unstable simulation (non-finite or huge accelerations after {self._total_steps} steps): "
+                "check the masses, lengths and forces",
+            )  # fmt: skip
         self._activate_due()
 
     # -- Robot hooks -----------------------------------------------------------------------------

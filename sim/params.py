@@ -101,9 +101,9 @@ class TwinConfig:
     """The cart-pole twin: mechanics, motor, sensors, task and schedule. Units are in the names."""
 
     # -- mechanics -------------------------------------------------------------------------------
-    cart_mass_kg: float = param(0.94, "cart mass including motor pinion (IP02: 0.94 kg)", gt=0.0, le=50.0)
-    pole_mass_kg: float = param(0.23, "pole mass, a uniform rod (IP02 long pole: 0.23 kg)", gt=0.0, le=10.0)
-    pole_length_m: float = param(0.64, "full pole length, pivot at one end (IP02: 0.64 m)", gt=0.0, le=3.0)
+    cart_mass_kg: float = param(0.94, "cart mass including motor pinion (IP02: 0.94 kg)", ge=0.01, le=50.0)
+    pole_mass_kg: float = param(0.23, "pole mass, a uniform rod (IP02 long pole: 0.23 kg)", ge=0.001, le=10.0)
+    pole_length_m: float = param(0.64, "full pole length, pivot at one end (IP02: 0.64 m)", ge=0.01, le=3.0)
     gravity_m_s2: float = param(9.81, "gravitational acceleration", ge=0.0, le=30.0)
     rail_half_length_m: float = param(0.5, "half length of the rail; the x_m reading range", gt=0.0, le=5.0)
     end_stop_x_m: float = param(

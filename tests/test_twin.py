@@ -329,3 +329,27 @@ def test_realtime_write_does_not_outrun_the_wall_clock():
         for _ in range(5):
             twin.write(np.zeros(1))
         assert time.monotonic() - t0 >= 0.09  # 5 periods of 20 ms
+
+
+def test_an_unstable_simulation_stops_the_run_and_absurd_sizes_are_refused():
+    """A 1e-300 kg pole flooded stderr with MuJoCo's BADQACC warnings while MuJoCo reset the state
+    every few steps, and the run reported a return of 165 from that void simulation."""
+    import mujoco
+
+    from robot_mbrl.config import load_config
+    from robot_mbrl.sim.cartpole import CartpoleTwin
+    from robot_mbrl.typedconfig import ConfigError
+
+    for key, value in (("pole_mass_kg", "1e-300"), ("pole_length_m", "1e-9"), ("cart_mass_kg", "0")):
+        with pytest.raises(ConfigError, match=f"twin.{key}: expected a value >="):
+            load_config(None, [f"twin.{key}={value}"])
+    twin = CartpoleTwin(load_config(None, []).twin, seed=0)
+    with twin:
+        twin.reset(0)
+        twin.read()
+        twin.write(np.array([0.5]))
+        twin.read()
+        twin.data.warning[mujoco.mjtWarning.mjWARN_BADQACC].number = 1  # as MuJoCo counts one
+        with pytest.raises(ConfigError, match="twin: expected physical parameters MuJoCo can simulate"):
+            twin.write(np.array([0.5]))
+            twin.read()
