@@ -624,6 +624,9 @@ def test_emulate_serves_a_faulty_link_at_a_fixed_port_name(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         stats = json.loads((tmp_path / "serial" / "summary.json").read_text())["link"]
         assert stats["crc_errors"] + stats["framing_errors"] > 0 and stats["frames_dropped"] > 0, stats
+        # the episode's own line says what its wire went through
+        ep = json.loads((tmp_path / "serial" / "metrics.jsonl").read_text().splitlines()[0])["link"]
+        assert 0 < ep["frames_dropped"] <= stats["frames_dropped"] and "bytes_in" not in ep, ep
     finally:
         emu.terminate()
         rest = emu.communicate(timeout=10)[0]

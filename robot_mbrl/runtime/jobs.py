@@ -80,6 +80,16 @@ def episode_record(res: EpisodeResult, **extra) -> dict:
     return rec
 
 
+def _link_delta(before: dict | None, after: dict | None) -> dict:
+    """``{"link": what the wire's counters gained during an episode}`` (CRC errors, lost frames, link
+    losses, reconnects... only those that changed; bytes left out), {} without a serial link: an
+    unplugged cable mid-episode shows in that episode's line, not only in the run's summary."""
+    if before is None or after is None:
+        return {}
+    gained = {k: v - before.get(k, 0) for k, v in after.items() if not k.startswith("bytes_")}
+    return {"link": {k: v for k, v in gained.items() if v}}
+
+
 def timing_record(episode: int, kind: str, plan_s: list[float], tick_s: list[float]) -> dict:
     """A ``timing.jsonl`` line: the episode's plan and tick times in ms (to the µs); a resume
     restores the run's percentiles from them."""
@@ -124,6 +134,7 @@ def run_episodes(
             homed = home(cfg, robot, homing, run.event)
             if homing is not None:
                 progress.post(doing="episode")
+        link_before = link_record(robot).get("link")
         with control_priority(cfg):
             res = run_episode(
                 robot,
@@ -142,9 +153,15 @@ def run_episodes(
         if on_end is not None:
             on_end()
         run.timing(timing_record(ep, kind, res.plan_s, res.tick_s))  # before its metrics line
+        link = _link_delta(link_before, link_record(robot).get("link"))
         run.metric(
             episode_record(
-                res, kind=kind, real_steps=tally.real_steps, wall_s=round(tally.elapsed_s(), 3), **homed
+                res,
+                kind=kind,
+                real_steps=tally.real_steps,
+                wall_s=round(tally.elapsed_s(), 3),
+                **homed,
+                **link,
             )
         )
         finish = getattr(controller, "finish", None)
