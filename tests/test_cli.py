@@ -167,6 +167,18 @@ def test_files_of_another_task_are_refused_and_a_resume_keeps_what_its_files_wer
         "cartpole:swingup's" in r.stderr, r.stderr[-1500:]  # fmt: skip
 
 
+def test_a_resume_says_when_timing_jsonl_lost_episodes_times(trained, tmp_path):
+    """A garbage timing.jsonl (its one line dropped as a torn last line) reset the run's plan and
+    tick percentiles without a word: the summary understated the worst case."""
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    (run / "timing.jsonl").write_text("nope\n")
+    r = cli("train", "--resume", str(run), "--steps", "240", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "timing.jsonl holds the times of 0 of the 3 recorded episodes" in r.stderr, r.stderr[-2000:]
+
+
 def test_resume_continues_a_run(trained):
     out, _ = trained
     with open(out / "timing.jsonl", "a") as f:  # the times of an episode killed before its metrics line

@@ -64,6 +64,11 @@ def restore_tally(run: RunDir) -> tuple[Tally, int, list[dict], dict]:
     recorded = {(rec.get("kind"), rec.get("episode")) for rec in metrics}
     try:
         times = {(t.get("kind"), t.get("episode")): t for t in run.timings() if isinstance(t, dict)}
+        n_learn = sum(1 for rec in metrics if isinstance(rec, dict) and rec.get("kind") == "learn")
+        timed = sum(1 for key in times if key in recorded and key[0] == "learn")
+        if timed < n_learn:  # (a garbage last line is dropped as torn: say what is missing)
+            log.warning("%s/timing.jsonl holds the times of %d of the %d recorded episodes: plan_ms and "
+                        "tick_ms in summary.json count only those", run.path, timed, n_learn)  # fmt: skip
     except ValueError as err:  # times are not robot data: the run goes on, its percentiles restart
         log.warning("%s; plan_ms and tick_ms in summary.json count from the resume", err)
         times = {}
