@@ -230,9 +230,21 @@ def _checkpoint_job_config(args: argparse.Namespace, extra: list[str]):  # -> Co
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
+    from robot_mbrl.agents.explore import shield_pairs
+    from robot_mbrl.agents.mpc import MPCAgent
     from robot_mbrl.config import config_to_dict
+    from robot_mbrl.factory import make_robot, make_task
+    from robot_mbrl.runtime.homing import make_homing
+    from robot_mbrl.safety.fallback import make_fallback
 
-    print(yaml.safe_dump(config_to_dict(_load(args)), sort_keys=False), end="")
+    cfg = _load(args)
+    # the channel names every job checks against its robot's before any robot time (none is reached)
+    spec = make_robot(cfg).spec
+    MPCAgent(cfg, spec, make_task(cfg))
+    make_homing(cfg, spec)
+    make_fallback(cfg.fallback, spec)
+    shield_pairs(spec, cfg.explore)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 
 

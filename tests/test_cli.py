@@ -509,6 +509,7 @@ def test_run_simple_policies(tmp_path):
         (["emulate", "--link", "socket", "--port-link", "/tmp/x"], "--port-link /tmp/x: expected --link pty"),
         (["train", "--steps", "-5"], "--steps -5: expected real steps >= 1"),
         (["train", "--seed", "-5"], "cartpole_swingup.yaml (--seed): seed: expected a value >= 0, got -5"),
+        (["config", "--set", "symmetry.negate=[nope]"], "(--set): symmetry.negate: expected names from"),
         (["run", "--policy", "zero", "--episodes", "0"], "--episodes 0: expected episodes >= 1"),
         (["commission", "--checkpoint", "/x", "--no-gate"], "commission: expected the gated controller"),
         (["emulate", "inverted_pendulum_gym", "--duration", "1"], "expected a cart-pole config"),
