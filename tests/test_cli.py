@@ -495,7 +495,7 @@ def test_run_simple_policies(tmp_path):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["run", "--set", "twin.pole_mass_kg=-1"], "twin.pole_mass_kg: expected a value > 0.0, got -1.0"),
+        (["run", "--set", "twin.pole_mass_kg=-1"], "twin.pole_mass_kg: expected a value >= 0.001, got -1.0"),
         (["run", "--set", "twin.pole_mas_kg=1"], "did you mean 'pole_mass_kg'"),
         (["run", "--checkpoint", "/nonexistent/run"], "expected an existing run or checkpoint directory"),
         (["train", "--resume", "/nonexistent/run"], "expected a run directory with config.yaml"),

@@ -39,7 +39,7 @@ def test_set_overrides_are_typed():
     [
         ("twin.pole_mas_kg=0.3", "twin.pole_mas_kg", "did you mean 'pole_mass_kg'"),  # misspelled key
         ("twin.pole_mass_kg=heavy", "twin.pole_mass_kg", "a number"),  # wrong type
-        ("twin.pole_mass_kg=-0.2", "twin.pole_mass_kg", "> 0"),  # negative mass
+        ("twin.pole_mass_kg=-0.2", "twin.pole_mass_kg", ">= 0.001"),  # negative mass
         ("planner.method=newton", "planner.method", "one of"),
         ("seed=1.5", "seed", "an integer"),
     ],
@@ -55,7 +55,7 @@ def test_bad_values_name_file_key_expected_got(override, key, expected):
 def test_bad_file(tmp_path):
     p = tmp_path / "rig.yaml"
     p.write_text("twin:\n  cart_mass_kg: -1\n")
-    with pytest.raises(ConfigError, match=r"rig.yaml: twin.cart_mass_kg: expected a value > 0"):
+    with pytest.raises(ConfigError, match=r"rig.yaml: twin.cart_mass_kg: expected a value >= 0.01"):
         load_config(str(p))
     p.write_text("twin: [unclosed\n")
     with pytest.raises(ConfigError, match="valid YAML"):
