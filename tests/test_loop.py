@@ -448,14 +448,14 @@ def test_an_episode_on_the_wall_clock_ends_with_the_stop_command(paced):
     from robot_mbrl.runtime.policies import PolicyController
     from robot_mbrl.runtime.rundir import Tally
 
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["twin.control_hz=100"])  # a rate limit of 0.5 per tick: a ramp would not stop
     robot, task = make_robot(cfg), make_task(cfg)
-    written = []
-    write = robot.write
-    robot.write = lambda a: written.append(np.asarray(a, dtype=float).tolist()) or write(a)
-    push = PolicyController(SimpleNamespace(act=lambda obs: np.array([0.5])))
+    sent = []
+    send = robot._send
+    robot._send = lambda a: sent.append(np.asarray(a, dtype=float).tolist()) or send(a)
+    push = PolicyController(SimpleNamespace(act=lambda obs: np.array([1.0])))
     with robot:
         res = run_episode(robot, make_judge(task, robot), push, episode=0, max_steps=4, seed=0, paced=paced,
                           tally=Tally())  # fmt: skip
     assert res.steps == 4
-    assert written == [[0.5]] * 4 + ([robot.spec.stop_action().tolist()] if paced else [])
+    assert sent == [[0.5], [1.0], [1.0], [1.0]] + ([robot.spec.stop_action().tolist()] if paced else [])

@@ -258,6 +258,14 @@ class Robot(ABC):
         after the device's samples with it (:class:`robot_mbrl.runtime.loop.SampleSync`)."""
         return 0.0
 
+    def stop(self) -> np.ndarray:
+        """Command the stop action now, past the rate limit (a robot no controller drives must not
+        ramp down over ticks nobody writes), and stay connected and active; what was applied."""
+        stop = self._spec.stop_action()
+        self._last_applied = stop
+        self._send(stop)
+        return stop
+
     def safe_stop(self) -> None:
         """Bring the robot to a safe state now (bypasses rate limits: braking must not wait)."""
         self._last_applied = self._spec.stop_action()

@@ -241,7 +241,7 @@ def run_episode(
                 time.sleep(max(0.0, loop.next_start_s - loop.now()))
             terminated = close(robot.read() if sync is None else sync.read(robot, loop))[0]
         if paced:  # on the wall clock the last command would act on until the next write (or the watchdog)
-            robot.write(robot.spec.stop_action())
+            robot.stop()  # (past the rate limit: ramped, a 100 Hz rig kept half its push)
 
     tally.real_steps += steps
     tally.ticks += steps
