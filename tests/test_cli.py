@@ -436,10 +436,12 @@ def test_a_resume_that_cannot_reach_the_robot_changes_nothing(trained, tmp_path)
     run = tmp_path / "copy"
     shutil.copytree(out, run)
     before = (run / "config.yaml").read_bytes()
+    summary = (run / "summary.json").read_bytes()
     r = cli("train", "--resume", str(run), "--steps", "999", "--backend", "serial", "--port", "/dev/ttyNOPE0",
             *TINY)  # fmt: skip
     assert r.returncode != 0 and "/dev/ttyNOPE0" in r.stderr and "Traceback" not in r.stderr
     assert (run / "config.yaml").read_bytes() == before  # no steps, port or backend it never ran under
+    assert (run / "summary.json").read_bytes() == summary  # (not a stopped_by, link or wall time of it)
 
 
 def test_a_damaged_metrics_line_is_refused_in_one_line_and_a_torn_last_one_dropped(trained, tmp_path):

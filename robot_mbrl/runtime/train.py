@@ -235,6 +235,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         write_plots(run, trace or None)
         return summary
 
+    at_start = (len(tally.returns), len(retrains))
     # a resume first does what a kill interrupted after the last episode: its retrain (or one that
     # never ran) and the evaluation after it
     stopped_solved = tally.solved_at_step is not None and cfg.train.stop_when_solved  # left as it is
@@ -256,7 +257,11 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
             log.error("%s", second)
         keep_trace()
         tally.stop_clock()
-        if tally.returns:  # the episodes done so far keep their summary (a resume writes it anew)
+        if (
+            len(tally.returns),
+            len(retrains),
+        ) != at_start:  # this job ran episodes or retrains: their summary
+            # (a resume that failed before, e.g. could not reach the robot, leaves the run's as it was)
             try:
                 summarize(stopped_by=f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             except Exception as second:  # noqa: BLE001
