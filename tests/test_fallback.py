@@ -194,7 +194,7 @@ def test_run_policy_safe_acts_on_trusted_readings_only(tmp_path):
     # the controller on single readings: spikes, a fault on a finite reading, a NaN
     cfg = load_config(None, [])
     ctl = FallbackController(SPEC, make_fallback(cfg.fallback, SPEC), cfg.gate.max_obs_age_s)
-    loop = RateLoop(SPEC.control_hz, paced=False, max_ticks=10)
+    loop = RateLoop(SPEC.control_hz, paced=False, max_ticks=20)
     ticks = iter(loop)
     ctl.reset(None)  # type: ignore[arg-type]
 
@@ -209,3 +209,15 @@ def test_run_policy_safe_acts_on_trusted_readings_only(tmp_path):
     assert act(values(x=0.40), Fault.SENSOR) == [0.0]  # then the stop action
     assert act(values(x=float("nan"))) == [0.0]
     assert act(values(x=0.1, xdot=0.05)) == moving  # a trusted reading again
+    # an episode that ends on the stop action: the next one's first trusted reading is logged
+    act(values(x=float("nan")))
+    act(values(x=float("nan")))
+    tick = next(ticks)
+    assert (
+        ctl.act(Observation(values(x=float("nan")), tick.start_s, Fault.NONE), tick, loop).events[0]["to"]
+        == "stop"
+    )
+    ctl.reset(None)  # type: ignore[arg-type]
+    tick = next(ticks)
+    ev = ctl.act(Observation(values(x=0.1, xdot=0.05), tick.start_s, Fault.NONE), tick, loop).events
+    assert [(e["trigger"], e["to"]) for e in ev] == [("clear", "fallback")]

@@ -334,31 +334,6 @@ def test_a_failing_fallback_still_counts_the_switch():
     np.testing.assert_array_equal(d.action, SPEC.stop_action())
 
 
-def test_a_reset_from_the_fallback_is_logged_as_a_switch():
-    """A new episode starts on the MPC: from the fallback that is a switch, and its event (trigger
-    ``episode_reset``) comes with the first decision; a reset from the MPC logs nothing."""
-    gate = make_gate()
-    decide(gate, tick=0, p=plan(disagreement=5.0))  # -> fallback
-    assert gate.mode == "fallback"
-    gate.reset()
-    d = decide(gate, tick=0)
-    assert d.source == "mpc" and [(e["kind"], e["trigger"], e["to"]) for e in d.events] == [
-        ("switch", "episode_reset", "mpc")
-    ]
-    json.dumps(d.events)
-    assert decide(gate, tick=1).events == []
-    gate.reset()
-    assert decide(gate, tick=0).events == []
-    # a reset from the fallback to a tick that falls back again: both switches
-    decide(gate, tick=1, p=plan(disagreement=5.0))
-    gate.reset()
-    d = decide(gate, tick=0, p=plan(disagreement=5.0))
-    assert [(e["trigger"], e["to"]) for e in d.events] == [
-        ("episode_reset", "mpc"),
-        ("disagreement", "fallback"),
-    ]
-
-
 def test_a_plan_without_constraint_margins_fails_closed():
     """A plan without margins for the robot's constraint turned the constraint trigger off (a
     planning task may add constraints of its own: more columns are fine)."""

@@ -459,3 +459,42 @@ def test_an_episode_on_the_wall_clock_ends_with_the_stop_command(paced):
                           tally=Tally())  # fmt: skip
     assert res.steps == 4
     assert sent == [[0.5], [1.0], [1.0], [1.0]] + ([robot.spec.stop_action().tolist()] if paced else [])
+
+
+def test_a_new_episode_starting_on_the_other_side_of_the_fallback_is_logged():
+    """train builds a new controller after a retrain (and a new explorer per episode), and a gate's
+    reset starts on the MPC: an episode that ended on the fallback was followed by one on the MPC
+    with no switch in events.jsonl. The runner logs it (trigger episode_start) unless the new
+    controller's first decision is a logged switch itself."""
+
+    import numpy as np
+
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.episode import Decision, run_episode
+    from robot_mbrl.runtime.rundir import Tally
+
+    class Scripted:
+        def __init__(self, sources):
+            self.sources = sources
+
+        def reset(self, obs):
+            pass
+
+        def act(self, obs, tick, loop):
+            return Decision(np.zeros(1), source=self.sources[tick.index])
+
+        def observe(self, tr):
+            return []
+
+    cfg = load_config(None, [])
+    robot, task = make_robot(cfg), make_task(cfg)
+    tally, events = Tally(), []
+    with robot:
+        for ep, sources in enumerate(
+            (["policy", "fallback"], ["mpc", "mpc"], ["mpc", "fallback"], ["fallback"] * 2)
+        ):
+            run_episode(robot, make_judge(task, robot), Scripted(sources), episode=ep, max_steps=2, seed=0,
+                        paced=False, tally=tally, on_event=events.append)  # fmt: skip
+    got = [(e["episode"], e["tick"], e["trigger"], e["to"]) for e in events]
+    assert got == [(1, 0, "episode_start", "mpc")], got  # ep 3 starts where ep 2 ended: nothing

@@ -191,8 +191,7 @@ class FallbackController:
         reset = getattr(self.fallback, "reset", None)
         if callable(reset):
             reset()
-        self._reading.reset()
-        self._to = "fallback"
+        self._reading.reset()  # (what it acted on last stays: the next episode's first change is logged)
 
     def act(self, obs: Observation, tick: Tick, loop: RateLoop) -> Decision:
         invalid = observation_triggers(self.spec, obs, judged_at(loop, obs), self.max_obs_age_s)

@@ -113,6 +113,8 @@ class GatedMPC:
         missed = loop.paced and (given_up or loop.late(self.budget_fraction))
         d = self.gate.decide(self.tick, judged_at(loop, obs), obs, plan, error, missed)
         try:  # bookkeeping after the decision: a failure here must not cost the tick its command
+            if plan is None:
+                self._ticks_into_step = 0  # (the next plan starts its planned steps afresh)
             self.warm = self._warm_start(plan.actions) if plan is not None else None
             cus, ood = self.monitor.state("cusum"), self.monitor.state("ood")
             thr = self.gate.disagreement_threshold

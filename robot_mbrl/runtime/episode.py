@@ -235,6 +235,20 @@ def run_episode(
             for ev in decision.events:  # what the robot applied (rate limit, clamp), not the request
                 if "applied" in ev:
                     ev["commanded"], ev["applied"] = ev["applied"], np.asarray(applied, dtype=float).tolist()
+            on_fallback = decision.source == "fallback"
+            if (
+                tick.index == 0
+                and tally.on_fallback is not None
+                and on_fallback != tally.on_fallback
+                and not any(ev.get("kind") == "switch" for ev in decision.events)
+            ):  # the last episode ended on the other side (a new controller, a reset gate): a switch too
+                decision.events.insert(0, {
+                    "tick": 0, "time_s": tick.start_s, "kind": "switch", "trigger": "episode_start",
+                    "reason": f"a new episode starts on the {decision.source}", "to": decision.source,
+                    "score": None, "threshold": None, "proposed": None,
+                    "applied": np.asarray(applied, dtype=float).tolist(),
+                })  # fmt: skip
+            tally.on_fallback = on_fallback
             emit(decision.events)
         if prev is not None:  # the last command's reading: a streaming robot samples it a period on
             if sync is not None:

@@ -200,8 +200,9 @@ def _open_job(cfg: Config, run: RunDir):  # -> robot, task, judge
 
 
 def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run: RunDir, *, kind: str,
-           seed_offset: int, progress: bool, on_transition=None) -> Tally:  # fmt: skip
-    """``run.episodes`` episodes in one robot session, with a progress bar; the tally (wall time set)."""
+           seed_offset: int, progress: bool, on_transition=None, summary_keys=None) -> Tally:  # fmt: skip
+    """``run.episodes`` episodes in one robot session, with a progress bar; the tally (wall time set).
+    ``summary_keys``: () -> the job's own summary keys, for the summary of a job ended early."""
     tally = Tally()
     homing = make_homing(cfg, robot.spec)  # its channel names checked before any robot time
     tally.since_s = time.monotonic()
@@ -219,7 +220,8 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
         if tally.returns:
             stopped = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             try:
-                run.write_summary(tally.summary(stopped_by=stopped, **link_record(robot)))
+                keys = summary_keys() if summary_keys is not None else {}
+                run.write_summary(tally.summary(stopped_by=stopped, **keys, **link_record(robot)))
                 write_plots(run, getattr(controller, "trace", None))
             except Exception as second:  # noqa: BLE001 - the job's own error is the one to raise
                 log.error("%s: the summary of the episodes done was not written: %s", run.path, second)
@@ -247,12 +249,13 @@ def _run(cfg: Config, run: RunDir, *, checkpoint: Path | None, progress: bool) -
         )
     else:
         controller = simple_controller(cfg, robot)
-    tally = _drive(cfg, robot, judge, controller, run, kind="run", seed_offset=50_000, progress=progress)
-    summary = tally.summary(
-        clamped_commands=robot.clamp_count,
-        checkpoint=str(checkpoint) if checkpoint else None,
-        **link_record(robot),
-    )
+
+    def keys() -> dict:
+        return {"clamped_commands": robot.clamp_count, "checkpoint": str(checkpoint) if checkpoint else None}
+
+    tally = _drive(cfg, robot, judge, controller, run, kind="run", seed_offset=50_000, progress=progress,
+                   summary_keys=keys)  # fmt: skip
+    summary = tally.summary(**keys(), **link_record(robot))
     run.write_summary(summary)
     write_plots(run, getattr(controller, "trace", None))
     return summary, run.path
@@ -285,7 +288,8 @@ def _commission(cfg: Config, run: RunDir, *, checkpoint: Path, progress: bool) -
     controller = agent.controller(gate=cfg.run.gate, monitors_gate=False)
     rows: list = []
     tally = _drive(cfg, robot, judge, controller, run, kind="commission", seed_offset=70_000,
-                   progress=progress, on_transition=rows.append)  # fmt: skip
+                   progress=progress, on_transition=rows.append,
+                   summary_keys=lambda: {"checkpoint": str(ck), "commission": None})  # fmt: skip
     if tally.violations:
         log.warning(
             "commission: %d constraint-violating ticks: is the robot in its normal state?", tally.violations

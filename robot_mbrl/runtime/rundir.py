@@ -260,6 +260,7 @@ class Tally:
     end_stop_hits: int = 0
     wall_s: float = 0.0
     since_s: float | None = None  # monotonic start of this process's part of the job (None: not running)
+    on_fallback: bool | None = None  # the last tick's command was the fallback's (None: no tick yet)
 
     def elapsed_s(self) -> float:
         """Wall time of the job so far: the parts before a resume plus this process's."""

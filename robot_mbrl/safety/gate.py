@@ -177,14 +177,12 @@ class SafetyGate:
         self.disagreement_threshold = cfg.disagreement_threshold
         self.mode = "mpc"  # every trigger is checked from the first tick on
         self._clear_ticks = 0
-        self._reset_switch = False  # a reset moved the gate from the fallback to the MPC: not logged yet
         self.ticks = self.fallback_ticks = self.switches = 0
         self._reading = FallbackReading(cfg.max_obs_age_s, spec.control_hz)
 
     def reset(self) -> None:
-        """New episode: back to the initial state (MPC mode, no dwell progress); keeps counters. A
-        reset from the fallback is a switch too: its event comes with the next decision."""
-        self._reset_switch = self.mode == "fallback"
+        """New episode: back to the initial state (MPC mode, no dwell progress); keeps counters. (A
+        new episode starting on another source than the last ended on is logged by the episode runner.)"""
         self.mode, self._clear_ticks = "mpc", 0
         self._reading.reset()
 
@@ -309,15 +307,6 @@ class SafetyGate:
                 "; ".join(map(str, triggers)) or "re-entry",
             )
         events = []
-        # the new episode started on the MPC (reset), the last one ended on the fallback
-        if self._reset_switch:
-            self._reset_switch = False
-            ev = self._event(
-                tick, time_s, "switch" if not self.cfg.no_gate else "clear", (), worst, proposed, action
-            )
-            ev.update(trigger="episode_reset", reason="new episode: the gate starts on the MPC", to="mpc",
-                      score=None, threshold=None)  # fmt: skip
-            events.append(ev)
         if switched and not self.cfg.no_gate:
             events.append(self._event(tick, time_s, "switch", triggers, worst, proposed, action))
         elif switched:  # no_gate: record the switches it would have made, both ways
