@@ -340,8 +340,6 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         raise UserError(
             f"{args.config}: expected a cart-pole config (emulate serves the cart-pole twin), got backend gym"
         )
-    twin = CartpoleTwin(cfg.twin, seed=cfg.seed)
-    twin.connect()
     rates = {"--corrupt-rate": args.corrupt_rate, "--drop-rate": args.drop_rate,
              "--frame-drop-rate": args.frame_drop_rate}  # fmt: skip
     for flag, rate in rates.items():
@@ -358,14 +356,17 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
         faults = FaultConfig(corrupt_rate=args.corrupt_rate, drop_rate=args.drop_rate,
                              chunk_drop_rate=args.frame_drop_rate)  # fmt: skip
+    twin = CartpoleTwin(cfg.twin, seed=cfg.seed)
+    twin.connect()
     twin.reset(cfg.seed)
     emulator, port = serve_twin(
         twin, args.link, watchdog_ms=cfg.serial.watchdog_ms, faults=faults, seed=cfg.seed
     )
+    target = Path(port).resolve()
     if args.port_link is not None:
         try:
             args.port_link.unlink(missing_ok=True)  # (an old link: a restart)
-            args.port_link.symlink_to(Path(port).resolve())
+            args.port_link.symlink_to(target)
         except OSError:
             emulator.stop()
             twin.close()
@@ -393,7 +394,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     finally:
         emulator.stop()
         twin.close()
-        if args.port_link is not None and args.port_link.is_symlink():
+        # (only our own link: a restarted emulator may have taken the name over meanwhile)
+        if args.port_link is not None and args.port_link.is_symlink() and args.port_link.readlink() == target:
             args.port_link.unlink()
     print(f"device received {len(emulator.command_log())} commands")
     link = emulator.link
