@@ -759,6 +759,29 @@ def test_checkpoint_carries_residual_calibration_and_monitors_gate_outside_learn
     assert strict.gate.monitor is strict.monitor
 
 
+def test_the_controller_moves_its_warm_start_on_once_per_planned_step(trained):
+    """With planner.action_repeat R the controller shifts the plan once every R ticks (the warm start
+    ran R - 1 ticks ahead per tick when it shifted every tick)."""
+    from robot_mbrl.agents.mpc import MPCAgent
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.episode import run_episode
+    from robot_mbrl.runtime.rundir import Tally
+
+    out, _ = trained
+    for repeat, shifts in ((1, 12), (3, 4)):
+        cfg = load_config(str(out / "config.yaml"), [f"planner.action_repeat={repeat}", "planner.horizon=4"])
+        robot, task = make_robot(cfg), make_task(cfg)
+        ctl = MPCAgent.load(out, cfg, robot.spec, task).controller()
+        calls = []
+        shift = ctl.planner.shift
+        ctl.planner.shift = lambda a, calls=calls, shift=shift: calls.append(1) or shift(a)
+        with robot:
+            run_episode(robot, make_judge(task, robot), ctl, episode=0, max_steps=12, seed=1, paced=False,
+                        tally=Tally())  # fmt: skip
+        assert len(calls) == shifts, (repeat, len(calls))
+
+
 def test_a_failing_monitor_or_warm_start_falls_back_instead_of_crashing(trained):
     """Faults after the planner (the monitors' update, the warm-start shift) cost the MPC its
     authority, never the episode: the monitor error is an alarm the gate acts on."""
