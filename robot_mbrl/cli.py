@@ -13,6 +13,7 @@ import queue
 import signal
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -423,7 +424,7 @@ def _report(summary: dict, out: Path) -> None:
         f"tick ms p50/p99/max {tick['p50']:.2f}/{tick['p99']:.2f}/{tick['max']:.2f}  wall {summary['wall_s']:.1f} s"
     )
     if "link" in summary:
-        k = summary["link"]
+        k = defaultdict(int, summary["link"])  # (a run's counters from an older version may lack some)
         print(f"link: {k['crc_errors']} CRC / {k['framing_errors']} framing errors, {k['frames_dropped']} STATE "
               f"frames lost, {k['link_losses']} link losses, {k['reconnects']} reconnects "
               f"({k['reconnect_failures']} failed attempts), {k['device_restarts']} device restarts; "

@@ -179,6 +179,26 @@ def test_a_resume_says_when_timing_jsonl_lost_episodes_times(trained, tmp_path):
     assert "timing.jsonl holds the times of 0 of the 3 recorded episodes" in r.stderr, r.stderr[-2000:]
 
 
+def test_a_resume_adds_its_wire_counters_to_the_runs(trained, tmp_path):
+    """A resumed rig run's summary showed only the resume's own link counters (its transport counts
+    from zero); a no-op resume of a finished serial run wrote zeros over the run's."""
+    from robot_mbrl.runtime.train import _whole_run_link
+
+    assert _whole_run_link({"crc_errors": 2, "bytes_in": 10}, {"crc_errors": 1, "bytes_in": 5, "reconnects": 1}) == {
+        "link": {"crc_errors": 3, "bytes_in": 15, "reconnects": 1}}  # fmt: skip
+    assert _whole_run_link({"crc_errors": 2}, None) == {"link": {"crc_errors": 2}}
+    assert _whole_run_link(None, None) == {}
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["link"] = {"crc_errors": 4, "frames_dropped": 7}  # as a rig run's
+    (run / "summary.json").write_text(json.dumps(summary))
+    r = cli("train", "--resume", str(run), "--steps", "240", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["link"] == {"crc_errors": 4, "frames_dropped": 7}
+
+
 def test_resume_continues_a_run(trained):
     out, _ = trained
     with open(out / "timing.jsonl", "a") as f:  # the times of an episode killed before its metrics line

@@ -98,7 +98,9 @@ def restore_tally(run: RunDir) -> tuple[Tally, int, list[dict], dict]:
     tally.wall_s = max(
         [float(w) for w in walls if isinstance(w, int | float) and math.isfinite(w)], default=0.0
     )
-    return tally, episodes, retrains, {"vouched": learned, "evals": evals}
+    link = before.get("link")  # the wire's counters up to the last finished job (a resume adds its own)
+    return tally, episodes, retrains, {"vouched": learned, "evals": evals,
+                                       "link": link if isinstance(link, dict) else None}  # fmt: skip
 
 
 def _ms_list(record: dict, key: str) -> list[float]:

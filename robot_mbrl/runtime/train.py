@@ -228,7 +228,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
             retrains=len(retrains),
             buffer_transitions=len(buffer),
             eval_returns=[m["eval_return"] for m in run.metrics() if m.get("kind") == "eval"],
-            **link_record(robot),
+            **_whole_run_link(recorded.get("link"), link_record(robot).get("link")),
             **extra,
         )
         run.write_summary(summary)
@@ -271,6 +271,17 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     keep_trace()
     tally.stop_clock()
     return summarize(), run.path
+
+
+def _whole_run_link(before: dict | None, now: dict | None) -> dict:
+    """``{"link": the run's wire counters}``: those of the jobs before a resume plus this one's (a
+    resume's transport counts from zero; its summary showed only the resume's own)."""
+    if now is None:
+        return {} if before is None else {"link": before}
+    before = before or {}
+    return {
+        "link": {k: v + before.get(k, 0) if isinstance(before.get(k, 0), int) else v for k, v in now.items()}
+    }
 
 
 def _retrain(
