@@ -265,7 +265,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra.append(f"run.policy={args.policy}")
     cfg = _checkpoint_job_config(args, extra)
     _check_port(args, cfg)
-    _warn_ungated(cfg)
+    if args.checkpoint is None and args.policy is None:
+        log.warning("no --checkpoint: running run.policy %s, no learned controller (give --checkpoint RUN to "
+                    "run one)", cfg.run.policy)  # fmt: skip
+    else:
+        _warn_ungated(cfg)
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise UserError(
             f"--checkpoint {args.checkpoint}: expected an existing run or checkpoint directory, got nothing there"
@@ -296,6 +300,7 @@ def cmd_commission(args: argparse.Namespace) -> int:
     c = summary["commission"]
     print(f"commissioned {args.checkpoint} on {c['transitions']} transitions: OOD threshold "
           f"{c['before']['ood']:.4g} -> {c['after']['ood']:.4g}")  # fmt: skip
+    print(f"next: robot-mbrl run --checkpoint {args.checkpoint}   (the commissioned controller, gated)")
     return 0
 
 

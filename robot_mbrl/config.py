@@ -310,6 +310,8 @@ def _cross_check(cfg: Config, source: str) -> None:
         (rail and cfg.fallback.safe_x_m > cfg.twin.safe_x_m, "fallback.safe_x_m",
          f"<= twin.safe_x_m ({cfg.twin.safe_x_m}): the brake must keep the cart inside the constraint",
          cfg.fallback.safe_x_m),
+        (cfg.gate.no_gate, "gate.no_gate",
+         "false (the gate is turned off by run.gate: false or --no-gate; the job sets this one)", True),
     ]  # fmt: skip
     for bad, key, expected, got in checks:
         if bad:

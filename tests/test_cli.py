@@ -493,10 +493,13 @@ def test_resume_of_a_solved_run_leaves_it_as_it_is(tmp_path):
     assert summary["solved_at_step"] is not None and summary["real_steps"] < 600
     metrics = (run / "metrics.jsonl").read_text()
     checkpoint = (run / "checkpoint" / "model.pt").read_bytes()
+    files = {p: p.read_bytes() for p in [run / "summary.json", *(run / "plots").iterdir()]}
     r = cli("train", "--resume", str(run), *TINY, *easy)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "metrics.jsonl").read_text() == metrics  # no episode, no retrain
     assert (run / "checkpoint" / "model.pt").read_bytes() == checkpoint  # (nor a commissioning undone)
+    assert all(p.read_bytes() == b for p, b in files.items())  # summary and plots as they were
+    assert "the run is complete (solved): nothing to do" in r.stderr
     # solved but told to go on: a retrain a kill interrupted runs first, as for any run
     lines = metrics.splitlines()
     last = max(i for i, x in enumerate(lines) if '"retrain"' in x)
@@ -535,6 +538,10 @@ def test_run_simple_policies(tmp_path):
         (["train", "--steps", "-5"], "--steps -5: expected real steps >= 1"),
         (["train", "--seed", "-5"], "cartpole_swingup.yaml (--seed): seed: expected a value >= 0, got -5"),
         (["config", "--set", "symmetry.negate=[nope]"], "(--set): symmetry.negate: expected names from"),
+        (
+            ["config", "--set", "gate.no_gate=true"],
+            "gate.no_gate: expected false (the gate is turned off by run.gate",
+        ),
         (["run", "--policy", "zero", "--episodes", "0"], "--episodes 0: expected episodes >= 1"),
         (["commission", "--checkpoint", "/x", "--no-gate"], "commission: expected the gated controller"),
         (["emulate", "inverted_pendulum_gym", "--duration", "1"], "expected a cart-pole config"),

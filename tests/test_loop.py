@@ -498,3 +498,34 @@ def test_a_new_episode_starting_on_the_other_side_of_the_fallback_is_logged():
                         paced=False, tally=tally, on_event=events.append)  # fmt: skip
     got = [(e["episode"], e["tick"], e["trigger"], e["to"]) for e in events]
     assert got == [(1, 0, "episode_start", "mpc")], got  # ep 3 starts where ep 2 ended: nothing
+
+
+def test_an_alarms_run_tick_is_its_own_tick_not_its_episodes_start():
+    """summary.json's alarms all carried the run tick at their episode's start."""
+    import numpy as np
+
+    from robot_mbrl.config import load_config
+    from robot_mbrl.factory import make_judge, make_robot, make_task
+    from robot_mbrl.runtime.episode import Decision, run_episode
+    from robot_mbrl.runtime.rundir import Tally
+
+    class Alarming:
+        def reset(self, obs):
+            pass
+
+        def act(self, obs, tick, loop):
+            events = (
+                [{"tick": tick.index, "kind": "alarm", "trigger": "cusum"}] if tick.index in (3, 7) else []
+            )
+            return Decision(np.zeros(1), source="mpc", events=events)
+
+        def observe(self, tr):
+            return []
+
+    cfg = load_config(None, [])
+    robot, task = make_robot(cfg), make_task(cfg)
+    tally, events = Tally(ticks=100), []
+    with robot:
+        run_episode(robot, make_judge(task, robot), Alarming(), episode=0, max_steps=10, seed=0, paced=False,
+                    tally=tally, on_event=events.append)  # fmt: skip
+    assert [a["tick"] for a in tally.alarms] == [e["run_tick"] for e in events] == [103, 107]

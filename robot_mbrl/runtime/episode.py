@@ -166,8 +166,8 @@ def run_episode(
         for ev in events:
             ev.setdefault("episode", episode)
             if ev.get("kind") == "alarm":
-                ev.setdefault("run_tick", tally.ticks)  # ticks of the whole run: a resume restores it
-                tally.alarms.append({"tick": tally.ticks, "reason": ev.get("trigger", ev.get("reason"))})
+                ev.setdefault("run_tick", tally.ticks + steps)  # ticks of the whole run: a resume restores it
+                tally.alarms.append({"tick": ev["run_tick"], "reason": ev.get("trigger", ev.get("reason"))})
             if on_event is not None:
                 on_event(ev)
 

@@ -62,6 +62,9 @@ def write_plots(run: RunDir, trace: list[tuple] | None = None) -> list[str]:
         if fresh:
             ax.semilogy(*zip(*fresh, strict=True), "s--", label="fresh-data MSE before retrain")
         ax.set(xlabel="retrain", ylabel="loss", title="model loss per retrain")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (retrains are counted, not measured)
         ax.legend(loc="best")
         written.append(_save(fig, run, "model_loss.png"))
 

@@ -15,6 +15,7 @@ serial backend there is no second robot, so evaluation is skipped and learning e
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ from robot_mbrl.runtime.jobs import home, link_record, robot_session, run_episod
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
 from robot_mbrl.runtime.resume import check_fixed, record_changes, restore_tally
-from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, holds_run, run_dir
+from robot_mbrl.runtime.rundir import SUMMARY_KEYS, RunDir, Tally, default_run_path, holds_run, run_dir
 from robot_mbrl.safety.fallback import make_fallback
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,8 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                 record = after_episode()
                 if record is not None:
                     bar.post(ret=res.ret, holdout=record["holdout_mse"], doing="episode")
+            if tally.solved_at_step is not None and cfg.train.stop_when_solved:
+                bar.post(doing="solved: stopped (train.stop_when_solved)")
 
     def summarize(**extra) -> dict:
         summary = tally.summary(
@@ -243,6 +246,13 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     owed_eval = evaluate and agent.trained and n >= 1 and n % cfg.train.eval_every_episodes == 0
     owed_eval = owed_eval and n not in recorded["evals"]
     missed = resume and not stopped_solved and (schedule.due(len(buffer), episode_ended=True) or owed_eval)
+    if resume and done() and not missed:  # complete (solved, or its steps done): nothing to do
+        buffer.close()
+        before = _existing_summary(run)
+        if before is not None:
+            log.warning("%s: the run is complete (%s): nothing to do (give --steps to go on)", run.path,
+                        "solved" if stopped_solved else f"{tally.real_steps} real steps")  # fmt: skip
+            return before, run.path
     try:
         if missed and done():  # the run's last retrain: no robot time needed, so no robot reached
             missed = False
@@ -271,6 +281,15 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     keep_trace()
     tally.stop_clock()
     return summarize(), run.path
+
+
+def _existing_summary(run: RunDir) -> dict | None:
+    """The run's summary.json as it is, if readable and complete (else None: written anew)."""
+    try:
+        out = json.loads((run.path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) and all(k in out for k in SUMMARY_KEYS) else None
 
 
 def _whole_run_link(before: dict | None, now: dict | None) -> dict:

@@ -41,7 +41,11 @@ log = logging.getLogger(__name__)
 class GateConfig:
     """Safety gate (section ``safety.gate``)."""
 
-    no_gate: bool = param(False, "pass the MPC action through, only record what would have triggered")
+    no_gate: bool = param(
+        False,
+        "set by the job from run.gate / --no-gate (pass the MPC action through, only record what would "
+        "have triggered); not a setting: true here is refused",
+    )
     disagreement_threshold: float | None = param(
         None, "worst-step plan disagreement threshold; None = uncalibrated (the MPC is never trusted)", gt=0
     )
