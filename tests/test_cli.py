@@ -356,12 +356,22 @@ def test_an_episode_data_reaches_the_disk_before_its_record(tmp_path):
     assert order == ["flush", "metric"] * 2
 
 
-@pytest.mark.parametrize("job", ["run", "train"])
-def test_a_job_ended_by_a_lost_link_keeps_the_summary_of_the_episodes_done(tmp_path, monkeypatch, job):
+@pytest.mark.parametrize(
+    ("job", "stop"), [("run", "link"), ("train", "link"), ("run", "SIGTERM"), ("train", "SIGINT")]
+)
+def test_a_job_ended_by_a_lost_link_keeps_the_summary_of_the_episodes_done(tmp_path, monkeypatch, job, stop):
     """A run ended by a lost link (exit 2) wrote no summary.json: the episodes it finished lost their
     summary, plots and link counters. It is written with ``stopped_by``; one that finished no episode
-    writes none (a run directory that never started is removed as before)."""
+    writes none (a run directory that never started is removed as before). A signal is named as such
+    (SIGTERM read "_Terminated: 143")."""
     from robot_mbrl import factory
+    from robot_mbrl.hal.robot import _Terminated
+
+    ended = {
+        "link": ConnectionError("the link is down for 5 s (serial.link_timeout_s)"),  # (LinkLost's base)
+        "SIGTERM": _Terminated(143),  # what robot_session's handler raises
+        "SIGINT": KeyboardInterrupt(),
+    }[stop]
     from robot_mbrl.config import load_config
     from robot_mbrl.runtime.jobs import run_job
     from robot_mbrl.runtime.train import train_job
@@ -375,7 +385,7 @@ def test_a_job_ended_by_a_lost_link_keeps_the_summary_of_the_episodes_done(tmp_p
         def read_until_unplugged():
             n[0] += 1
             if n[0] > after:
-                raise ConnectionError("the link is down for 5 s (serial.link_timeout_s)")  # (LinkLost's base)
+                raise ended
             return read()
 
         robot.read = read_until_unplugged
@@ -393,13 +403,21 @@ def test_a_job_ended_by_a_lost_link_keeps_the_summary_of_the_episodes_done(tmp_p
         "train.eval_episodes=0",
     ]
     cfg = load_config(None, sets)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(type(ended)):
         if job == "run":
             run_job(cfg, checkpoint=None, out=tmp_path / "r", progress=False)
         else:
             train_job(cfg, out=tmp_path / "r", resume=False, progress=False)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["episodes"] == 2 and summary["stopped_by"].startswith("ConnectionError: the link is down")
+    assert summary["episodes"] == 2
+    assert (
+        summary["stopped_by"]
+        == {
+            "link": "ConnectionError: the link is down for 5 s (serial.link_timeout_s)",
+            "SIGTERM": "SIGTERM",
+            "SIGINT": "SIGINT (Ctrl-C)",
+        }[stop]
+    )
     assert set(SUMMARY_KEYS) <= set(summary)
     assert job == "train" or (
         "clamped_commands" in summary and summary["checkpoint"] is None

@@ -16,7 +16,7 @@ from robot_mbrl.runtime.loop import realtime
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.policies import PolicyController, ZeroPolicy
 from robot_mbrl.runtime.progress import Progress
-from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, run_dir
+from robot_mbrl.runtime.rundir import RunDir, Tally, default_run_path, run_dir, stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def _drive(cfg: Config, robot: Robot, judge: Judge, controller: Controller, run:
     except BaseException as err:  # a lost link, Ctrl-C: the episodes done so far keep their summary
         tally.stop_clock()
         if tally.returns:
-            stopped = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            stopped = stop_reason(err)
             try:
                 keys = summary_keys() if summary_keys is not None else {}
                 run.write_summary(tally.summary(stopped_by=stopped, **keys, **link_record(robot)))

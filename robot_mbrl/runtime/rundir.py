@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -241,6 +242,16 @@ def _lock(path: Path):  # noqa: ANN202 - an open file object
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+def stop_reason(err: BaseException) -> str:
+    """What ended a job early, for summary.json's ``stopped_by``: the signal by name (SIGTERM arrives as
+    ``SystemExit(143)`` from ``robot_mbrl.hal.robot.stop_on_signals``), else the error and its message."""
+    if isinstance(err, KeyboardInterrupt):
+        return "SIGINT (Ctrl-C)"
+    if isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM:
+        return "SIGTERM"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 @dataclass

@@ -37,7 +37,15 @@ from robot_mbrl.runtime.jobs import home, link_record, robot_session, run_episod
 from robot_mbrl.runtime.plots import write_plots
 from robot_mbrl.runtime.progress import Progress
 from robot_mbrl.runtime.resume import check_fixed, record_changes, restore_tally
-from robot_mbrl.runtime.rundir import SUMMARY_KEYS, RunDir, Tally, default_run_path, holds_run, run_dir
+from robot_mbrl.runtime.rundir import (
+    SUMMARY_KEYS,
+    RunDir,
+    Tally,
+    default_run_path,
+    holds_run,
+    run_dir,
+    stop_reason,
+)
 from robot_mbrl.safety.fallback import make_fallback
 
 log = logging.getLogger(__name__)
@@ -273,7 +281,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         ) != at_start:  # this job ran episodes or retrains: their summary
             # (a resume that failed before, e.g. could not reach the robot, leaves the run's as it was)
             try:
-                summarize(stopped_by=f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+                summarize(stopped_by=stop_reason(err))
             except Exception as second:  # noqa: BLE001
                 log.error("%s: the summary of the episodes done was not written: %s", run.path, second)
         raise
