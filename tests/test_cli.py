@@ -284,6 +284,8 @@ def test_resume_runs_the_retrain_a_kill_interrupted_first_and_records_changed_se
     # killed during the last retrain: its record never written (the checkpoint is the one before)
     (run / "metrics.jsonl").write_text("\n".join(lines[:last]) + "\n")
     n = len(lines[:last])
+    events = run / "events.jsonl"
+    events_before = events.read_text().splitlines() if events.exists() else []
     old = yaml.safe_load((run / "config.yaml").read_text())
     del old["serial"]["link_timeout_s"]  # a run written before that setting existed: not a change
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
@@ -297,6 +299,16 @@ def test_resume_runs_the_retrain_a_kill_interrupted_first_and_records_changed_se
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["steps"] == steps  # the record says so
     assert "resumed with changed settings: train.steps" in r.stderr and "link_timeout_s" not in r.stderr
+    # the resume's line in events.jsonl: what came before it was the killed job's
+    after = [json.loads(x) for x in events.read_text().splitlines()[len(events_before) :]]
+    learned = [json.loads(x) for x in lines[:last] if '"learn"' in x]
+    assert after[0] == {
+        "kind": "resume",
+        "run_tick": sum(m["steps"] for m in learned),
+        "episodes": len(learned),
+        "real_steps": learned[-1]["real_steps"],
+        "retrains": sum('"retrain"' in x for x in lines[:last]),
+    }, after[:2]
 
 
 def test_a_kill_during_the_last_retrain_is_mended_by_a_resume_without_the_robot(trained, tmp_path):
@@ -314,6 +326,8 @@ def test_a_kill_during_the_last_retrain_is_mended_by_a_resume_without_the_robot(
     assert r.returncode == 0, r.stderr[-2000:]
     new = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()[last:]]
     assert new == ["retrain"], new  # (on the serial backend no evaluation: no twin to run it on)
+    marks = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"resume"' in x]
+    assert [m["kind"] for m in marks] == ["resume"]  # (a resume without the robot marks its start too)
     assert json.loads((run / "summary.json").read_text())["real_steps"] == steps
     # on the twin: the retrain, then the evaluation it was owed
     shutil.rmtree(run)

@@ -201,7 +201,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
         # the robot first: a rig that cannot be reached draws no progress bar
         with robot_session(robot), Progress(cfg.train.steps, "train", enabled=progress) as bar:
             if resume:  # once the robot is reached: a resume that cannot reach it changes nothing
-                record_changes(run, config_to_dict(cfg))
+                begin_resume()
             bar.tick(tally.real_steps)
             bar.post()
             if missed:
@@ -231,6 +231,14 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
                     bar.post(ret=res.ret, holdout=record["holdout_mse"], doing="episode")
             if tally.solved_at_step is not None and cfg.train.stop_when_solved:
                 bar.post(doing="solved: stopped (train.stop_when_solved)")
+
+    def begin_resume() -> None:
+        """What a resume records once it goes ahead: its changed settings, and a ``resume`` line in
+        events.jsonl — the events before it and after the last recorded episode are the killed job's
+        (an evaluation or a homing it interrupted runs again and logs its events again)."""
+        record_changes(run, config_to_dict(cfg))
+        run.event({"kind": "resume", "run_tick": tally.ticks, "episodes": len(tally.returns),
+                   "real_steps": tally.real_steps, "retrains": len(retrains)})  # fmt: skip
 
     def summarize(**extra) -> dict:
         summary = tally.summary(
@@ -264,7 +272,7 @@ def _train(cfg: Config, run: RunDir, *, resume: bool, progress: bool, salvage: b
     try:
         if missed and done():  # the run's last retrain: no robot time needed, so no robot reached
             missed = False
-            record_changes(run, config_to_dict(cfg))  # (what the retrain now runs under)
+            begin_resume()  # (the settings the retrain now runs under)
             after_episode()
         if not done():
             learn()
