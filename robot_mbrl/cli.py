@@ -263,6 +263,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "(no model), got both"
             )
         extra.append(f"run.policy={args.policy}")
+    if args.no_gate and args.checkpoint is None:  # (random and safe run inside their own shields)
+        raise UserError(
+            "--no-gate: expected --checkpoint (the gate guards the learned controller), got none: "
+            f"run.policy {args.policy or 'of the config'} runs without the gate anyway"
+        )
     cfg = _checkpoint_job_config(args, extra)
     _check_port(args, cfg)
     if args.checkpoint is None and args.policy is None:
@@ -419,13 +424,15 @@ def _report(summary: dict, out: Path) -> None:
         if evals
         else ""
     )
+    planned = (
+        f"plan ms p50/p99/max {plan['p50']:.2f}/{plan['p99']:.2f}/{plan['max']:.2f}" if plan else "no plans"
+    )
     print(
         f"run dir: {out}\n"
         f"episodes {summary['episodes']}  real steps {summary['real_steps']}  "
         f"last episode's return {'-' if final is None else f'{final:.2f}'}{learned}\n"
         f"violations {summary['violations']}  fallback ticks {summary['fallback_ticks']}/{summary['ticks']}  "
-        f"alarms {len(summary['alarms'])}  deadline misses {summary['deadline_misses']}  "
-        f"plan ms p50/p99/max {plan['p50']:.2f}/{plan['p99']:.2f}/{plan['max']:.2f}  "
+        f"alarms {len(summary['alarms'])}  deadline misses {summary['deadline_misses']}  {planned}  "
         f"tick ms p50/p99/max {tick['p50']:.2f}/{tick['p99']:.2f}/{tick['max']:.2f}  wall {summary['wall_s']:.1f} s"
     )
     if "link" in summary:

@@ -550,6 +550,10 @@ def test_run_simple_policies(tmp_path):
         summary = json.loads((tmp_path / policy / "summary.json").read_text())
         assert summary["ticks"] == 60 and summary["real_steps"] == 60
         assert summary["end_stop_hits"] == 0  # random exploration runs inside the stopping shield
+        # no planner: no plan times (they read 0.00 ms, as if plans took no time)
+        assert summary["plan_ms"] is None and "no plans" in r.stdout and "plan ms" not in r.stdout
+        metrics = [json.loads(x) for x in (tmp_path / policy / "metrics.jsonl").read_text().splitlines()]
+        assert [m["plan_ms_p50"] for m in metrics] == [None]
 
 
 @pytest.mark.parametrize(
@@ -575,6 +579,7 @@ def test_run_simple_policies(tmp_path):
             "gate.no_gate: expected false (the gate is turned off by run.gate",
         ),
         (["run", "--policy", "zero", "--episodes", "0"], "--episodes 0: expected episodes >= 1"),
+        (["run", "--policy", "zero", "--no-gate"], "--no-gate: expected --checkpoint (the gate guards"),
         (["commission", "--checkpoint", "/x", "--no-gate"], "commission: expected the gated controller"),
         (["emulate", "inverted_pendulum_gym", "--duration", "1"], "expected a cart-pole config"),
         (

@@ -124,7 +124,7 @@ class EpisodeResult:
     deadline_misses: int
     end_stop_hits: int
     terminated: bool
-    plan_ms_p50: float
+    plan_ms_p50: float | None  # None: no plan this episode (a policy, the fallback throughout)
     tick_ms_p99: float = 0.0  # the tick's whole work: read, bookkeeping, decide, write
     tick_ms_max: float = 0.0
     plan_s: list[float] = field(default_factory=list)  # each plan's solve time (MPC ticks)
@@ -277,7 +277,7 @@ def run_episode(
         deadline_misses=misses,
         end_stop_hits=hits,
         terminated=terminated,
-        plan_ms_p50=float(np.median(plan_s) * 1e3) if plan_s else 0.0,
+        plan_ms_p50=float(np.median(plan_s) * 1e3) if plan_s else None,
         tick_ms_p99=tick_ms["p99"],
         tick_ms_max=tick_ms["max"],
         plan_s=plan_s,

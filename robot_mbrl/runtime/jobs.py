@@ -70,7 +70,7 @@ def episode_record(res: EpisodeResult, **extra) -> dict:
         "fallback_ticks": res.fallback_ticks,
         "deadline_misses": res.deadline_misses,
         "terminated": res.terminated,
-        "plan_ms_p50": round(res.plan_ms_p50, 3),
+        "plan_ms_p50": None if res.plan_ms_p50 is None else round(res.plan_ms_p50, 3),
         "tick_ms_p99": round(res.tick_ms_p99, 3),
         "tick_ms_max": round(res.tick_ms_max, 3),
         "vouched": res.vouched,

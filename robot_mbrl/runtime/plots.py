@@ -71,7 +71,7 @@ def write_plots(run: RunDir, trace: list[tuple] | None = None) -> list[str]:
     plan_ms = [m["plan_ms_p50"] for m in metrics if m.get("plan_ms_p50")]
     if plan_ms or trace:
         fig, ax = plt.subplots(figsize=(7, 4))
-        p = summary.get("plan_ms", {})
+        p = summary.get("plan_ms") or {}
         ax.hist(plan_ms, bins=20, label="per-episode median plan time")
         for k, ls in (("p50", "-"), ("p99", "--")):
             if k in p:

@@ -291,7 +291,7 @@ class Tally:
             "fallback_ticks": self.fallback_ticks,
             "ticks": self.ticks,
             "alarms": self.alarms,
-            "plan_ms": percentiles_ms(self.plan_s),
+            "plan_ms": percentiles_ms(self.plan_s) if self.plan_s else None,  # None: nothing planned
             "tick_ms": percentiles_ms(self.tick_s),
             "deadline_misses": self.deadline_misses,
             "end_stop_hits": self.end_stop_hits,
