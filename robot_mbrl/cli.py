@@ -206,6 +206,23 @@ def _checkpoint_config(args: argparse.Namespace) -> None:
                     "(give the CONFIG it was trained with: robot-mbrl run CONFIG --checkpoint ...)", ck)  # fmt: skip
 
 
+def _check_backend_family(config: Path, backend: str) -> None:
+    """A checkpoint learned on a gymnasium env runs on that env, one learned on the cart-pole (twin or
+    rig) on the cart-pole: ``--backend`` across the two reported as such (it failed on whichever of
+    the run's settings the other robot rejected first)."""
+    import yaml
+
+    try:
+        trained = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("backend")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # (read and reported by the job)
+    if isinstance(trained, str) and (trained == "gym") != (backend == "gym"):
+        raise UserError(
+            f"--backend {backend}: expected {'gym' if trained == 'gym' else 'twin or serial'}, got {backend}: "
+            f"the checkpoint was learned on backend {trained} ({config}), a job runs it on its own task's robot"
+        )
+
+
 def _checkpoint_job_config(args: argparse.Namespace, extra: list[str]):  # -> Config
     """The config of a job on a checkpoint (``_checkpoint_config``). A run trained with ``--no-gate``
     (a comparison) has ``run.gate: false`` in its config.yaml: not a property of its controller, so a
@@ -213,6 +230,8 @@ def _checkpoint_job_config(args: argparse.Namespace, extra: list[str]):  # -> Co
     otherwise."""
     inherited = args.config is None
     _checkpoint_config(args)
+    if inherited and args.config is not None and args.backend is not None:
+        _check_backend_family(Path(args.config), args.backend)
     cfg = _load(args, extra)
     set_keys = {o.split("=", 1)[0].strip() for o in args.overrides}
     if (

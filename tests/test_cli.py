@@ -1283,3 +1283,24 @@ def test_emulate_says_that_episode_clocks_count_from_its_start():
     assert "clock: episode count from the emulator's start" in r.stdout
     r = cli("emulate", "--duration", "0.3", "--set", shift.replace("}]", ", clock: total}]"), timeout=60)
     assert r.returncode == 0 and "clock: episode" not in r.stdout
+
+
+def test_a_checkpoint_is_run_on_its_own_tasks_robot(trained, tmp_path):
+    """``--backend twin`` on a gymnasium env's checkpoint failed on whichever of the run's settings the
+    cart-pole rejected first (fallback.safe_x_m vs the twin's end stop): the mismatch is named."""
+    out, _ = trained
+    r = cli(
+        "run", "--checkpoint", str(out), "--backend", "gym", "--episodes", "1", "--out", str(tmp_path / "a")
+    )
+    assert r.returncode == 2 and "--backend gym: expected twin or serial, got gym" in r.stderr, r.stderr[
+        -800:
+    ]
+    gym_run = tmp_path / "gym_run"
+    (gym_run / "checkpoint").mkdir(parents=True)
+    (gym_run / "config.yaml").write_text("backend: gym\n")
+    for job in ("run", "commission"):
+        r = cli(job, "--checkpoint", str(gym_run), "--backend", "twin", "--out", str(tmp_path / job))
+        assert r.returncode == 2 and "--backend twin: expected gym, got twin" in r.stderr, (
+            job,
+            r.stderr[-800:],
+        )
