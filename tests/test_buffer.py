@@ -410,3 +410,48 @@ def test_a_damaged_journal_line_never_costs_intact_chunks(tmp_path, caplog):
     buf = ReplayBuffer.open(d)
     _check_rows(buf, 32)
     assert "do not follow the buffer's last" in caplog.text and stray.exists()
+
+
+def test_a_damaged_checksum_in_the_journal_keeps_its_intact_chunk(tmp_path, caplog):
+    """A journal line whose sha256 was damaged blamed its intact chunk: --salvage-buffer set its rows
+    aside (kill trials). A chunk whose every column reads back whole (each .npz member carries its
+    own CRC-32, checked as it is read) and has its shapes is kept and the line mended (WARNING); a
+    chunk with a changed data byte still fails its checksum and only a salvage leaves it out."""
+    import json as _json
+
+    from robot_mbrl.data.buffer import MANIFEST, BufferFileError
+
+    d = tmp_path / "buf"
+    with ReplayBuffer(3, 1, d, cfg=BufferConfig(flush_interval_s=1e9)) as buf:
+        for start in (0, 10, 20):
+            _fill(buf, start, 10)
+            buf.flush()
+    journal = (d / MANIFEST).read_text().splitlines()
+    line = _json.loads(journal[2])
+    damaged = line["sha256"][:20] + ("0" if line["sha256"][20] != "0" else "1") + line["sha256"][21:]
+    (d / MANIFEST).write_text(
+        "\n".join([*journal[:2], _json.dumps({**line, "sha256": damaged}), *journal[3:]]) + "\n"
+    )
+    buf = ReplayBuffer.open(d)
+    _check_rows(buf, 30)
+    assert "the line is damaged, the chunk kept" in caplog.text
+    _fill(buf, 30, 2)
+    buf.close()
+    assert _json.loads((d / MANIFEST).read_text().splitlines()[2])["sha256"] == line["sha256"]  # mended
+    caplog.clear()
+    _check_rows(ReplayBuffer.open(d), 32)
+    assert "damaged" not in caplog.text
+    chunk = d / line["file"]
+    good = chunk.read_bytes()
+    with np.load(chunk) as z:  # a byte of the stored observations, changed
+        needle = z["obs"][3].tobytes()
+    at = good.index(needle)
+    bad = bytearray(good)
+    bad[at] ^= 0x40
+    chunk.write_bytes(bytes(bad))
+    with pytest.raises(BufferFileError, match=rf"{line['file']}: expected sha256"):
+        ReplayBuffer.open(d)
+    buf = ReplayBuffer.open(d, salvage=True)
+    kept = np.r_[0:10, 20:32]
+    np.testing.assert_array_equal(buf.arrays()["obs"][:, 0], kept.astype(np.float32))
+    assert (d / (line["file"] + ".corrupt")).exists()
