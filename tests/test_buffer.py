@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -415,8 +416,9 @@ def test_a_damaged_journal_line_never_costs_intact_chunks(tmp_path, caplog):
 def test_a_damaged_checksum_in_the_journal_keeps_its_intact_chunk(tmp_path, caplog):
     """A journal line whose sha256 was damaged blamed its intact chunk: --salvage-buffer set its rows
     aside (kill trials). A chunk whose every column reads back whole (each .npz member carries its
-    own CRC-32, checked as it is read) and has its shapes is kept and the line mended (WARNING); a
-    chunk with a changed data byte still fails its checksum and only a salvage leaves it out."""
+    own CRC-32, checked as it is read) and has its shapes and count is kept and the line mended
+    (WARNING); a copy of another chunk in its place, or a chunk with a changed data byte, still fails
+    its checksum and only a salvage leaves it out."""
     import json as _json
 
     from robot_mbrl.data.buffer import MANIFEST, BufferFileError
@@ -443,7 +445,12 @@ def test_a_damaged_checksum_in_the_journal_keeps_its_intact_chunk(tmp_path, capl
     assert "damaged" not in caplog.text
     chunk = d / line["file"]
     good = chunk.read_bytes()
-    with np.load(chunk) as z:  # a byte of the stored observations, changed
+    chunk.write_bytes((d / _json.loads(journal[3])["file"]).read_bytes())  # a copy of the next chunk: whole,
+    with pytest.raises(
+        BufferFileError, match=rf"{line['file']}: expected sha256"
+    ):  # but not what was written
+        ReplayBuffer.open(d)
+    with np.load(io.BytesIO(good)) as z:  # a byte of the stored observations, changed
         needle = z["obs"][3].tobytes()
     at = good.index(needle)
     bad = bytearray(good)

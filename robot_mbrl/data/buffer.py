@@ -302,7 +302,8 @@ class ReplayBuffer:
         dropped = []
         for entry in chunks:
             try:
-                rows = buf._read_chunk(directory / entry["file"], entry)
+                others = {e.get("sha256") for e in chunks if e is not entry}
+                rows = buf._read_chunk(directory / entry["file"], entry, others)
             except JournalDamaged:
                 raise  # never salvaged: its chunks are intact, leaving them out would lose real data
             except BufferFileError as err:
@@ -378,7 +379,11 @@ class ReplayBuffer:
         first = (int(rows["episode_id"][0]), float(rows["stamp_s"][0]))
         return first > last
 
-    def _read_chunk(self, path: Path, entry: dict) -> dict[str, np.ndarray]:
+    def _read_chunk(self, path: Path, entry: dict, others: set | None = None) -> dict[str, np.ndarray]:
+        """The chunk's columns, checked against its journal ``entry``. A sha256 that disagrees with a
+        chunk that reads back whole (each ``.npz`` member's CRC-32) is the line's damage only when the
+        rest agrees: the line's count, rows that follow the buffer's so far, and a content no other
+        line of the journal (``others``: their sha256s) lists — a copy of another chunk is corrupt."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -413,7 +418,9 @@ class ReplayBuffer:
                         "is damaged (mend it; its chunks are intact)",
                     )
                 raise BufferFileError(path, f"column {k} of shape {want} {np.dtype(dtype)}", got)
-        if digest != listed:  # every column whole (zip CRCs) and of its shape: the journal line is damaged
+        if digest != listed:  # every column whole (zip CRCs) and of its shape: the journal line is damaged?
+            if n != entry["count"] or not self._continues(cols) or digest in (others or ()):
+                raise corrupt
             log.warning("%s: its journal line's sha256 %s… is not the chunk's %s…, whose own zip checksums and "
                         "columns are good: the line is damaged, the chunk kept", path, listed[:12], digest[:12])  # fmt: skip
             entry["sha256"] = digest
