@@ -370,6 +370,17 @@ def test_salvage_leaves_out_only_the_corrupt_chunk_and_appends_safely(tmp_path, 
     assert again.arrays()["reward"].tolist() == [float(i) for i in (*range(10), *range(20, 35))]
 
 
+def _three_chunks(d) -> list[str]:
+    """A buffer of three 10-row chunks (rows 0-29) in ``d``; its journal's lines."""
+    from robot_mbrl.data.buffer import MANIFEST
+
+    with ReplayBuffer(3, 1, d, cfg=BufferConfig(flush_interval_s=1e9)) as buf:
+        for start in (0, 10, 20):
+            _fill(buf, start, 10)
+            buf.flush()
+    return (d / MANIFEST).read_text().splitlines()
+
+
 def test_a_damaged_journal_line_never_costs_intact_chunks(tmp_path, caplog):
     """The journal disagreeing with a chunk whose checksum is good means the journal is damaged:
     a wrong count blamed the chunk and --salvage-buffer then set its rows aside; a wrong dimension
@@ -381,11 +392,7 @@ def test_a_damaged_journal_line_never_costs_intact_chunks(tmp_path, caplog):
     from robot_mbrl.data.buffer import MANIFEST, BufferFileError
 
     d = tmp_path / "buf"
-    with ReplayBuffer(3, 1, d, cfg=BufferConfig(flush_interval_s=1e9)) as buf:
-        for start in (0, 10, 20):
-            _fill(buf, start, 10)
-            buf.flush()
-    journal = (d / MANIFEST).read_text().splitlines()
+    journal = _three_chunks(d)
     line = _json.loads(journal[2])
     (d / MANIFEST).write_text(
         "\n".join([*journal[:2], _json.dumps({**line, "count": 3}), *journal[3:]]) + "\n"
@@ -424,11 +431,7 @@ def test_a_damaged_checksum_in_the_journal_keeps_its_intact_chunk(tmp_path, capl
     from robot_mbrl.data.buffer import MANIFEST, BufferFileError
 
     d = tmp_path / "buf"
-    with ReplayBuffer(3, 1, d, cfg=BufferConfig(flush_interval_s=1e9)) as buf:
-        for start in (0, 10, 20):
-            _fill(buf, start, 10)
-            buf.flush()
-    journal = (d / MANIFEST).read_text().splitlines()
+    journal = _three_chunks(d)
     line = _json.loads(journal[2])
     damaged = line["sha256"][:20] + ("0" if line["sha256"][20] != "0" else "1") + line["sha256"][21:]
     (d / MANIFEST).write_text(
