@@ -195,6 +195,52 @@ def test_cli_run_against_the_emulator(tmp_path):
         emu.stop()
 
 
+def test_a_job_terminated_mid_episode_stops_the_rig_and_keeps_its_summary(tmp_path):
+    """`kill PID` (SIGTERM: a service manager, an operator) on a job driving the rig mid-episode: the
+    device gets the stop command and an ESTOP before the process exits 143, and the summary of the
+    episodes done says what ended the job."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from robot_mbrl.drivers import mcu
+    from robot_mbrl.hil.emulator import serve_twin
+    from robot_mbrl.sim.cartpole import CartpoleTwin
+    from robot_mbrl.sim.params import TwinConfig
+
+    emu, port = serve_twin(CartpoleTwin(TwinConfig(), seed=0), "pty")
+    out = tmp_path / "run"
+    try:
+        cmd = [
+            sys.executable, "-m", "robot_mbrl.cli", "run", "--backend", "serial", "--port", port,
+            "--policy", "random", "--episodes", "100", "--set", "task.episode_steps=50",
+            "--set", "homing.timeout_s=8", "--out", str(out), "--quiet",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        n = len(emu.command_log())
+        while len(emu.command_log()) < n + 10 and time.monotonic() < deadline:  # into the next episode
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1] == "robot-mbrl run: terminated (robot safe-stopped)", stderr[
+            -800:
+        ]
+        commands = emu.command_log()
+        assert commands[-1].values == (0.0,), "the job did not end with the stop command"
+        estops = [m for m in emu.received if isinstance(m, mcu.Estop)]
+        assert estops and estops[-1].engage, "the job did not engage the device's ESTOP"
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["stopped_by"] == "SIGTERM" and summary["episodes"] >= 1, summary
+    finally:
+        emu.stop()
+
+
 def test_cli_ends_with_one_line_when_the_device_goes_away(tmp_path):
     """The rig vanishes mid-run (its emulator stops): the job ends with one line and a non-zero exit
     after serial.link_timeout_s, instead of counting ticks without a robot and exiting 0."""
