@@ -424,8 +424,9 @@ def test_a_damaged_checksum_in_the_journal_keeps_its_intact_chunk(tmp_path, capl
     """A journal line whose sha256 was damaged blamed its intact chunk: --salvage-buffer set its rows
     aside (kill trials). A chunk whose every column reads back whole (each .npz member carries its
     own CRC-32, checked as it is read) and has its shapes and count is kept and the line mended
-    (WARNING); a copy of another chunk in its place, or a chunk with a changed data byte, still fails
-    its checksum and only a salvage leaves it out."""
+    (WARNING) when the line's sha256 is a near miss of the chunk's; a copy of another chunk in its
+    place, a chunk of another buffer, or a chunk with a changed data byte still fails its checksum and
+    only a salvage leaves it out (review: another buffer's chunk was adopted)."""
     import json as _json
 
     from robot_mbrl.data.buffer import MANIFEST, BufferFileError
@@ -448,11 +449,22 @@ def test_a_damaged_checksum_in_the_journal_keeps_its_intact_chunk(tmp_path, capl
     assert "damaged" not in caplog.text
     chunk = d / line["file"]
     good = chunk.read_bytes()
-    chunk.write_bytes((d / _json.loads(journal[3])["file"]).read_bytes())  # a copy of the next chunk: whole,
-    with pytest.raises(
-        BufferFileError, match=rf"{line['file']}: expected sha256"
-    ):  # but not what was written
+    # a copy of the next chunk in its place: whole, but not what was written
+    chunk.write_bytes((d / _json.loads(journal[3])["file"]).read_bytes())
+    with pytest.raises(BufferFileError, match=rf"{line['file']}: expected sha256"):
         ReplayBuffer.open(d)
+    chunk.write_bytes(good)
+    # a chunk of another buffer (a wrong backup restored) in the first one's place: whole, its count, and
+    # a first chunk always "follows"; its digest is nowhere near the line's
+    other = tmp_path / "other"
+    with ReplayBuffer(3, 1, other, cfg=BufferConfig(flush_interval_s=1e9)) as b:
+        _fill(b, 1000, 10)
+    first = d / _json.loads(journal[1])["file"]
+    kept = first.read_bytes()
+    first.write_bytes((other / "chunk_000000.npz").read_bytes())
+    with pytest.raises(BufferFileError, match=rf"{first.name}: expected sha256"):
+        ReplayBuffer.open(d)
+    first.write_bytes(kept)
     with np.load(io.BytesIO(good)) as z:  # a byte of the stored observations, changed
         needle = z["obs"][3].tobytes()
     at = good.index(needle)
