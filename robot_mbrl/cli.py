@@ -206,7 +206,7 @@ def _checkpoint_config(args: argparse.Namespace) -> None:
                     "(give the CONFIG it was trained with: robot-mbrl run CONFIG --checkpoint ...)", ck)  # fmt: skip
 
 
-def _check_backend_family(config: Path, backend: str) -> None:
+def _check_backend_family(config: Path, backend: str, flag: str) -> None:
     """A checkpoint learned on a gymnasium env runs on that env, one learned on the cart-pole (twin or
     rig) on the cart-pole: ``--backend`` across the two reported as such (it failed on whichever of
     the run's settings the other robot rejected first)."""
@@ -218,7 +218,7 @@ def _check_backend_family(config: Path, backend: str) -> None:
         return  # (read and reported by the job)
     if isinstance(trained, str) and (trained == "gym") != (backend == "gym"):
         raise UserError(
-            f"--backend {backend}: expected {'gym' if trained == 'gym' else 'twin or serial'}, got {backend}: "
+            f"{flag}: expected backend {'gym' if trained == 'gym' else 'twin or serial'}, got {backend}: "
             f"the checkpoint was learned on backend {trained} ({config}), a job runs it on its own task's robot"
         )
 
@@ -230,8 +230,16 @@ def _checkpoint_job_config(args: argparse.Namespace, extra: list[str]):  # -> Co
     otherwise."""
     inherited = args.config is None
     _checkpoint_config(args)
-    if inherited and args.config is not None and args.backend is not None:
-        _check_backend_family(Path(args.config), args.backend)
+    sets = [
+        o.split("=", 1)[1].strip()
+        for o in args.overrides
+        if "=" in o and o.split("=", 1)[0].strip() == "backend"
+    ]
+    if args.backend is not None:  # (the flag wins over --set, as in _load)
+        sets.append(args.backend)
+    if inherited and args.config is not None and sets:
+        flag = "--backend" if args.backend is not None else "--set backend"
+        _check_backend_family(Path(args.config), sets[-1], f"{flag} {sets[-1]}")
     cfg = _load(args, extra)
     set_keys = {o.split("=", 1)[0].strip() for o in args.overrides}
     if (
@@ -292,7 +300,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.checkpoint is None and args.policy is None:
         log.warning("no --checkpoint: running run.policy %s, no learned controller (give --checkpoint RUN to "
                     "run one)", cfg.run.policy)  # fmt: skip
-    else:
+    elif args.checkpoint is not None:  # (a policy has no gate to be off)
         _warn_ungated(cfg)
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise UserError(
